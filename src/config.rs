@@ -1,0 +1,220 @@
+//! Configuration: one typed struct, [`Settings`], filled from command-line
+//! flags and environment variables (a `.env` file in the working directory is
+//! read first, as the original did). Tests build a `Settings` directly.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::queue::redis::{ConsumerConfig, RedisConfig};
+use crate::worker::WorkerConfig;
+
+pub const DEFAULT_PORT: u16 = 3000;
+pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const DEFAULT_REDIS_PREFIX: &str = "evtrack:";
+pub const DEFAULT_QUEUE_MAX_LEN: u64 = 1_000_000;
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+pub const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
+pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "evtrack",
+    version,
+    about = "Event tracking service: HTTP ingest, a queue, a worker, a store, and stats.",
+    long_about = "Event tracking service: HTTP ingest, a queue, a worker, a store, and stats.\n\n\
+                  With no REDIS_URL and no MONGO_URI it runs self-contained: an in-process \
+                  queue and a SQLite file in DATA_DIR."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// The API and the worker in one process (the default).
+    Run,
+    /// The HTTP API only (needs REDIS_URL).
+    Api,
+    /// The worker only (needs REDIS_URL).
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every setting, each a flag and an environment variable.
+///
+/// `Debug` is not for logs: URLs may carry passwords.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// HTTP port.
+    #[arg(long, env = "PORT", default_value_t = DEFAULT_PORT, global = true)]
+    pub port: u16,
+
+    /// Address to bind; 0.0.0.0 (all interfaces) must be asked for.
+    #[arg(long, env = "HOST", default_value_t = DEFAULT_HOST, global = true)]
+    pub host: IpAddr,
+
+    /// Redis URL (`redis://` or `rediss://` for TLS, password in the URL).
+    /// Unset: the embedded in-process queue.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+
+    /// PEM file with the CA certificate of a `rediss://` server signed by a
+    /// private CA.
+    #[arg(long, env = "REDIS_CA_CERT", global = true)]
+    pub redis_ca_cert: Option<PathBuf>,
+
+    /// Prefix of every Redis key evtrack uses.
+    #[arg(long, env = "REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX, global = true)]
+    pub redis_prefix: String,
+
+    /// Most events waiting in the Redis stream; beyond it ingestion answers
+    /// 503 `queue_full`.
+    #[arg(long, env = "QUEUE_MAX_LEN", default_value_t = DEFAULT_QUEUE_MAX_LEN, global = true)]
+    pub queue_max_len: u64,
+
+    /// MongoDB connection string. Unset: the embedded SQLite store.
+    #[arg(long, env = "MONGO_URI", global = true)]
+    pub mongo_uri: Option<String>,
+
+    /// MongoDB database; default: the one named in MONGO_URI, else `evtrack`.
+    #[arg(long, env = "MONGO_DB", global = true)]
+    pub mongo_db: Option<String>,
+
+    /// Directory of the embedded store's file.
+    #[arg(long, env = "DATA_DIR", default_value = DEFAULT_DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
+
+    /// Most events the worker writes to the store at once.
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE,
+          value_parser = clap::value_parser!(u16).range(1..=10_000).map(usize::from), global = true)]
+    pub worker_batch_size: usize,
+
+    /// Milliseconds an event may stay with a silent worker before another
+    /// worker takes it over.
+    #[arg(long, env = "WORKER_CLAIM_IDLE_MS", default_value_t = DEFAULT_CLAIM_IDLE_MS,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub worker_claim_idle_ms: u64,
+
+    /// Deliveries after which an event is moved to the dead-letter stream.
+    #[arg(long, env = "WORKER_MAX_DELIVERIES", default_value_t = DEFAULT_MAX_DELIVERIES,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub worker_max_deliveries: u32,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_PORT,
+            host: DEFAULT_HOST,
+            redis_url: None,
+            redis_ca_cert: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            queue_max_len: DEFAULT_QUEUE_MAX_LEN,
+            mongo_uri: None,
+            mongo_db: None,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            worker_batch_size: DEFAULT_BATCH_SIZE,
+            worker_claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
+            worker_max_deliveries: DEFAULT_MAX_DELIVERIES,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Settings {
+    /// Redis settings, when `REDIS_URL` is set (and not empty).
+    pub fn redis(&self) -> Option<RedisConfig> {
+        let url = self.redis_url.as_deref().filter(|u| !u.trim().is_empty())?;
+        Some(RedisConfig {
+            url: url.to_owned(),
+            ca_cert: self.redis_ca_cert.clone(),
+            prefix: self.redis_prefix.clone(),
+            max_len: self.queue_max_len,
+        })
+    }
+
+    pub fn mongo_uri(&self) -> Option<&str> {
+        self.mongo_uri.as_deref().filter(|u| !u.trim().is_empty())
+    }
+
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            batch_size: self.worker_batch_size,
+            max_attempts: self.worker_max_deliveries,
+        }
+    }
+
+    pub fn consumer(&self) -> ConsumerConfig {
+        ConsumerConfig {
+            claim_idle: Duration::from_millis(self.worker_claim_idle_ms),
+            max_deliveries: self.worker_max_deliveries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_match_settings_default() {
+        let cli = Cli::try_parse_from(["evtrack"]).unwrap();
+        let (parsed, default) = (cli.settings, Settings::default());
+        // Environment variables of the machine running the tests could leak
+        // into `parsed`; compare only where none is set.
+        if std::env::var_os("PORT").is_none() {
+            assert_eq!(parsed.port, default.port);
+        }
+        if std::env::var_os("HOST").is_none() {
+            assert_eq!(parsed.host, default.host);
+        }
+        assert_eq!(parsed.redis_prefix, default.redis_prefix);
+        assert_eq!(parsed.queue_max_len, default.queue_max_len);
+        assert_eq!(parsed.worker_batch_size, default.worker_batch_size);
+        assert_eq!(parsed.worker_claim_idle_ms, default.worker_claim_idle_ms);
+        assert_eq!(cli.command, None);
+    }
+
+    #[test]
+    fn subcommands_and_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "evtrack",
+            "worker",
+            "--redis-url",
+            "redis://x:1",
+            "--port",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, Some(Command::Worker));
+        assert_eq!(cli.settings.port, 9);
+        assert!(cli.settings.redis().is_some());
+        assert!(Cli::try_parse_from(["evtrack", "--worker-batch-size", "0"]).is_err());
+        let s = Settings {
+            redis_url: Some(" ".into()),
+            ..Settings::default()
+        };
+        assert!(
+            s.redis().is_none(),
+            "an empty REDIS_URL means the embedded queue"
+        );
+    }
+}

@@ -1,0 +1,530 @@
+//! The event model and its validation.
+//!
+//! A client sends JSON; [`parse_event`] turns one JSON value into a validated
+//! [`Event`] or a [`FieldError`] naming the field at fault. Every later part of
+//! the system (queue, worker, store, stats) only ever sees validated events, so
+//! the rules live here and nowhere else.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Limits from the API contract, in one place so that docs and tests can name them.
+pub const MAX_NAME_CHARS: usize = 100;
+pub const MAX_PATH_BYTES: usize = 2_048;
+pub const MAX_USERID_BYTES: usize = 256;
+pub const MAX_EVENT_ID_CHARS: usize = 128;
+pub const MAX_PROPS: usize = 32;
+pub const MAX_PROP_KEY_CHARS: usize = 128;
+pub const MAX_PROP_STRING_BYTES: usize = 1_000;
+/// How far in the future a timestamp may be (clock skew between a client and us).
+pub const MAX_FUTURE_MS: i64 = 24 * 60 * 60 * 1000;
+
+const KNOWN_FIELDS: [&str; 7] = [
+    "site_id",
+    "event_type",
+    "path",
+    "userid",
+    "timestamp",
+    "event_id",
+    "props",
+];
+
+/// One validated event, as it travels through the queue into the store.
+///
+/// The queue carries it as JSON with exactly these field names; the worker
+/// re-validates what it reads (another program may write into the stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Client-chosen `event_id`, or a UUIDv7 made on receipt. The store key.
+    pub id: String,
+    pub site_id: String,
+    pub event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userid: Option<String>,
+    /// When the event happened, milliseconds since the Unix epoch (UTC).
+    pub ts: i64,
+    /// When the API received it, milliseconds since the Unix epoch (`createdAt`).
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<Map<String, Value>>,
+}
+
+/// Why an event was refused. `code` is stable and machine-readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl FieldError {
+    fn new(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: Some(field.to_owned()),
+        }
+    }
+
+    fn missing(field: &str) -> Self {
+        Self::new("missing_field", field, format!("`{field}` is required"))
+    }
+
+    fn wrong_type(field: &str, expected: &str) -> Self {
+        Self::new(
+            "invalid_type",
+            field,
+            format!("`{field}` must be {expected}"),
+        )
+    }
+
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::new("invalid_value", field, message)
+    }
+
+    /// An error about the whole document rather than one field.
+    pub fn document(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// Validates one event sent by a client. `now_ms` is the receive time: the
+/// default timestamp, `createdAt`, and the reference for "too far in the future".
+pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
+    let Value::Object(mut obj) = value else {
+        return Err(FieldError::document(
+            "invalid_event",
+            "an event must be a JSON object",
+        ));
+    };
+    // Unknown fields first: a misspelt `userId` must be reported as such, not
+    // silently dropped (and not hidden behind some other error).
+    if let Some(key) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        let hint = match key.to_ascii_lowercase().as_str() {
+            "userid" | "user_id" => " (did you mean `userid`?)",
+            "siteid" => " (did you mean `site_id`?)",
+            "eventtype" | "type" => " (did you mean `event_type`?)",
+            "id" | "eventid" => " (did you mean `event_id`?)",
+            "ts" | "time" => " (did you mean `timestamp`?)",
+            _ => "",
+        };
+        return Err(FieldError::new(
+            "unknown_field",
+            key,
+            format!("unknown field `{}`{hint}", truncate_for_message(key)),
+        ));
+    }
+
+    let site_id = name(obj.remove("site_id"), "site_id")?;
+    let event_type = name(obj.remove("event_type"), "event_type")?;
+    let path = optional_text(obj.remove("path"), "path", MAX_PATH_BYTES)?;
+    let userid = optional_text(obj.remove("userid"), "userid", MAX_USERID_BYTES)?;
+    let ts = match obj.remove("timestamp") {
+        None | Some(Value::Null) => now_ms,
+        Some(v) => parse_timestamp(&v, now_ms)?,
+    };
+    let id = match obj.remove("event_id") {
+        None | Some(Value::Null) => uuid::Uuid::now_v7().to_string(),
+        Some(Value::String(s)) => {
+            check_chars(&s, "event_id", MAX_EVENT_ID_CHARS)?;
+            s
+        }
+        Some(_) => return Err(FieldError::wrong_type("event_id", "a string")),
+    };
+    let props = match obj.remove("props") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => {
+            check_props(&map)?;
+            Some(map)
+        }
+        Some(_) => return Err(FieldError::wrong_type("props", "a JSON object")),
+    };
+    Ok(Event {
+        id,
+        site_id,
+        event_type,
+        path,
+        userid,
+        ts,
+        created_at: now_ms,
+        props,
+    })
+}
+
+/// Checks an event read back from the queue against the same rules.
+pub fn revalidate(event: &Event) -> Result<(), FieldError> {
+    check_chars(&event.id, "event_id", MAX_EVENT_ID_CHARS)?;
+    check_chars(&event.site_id, "site_id", MAX_NAME_CHARS)?;
+    check_chars(&event.event_type, "event_type", MAX_NAME_CHARS)?;
+    if let Some(p) = &event.path {
+        check_text(p, "path", MAX_PATH_BYTES)?;
+    }
+    if let Some(u) = &event.userid {
+        check_text(u, "userid", MAX_USERID_BYTES)?;
+    }
+    if event.ts < 0 || event.created_at < 0 {
+        return Err(FieldError::invalid("timestamp", "negative timestamp"));
+    }
+    if let Some(props) = &event.props {
+        check_props(props)?;
+    }
+    Ok(())
+}
+
+/// Parses `timestamp`: an RFC 3339 string with an offset (or `Z`), or integer
+/// milliseconds since the epoch. Returns milliseconds since the epoch.
+pub fn parse_timestamp(value: &Value, now_ms: i64) -> Result<i64, FieldError> {
+    let ms = match value {
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|_| {
+                FieldError::invalid(
+                    "timestamp",
+                    "`timestamp` must be an RFC 3339 date-time with an offset, \
+                     e.g. 2025-11-23T16:44:31.123Z, or integer milliseconds since the epoch",
+                )
+            })?
+            .with_timezone(&Utc)
+            .timestamp_millis(),
+        Value::Number(n) => n.as_i64().ok_or_else(|| {
+            FieldError::invalid(
+                "timestamp",
+                "`timestamp` as a number must be whole milliseconds since the epoch",
+            )
+        })?,
+        _ => {
+            return Err(FieldError::wrong_type(
+                "timestamp",
+                "an RFC 3339 string or integer milliseconds",
+            ));
+        }
+    };
+    if ms < 0 {
+        return Err(FieldError::invalid(
+            "timestamp",
+            "`timestamp` must not be before 1970-01-01T00:00:00Z",
+        ));
+    }
+    if ms > now_ms.saturating_add(MAX_FUTURE_MS) {
+        return Err(FieldError::invalid(
+            "timestamp",
+            "`timestamp` is more than 24 hours in the future",
+        ));
+    }
+    Ok(ms)
+}
+
+fn name(value: Option<Value>, field: &str) -> Result<String, FieldError> {
+    match value {
+        None | Some(Value::Null) => Err(FieldError::missing(field)),
+        Some(Value::String(s)) => {
+            check_chars(&s, field, MAX_NAME_CHARS)?;
+            Ok(s)
+        }
+        Some(_) => Err(FieldError::wrong_type(field, "a string")),
+    }
+}
+
+fn optional_text(
+    value: Option<Value>,
+    field: &str,
+    max_bytes: usize,
+) -> Result<Option<String>, FieldError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            check_text(&s, field, max_bytes)?;
+            Ok(Some(s))
+        }
+        Some(_) => Err(FieldError::wrong_type(field, "a string")),
+    }
+}
+
+/// 1..=max characters, no control characters.
+fn check_chars(s: &str, field: &str, max_chars: usize) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return Err(FieldError::invalid(
+            field,
+            format!("`{field}` must not be empty"),
+        ));
+    }
+    if s.chars().nth(max_chars).is_some() {
+        return Err(FieldError::invalid(
+            field,
+            format!("`{field}` must be at most {max_chars} characters"),
+        ));
+    }
+    no_control(s, field)
+}
+
+/// At most max bytes, no control characters (they break logs and exports).
+fn check_text(s: &str, field: &str, max_bytes: usize) -> Result<(), FieldError> {
+    if s.len() > max_bytes {
+        return Err(FieldError::invalid(
+            field,
+            format!("`{field}` must be at most {max_bytes} bytes"),
+        ));
+    }
+    no_control(s, field)
+}
+
+fn no_control(s: &str, field: &str) -> Result<(), FieldError> {
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::invalid(
+            field,
+            format!("`{field}` must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_props(map: &Map<String, Value>) -> Result<(), FieldError> {
+    if map.len() > MAX_PROPS {
+        return Err(FieldError::invalid(
+            "props",
+            format!("`props` may hold at most {MAX_PROPS} keys"),
+        ));
+    }
+    for (key, value) in map {
+        // Keys become MongoDB field names: `$` prefixes and dots are operators
+        // and paths there, so they are refused for every backend alike.
+        if key.is_empty()
+            || key.chars().nth(MAX_PROP_KEY_CHARS).is_some()
+            || key.starts_with('$')
+            || key.contains('.')
+            || key.chars().any(char::is_control)
+        {
+            return Err(FieldError::invalid(
+                "props",
+                format!(
+                    "property name `{}` must be 1-{MAX_PROP_KEY_CHARS} characters, \
+                     without `.`, a leading `$` or control characters",
+                    truncate_for_message(key)
+                ),
+            ));
+        }
+        let field = format!("props.{}", truncate_for_message(key));
+        match value {
+            Value::String(s) if s.len() > MAX_PROP_STRING_BYTES => {
+                return Err(FieldError::invalid(
+                    &field,
+                    format!("`{field}` must be at most {MAX_PROP_STRING_BYTES} bytes"),
+                ));
+            }
+            Value::Number(n) if n.as_f64().is_none_or(|f| !f.is_finite()) => {
+                return Err(FieldError::invalid(
+                    &field,
+                    format!("`{field}` is not a finite number"),
+                ));
+            }
+            Value::Array(_) | Value::Object(_) => {
+                return Err(FieldError::wrong_type(
+                    &field,
+                    "a string, number, boolean or null (props are flat)",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Echoing client text back is useful, echoing megabytes is not.
+fn truncate_for_message(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_763_916_271_123; // 2025-11-23T16:44:31.123Z
+
+    fn ok(v: Value) -> Event {
+        parse_event(v, NOW).expect("valid event")
+    }
+
+    fn err(v: Value) -> FieldError {
+        parse_event(v, NOW).expect_err("invalid event")
+    }
+
+    #[test]
+    fn the_design_documents_example_is_valid() {
+        let e = ok(
+            json!({"site_id": "site-001", "event_type": "page_view", "path": "/blog",
+                          "userid": "user-115", "timestamp": "2025-11-23T16:44:31.123Z"}),
+        );
+        assert_eq!(e.site_id, "site-001");
+        assert_eq!(e.path.as_deref(), Some("/blog"));
+        assert_eq!(e.userid.as_deref(), Some("user-115"));
+        assert_eq!(e.ts, NOW);
+        assert_eq!(e.created_at, NOW);
+        assert!(uuid::Uuid::parse_str(&e.id).is_ok());
+    }
+
+    #[test]
+    fn required_fields_are_named_when_missing_or_mistyped() {
+        let e = err(json!({"event_type": "x"}));
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("missing_field", Some("site_id"))
+        );
+        let e = err(json!({"site_id": "s"}));
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("missing_field", Some("event_type"))
+        );
+        let e = err(json!({"site_id": 5, "event_type": "x"}));
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("invalid_type", Some("site_id"))
+        );
+        let e = err(json!({"site_id": "", "event_type": "x"}));
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("invalid_value", Some("site_id"))
+        );
+        let e = err(json!({"site_id": "a\nb", "event_type": "x"}));
+        assert_eq!(e.field.as_deref(), Some("site_id"));
+        let e = err(json!({"site_id": "s", "event_type": "x".repeat(101)}));
+        assert_eq!(e.field.as_deref(), Some("event_type"));
+        // 100 multi-byte characters are fine: the limit is in characters.
+        ok(json!({"site_id": "é".repeat(100), "event_type": "x"}));
+        let e = err(json!([1]));
+        assert_eq!(e.code, "invalid_event");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let e = err(json!({"site_id": "s", "event_type": "x", "userId": "u"}));
+        assert_eq!(e.code, "unknown_field");
+        assert_eq!(e.field.as_deref(), Some("userId"));
+        assert!(e.message.contains("userid"), "{}", e.message);
+        let e = err(json!({"site_id": "s", "event_type": "x", "": 1}));
+        assert_eq!(e.code, "unknown_field");
+    }
+
+    #[test]
+    fn optional_strings_have_byte_limits() {
+        ok(
+            json!({"site_id": "s", "event_type": "x", "path": "/".repeat(2048), "userid": "u".repeat(256)}),
+        );
+        let e = err(json!({"site_id": "s", "event_type": "x", "path": "/".repeat(2049)}));
+        assert_eq!(e.field.as_deref(), Some("path"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "userid": "é".repeat(129)}));
+        assert_eq!(e.field.as_deref(), Some("userid"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "path": 3}));
+        assert_eq!((e.code, e.field.as_deref()), ("invalid_type", Some("path")));
+        let e = ok(json!({"site_id": "s", "event_type": "x", "path": null, "userid": null}));
+        assert_eq!((e.path, e.userid), (None, None));
+    }
+
+    #[test]
+    fn timestamps_accept_rfc3339_with_offset_and_epoch_millis() {
+        let t = |v: Value| parse_timestamp(&v, NOW);
+        assert_eq!(t(json!("2025-11-23T16:44:31.123Z")), Ok(NOW));
+        assert_eq!(t(json!("2025-11-23T17:44:31.123+01:00")), Ok(NOW));
+        assert_eq!(t(json!(NOW)), Ok(NOW));
+        assert_eq!(t(json!(0)), Ok(0));
+        for bad in [
+            json!("2025-11-23T16:44:31"), // no offset
+            json!("2025-11-23"),
+            json!("yesterday"),
+            json!(-1),
+            json!(1.5),
+            json!(1e300),
+            json!(18446744073709551615u64),
+            json!(true),
+            json!({}),
+        ] {
+            let e = t(bad.clone()).expect_err(&bad.to_string());
+            assert_eq!(e.field.as_deref(), Some("timestamp"));
+        }
+    }
+
+    #[test]
+    fn timestamps_more_than_a_day_ahead_are_refused() {
+        assert!(parse_timestamp(&json!(NOW + MAX_FUTURE_MS), NOW).is_ok());
+        let e = parse_timestamp(&json!(NOW + MAX_FUTURE_MS + 1), NOW).unwrap_err();
+        assert!(e.message.contains("future"));
+        let e = ok(json!({"site_id": "s", "event_type": "x"}));
+        assert_eq!(e.ts, NOW, "absent timestamp means the time of receipt");
+    }
+
+    #[test]
+    fn event_ids_are_kept_or_made() {
+        let e = ok(json!({"site_id": "s", "event_type": "x", "event_id": "abc-1"}));
+        assert_eq!(e.id, "abc-1");
+        let e = err(json!({"site_id": "s", "event_type": "x", "event_id": ""}));
+        assert_eq!(e.field.as_deref(), Some("event_id"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "event_id": "x".repeat(129)}));
+        assert_eq!(e.field.as_deref(), Some("event_id"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "event_id": 7}));
+        assert_eq!(e.code, "invalid_type");
+        let a = ok(json!({"site_id": "s", "event_type": "x"}));
+        let b = ok(json!({"site_id": "s", "event_type": "x"}));
+        assert_ne!(a.id, b.id);
+        assert!(a.id < b.id, "UUIDv7 ids are time-ordered");
+    }
+
+    #[test]
+    fn props_are_flat_and_bounded() {
+        let e = ok(json!({"site_id": "s", "event_type": "x",
+                          "props": {"plan": "pro", "n": 3, "f": 1.5, "b": true, "z": null}}));
+        assert_eq!(e.props.map(|p| p.len()), Some(5));
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": {"a": {"b": 1}}}));
+        assert_eq!(e.field.as_deref(), Some("props.a"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": {"a": [1]}}));
+        assert_eq!(e.field.as_deref(), Some("props.a"));
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": {"a": "x".repeat(1001)}}));
+        assert_eq!(e.field.as_deref(), Some("props.a"));
+        let many: Map<String, Value> = (0..33).map(|i| (format!("k{i}"), json!(i))).collect();
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": many}));
+        assert_eq!(e.field.as_deref(), Some("props"));
+        for key in ["$set", "a.b", ""] {
+            let e = err(json!({"site_id": "s", "event_type": "x", "props": {key: 1}}));
+            assert_eq!(e.field.as_deref(), Some("props"), "{key}");
+        }
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": "x"}));
+        assert_eq!(e.code, "invalid_type");
+    }
+
+    #[test]
+    fn queue_json_round_trips_and_rejects_garbage() {
+        let e = ok(json!({"site_id": "s", "event_type": "x", "props": {"a": 1}}));
+        let text = serde_json::to_string(&e).unwrap();
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+        assert!(revalidate(&back).is_ok());
+        assert!(serde_json::from_str::<Event>(r#"{"id":"x"}"#).is_err());
+        let mut bad = e.clone();
+        bad.site_id = String::new();
+        assert!(revalidate(&bad).is_err());
+    }
+}

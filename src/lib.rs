@@ -1,0 +1,21 @@
+//! evtrack: an event tracking service.
+//!
+//! The parts, in the order an event meets them:
+//! - [`config`]: settings from flags, environment and `.env`.
+//! - [`routes`]: the HTTP API (`POST /event`, `POST /events`, `GET /stats`, health).
+//! - [`event`]: the event model and its validation.
+//! - [`queue`]: between the API and the worker (Redis Stream, or in-process).
+//! - [`worker`]: moves events from the queue into the store, in batches.
+//! - [`store`]: where events are kept (MongoDB, or SQLite) and stats computed.
+//! - [`stats`]: the stats query and its rules.
+//! - [`startup`]: wires the parts together for `evtrack`, `evtrack api`, `evtrack worker`.
+
+pub mod config;
+pub mod event;
+pub mod queue;
+pub mod routes;
+pub mod startup;
+pub mod stats;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

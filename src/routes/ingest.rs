@@ -1,0 +1,156 @@
+//! `POST /event` and `POST /events`: validate, queue, answer.
+//!
+//! Bodies are read with a hard size limit before any parsing, so an oversized
+//! request costs at most the limit in memory. Nothing is queued from a request
+//! unless all of its accepted events are queued together.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::event::{Event, now_ms, parse_event};
+
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+pub const MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
+pub const MAX_BATCH_EVENTS: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Ndjson,
+}
+
+/// `application/json`, or `text/plain` (what `navigator.sendBeacon` sends for
+/// a string); NDJSON only where batches are allowed. No header means JSON.
+fn body_kind(headers: &HeaderMap, ndjson_allowed: bool) -> Result<BodyKind, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(BodyKind::Json);
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match essence.as_str() {
+        "application/json" | "text/plain" => Ok(BodyKind::Json),
+        "application/x-ndjson" | "application/jsonl" if ndjson_allowed => Ok(BodyKind::Ndjson),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            if ndjson_allowed {
+                "send Content-Type: application/json, text/plain or application/x-ndjson"
+            } else {
+                "send Content-Type: application/json or text/plain"
+            },
+        )),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body must be at most {limit} bytes"),
+        )),
+        Err(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "the request body could not be read",
+        )),
+    }
+}
+
+fn invalid_json(e: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(
+        "invalid_json",
+        format!(
+            "the body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+    )
+}
+
+pub async fn post_event(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let kind = body_kind(request.headers(), false)?;
+    debug_assert_eq!(kind, BodyKind::Json);
+    let bytes = read_body(request.into_body(), MAX_EVENT_BYTES).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid_json(&e))?;
+    let event = parse_event(value, now_ms())?;
+    let id = event.id.clone();
+    state.queue.enqueue(vec![event]).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"success": true, "id": id})),
+    ))
+}
+
+pub async fn post_events(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let kind = body_kind(request.headers(), true)?;
+    let bytes = read_body(request.into_body(), MAX_BATCH_BYTES).await?;
+    let items: Vec<Result<Value, ApiError>> = match kind {
+        BodyKind::Json => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Array(items)) => items.into_iter().map(Ok).collect(),
+            Ok(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_batch",
+                    "a batch must be a JSON array of events (or NDJSON, one event per line)",
+                ));
+            }
+            Err(e) => return Err(invalid_json(&e)),
+        },
+        // One event per non-blank line; a bad line is one rejected item, not
+        // a rejected batch.
+        BodyKind::Ndjson => bytes
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.trim_ascii().is_empty())
+            .map(|line| serde_json::from_slice(line).map_err(|e| invalid_json(&e)))
+            .collect(),
+    };
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("a batch holds at most {MAX_BATCH_EVENTS} events"),
+        ));
+    }
+    if items.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_batch",
+            "the batch holds no events",
+        ));
+    }
+    let now = now_ms();
+    let mut events: Vec<Event> = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match item.and_then(|v| parse_event(v, now).map_err(ApiError::from)) {
+            Ok(e) => events.push(e),
+            Err(e) => rejected.push(json!({"index": index, "error": e.body()})),
+        }
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    if events.is_empty() {
+        let body = json!({
+            "success": false,
+            "error": {"code": "no_valid_events", "message": "no event in the batch is valid; see `rejected`"},
+            "accepted": 0, "ids": ids, "rejected": rejected,
+        });
+        return Ok((StatusCode::BAD_REQUEST, Json(body)));
+    }
+    state.queue.enqueue(events).await?;
+    let body = json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}

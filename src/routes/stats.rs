@@ -1,0 +1,126 @@
+//! `GET /stats?site_id=…&date=…&event_type=…&limit=…`
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use chrono::{NaiveDate, Utc};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::stats::{DEFAULT_EVENT_TYPE, DEFAULT_LIMIT, MAX_LIMIT, StatsQuery};
+
+/// Reads and checks the query parameters; `today` is the default date.
+pub fn parse_query(
+    params: &HashMap<String, String>,
+    today: NaiveDate,
+) -> Result<StatsQuery, ApiError> {
+    let missing = |p: &str| {
+        ApiError::bad_request("missing_parameter", format!("`{p}` is required")).with_field(p)
+    };
+    let invalid = |p: &str, m: String| ApiError::bad_request("invalid_parameter", m).with_field(p);
+    let name = |p: &str, v: &str| -> Result<String, ApiError> {
+        if v.is_empty() || v.chars().count() > 100 || v.chars().any(char::is_control) {
+            return Err(invalid(
+                p,
+                format!("`{p}` must be 1-100 characters without control characters"),
+            ));
+        }
+        Ok(v.to_owned())
+    };
+    let site_id = match params.get("site_id") {
+        None => return Err(missing("site_id")),
+        Some(v) if v.is_empty() => return Err(missing("site_id")),
+        Some(v) => name("site_id", v)?,
+    };
+    let event_type = match params.get("event_type") {
+        None => DEFAULT_EVENT_TYPE.to_owned(),
+        Some(v) => name("event_type", v)?,
+    };
+    let date = match params.get("date") {
+        None => today,
+        Some(v) => {
+            let parsed = (v.len() == 10)
+                .then(|| NaiveDate::parse_from_str(v, "%Y-%m-%d").ok())
+                .flatten();
+            parsed.ok_or_else(|| {
+                invalid(
+                    "date",
+                    "`date` must be a calendar date as YYYY-MM-DD".into(),
+                )
+            })?
+        }
+    };
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_LIMIT}"),
+                )
+            })?,
+    };
+    Ok(StatsQuery {
+        site_id,
+        date,
+        event_type,
+        limit,
+    })
+}
+
+pub async fn get_stats(
+    State(state): State<AppState>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params
+        .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))?;
+    let query = parse_query(&params, Utc::now().date_naive())?;
+    let stats = state.store.stats(&query).await?;
+    Ok(Json(json!({"success": true, "stats": stats})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Result<StatsQuery, ApiError> {
+        let params = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse_query(&params, NaiveDate::from_ymd_opt(2026, 1, 2).unwrap())
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = q(&[("site_id", "s")]).unwrap();
+        assert_eq!(s.date.to_string(), "2026-01-02");
+        assert_eq!((s.event_type.as_str(), s.limit), ("page_view", 10));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        for (pairs, field) in [
+            (vec![], "site_id"),
+            (vec![("site_id", "")], "site_id"),
+            (vec![("site_id", "s"), ("date", "2025-13-01")], "date"),
+            (vec![("site_id", "s"), ("date", "2025-1-1")], "date"),
+            (vec![("site_id", "s"), ("date", "today")], "date"),
+            (vec![("site_id", "s"), ("limit", "0")], "limit"),
+            (vec![("site_id", "s"), ("limit", "101")], "limit"),
+            (vec![("site_id", "s"), ("limit", "ten")], "limit"),
+            (vec![("site_id", "s"), ("event_type", "")], "event_type"),
+        ] {
+            let e = q(&pairs).expect_err(&format!("{pairs:?}"));
+            assert_eq!(e.field.as_deref(), Some(field), "{pairs:?}");
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+        let s = q(&[("site_id", "s"), ("limit", "100"), ("date", "2024-02-29")]).unwrap();
+        assert_eq!(s.limit, 100);
+    }
+}

@@ -1,0 +1,212 @@
+//! Builds the application from [`Settings`]: picks the queue and store
+//! backends, connects to them, binds the HTTP listener and starts the tasks.
+//!
+//! Shutdown order (why it is this way): the HTTP server stops accepting and
+//! finishes requests in flight first. In embedded mode those requests wait for
+//! their events to be committed, so the writer must outlive the server: it is
+//! told the API is done only after the server returned, then drains what is
+//! left in the channel into the store and exits. A Redis worker finishes and
+//! acknowledges the batch in hand, then exits; entries it still holds stay
+//! pending in Redis for another worker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Command, Settings};
+use crate::queue::Queue;
+use crate::queue::embedded;
+use crate::queue::redis::{RedisConsumer, RedisQueue};
+use crate::routes::{AppState, router};
+use crate::store::Store;
+use crate::store::mongo::MongoStore;
+use crate::store::sqlite::SqliteStore;
+use crate::worker;
+
+/// Enqueue calls that may wait for the embedded writer before `queue_full`.
+const EMBEDDED_QUEUE_CAPACITY: usize = 10_000;
+
+/// Which parts run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API and worker (`evtrack`, `evtrack run`).
+    All,
+    Api,
+    Worker,
+}
+
+impl From<Option<Command>> for Role {
+    fn from(c: Option<Command>) -> Self {
+        match c {
+            None | Some(Command::Run) => Role::All,
+            Some(Command::Api) => Role::Api,
+            Some(Command::Worker) => Role::Worker,
+        }
+    }
+}
+
+/// A start-up failure: one line naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct StartupError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl StartupError {
+    fn new(setting: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+pub struct Application {
+    addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    queue_kind: &'static str,
+    store_kind: &'static str,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, role: Role) -> Result<Self, StartupError> {
+        let redis = settings.redis();
+        if role != Role::All && redis.is_none() {
+            return Err(StartupError::new(
+                "REDIS_URL",
+                "`evtrack api` and `evtrack worker` share work through Redis: set REDIS_URL \
+                 (or run plain `evtrack` for the embedded queue)",
+            ));
+        }
+        let store = open_store(&settings).await?;
+        let shutdown = CancellationToken::new();
+        let api_done = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let store_kind = store.kind();
+
+        let queue: Option<Arc<dyn Queue>> = match &redis {
+            None => {
+                let (queue, consumer) =
+                    embedded::channel(EMBEDDED_QUEUE_CAPACITY, api_done.clone());
+                // Not tied to `shutdown`: it stops when the API is done and
+                // the channel is drained (see the module docs).
+                tasks.push(tokio::spawn(worker::run(
+                    consumer,
+                    Arc::clone(&store),
+                    settings.worker(),
+                    CancellationToken::new(),
+                )));
+                Some(Arc::new(queue))
+            }
+            Some(config) => {
+                if role != Role::Api {
+                    let consumer = RedisConsumer::connect(config, settings.consumer())
+                        .await
+                        .map_err(|e| StartupError::new("REDIS_URL", e))?;
+                    tracing::info!(consumer = consumer.name(), "worker connected to redis");
+                    tasks.push(tokio::spawn(worker::run(
+                        consumer,
+                        Arc::clone(&store),
+                        settings.worker(),
+                        shutdown.clone(),
+                    )));
+                }
+                if role == Role::Worker {
+                    None
+                } else {
+                    let queue = RedisQueue::connect(config)
+                        .await
+                        .map_err(|e| StartupError::new("REDIS_URL", e))?;
+                    Some(Arc::new(queue))
+                }
+            }
+        };
+        let queue_kind = if redis.is_some() { "redis" } else { "embedded" };
+
+        let mut addr = None;
+        if let Some(queue) = queue {
+            let listener = TcpListener::bind((settings.host, settings.port))
+                .await
+                .map_err(|e| {
+                    StartupError::new(
+                        "PORT",
+                        format!("cannot listen on {}:{}: {e}", settings.host, settings.port),
+                    )
+                })?;
+            addr = Some(
+                listener
+                    .local_addr()
+                    .map_err(|e| StartupError::new("PORT", e.to_string()))?,
+            );
+            let app = router(AppState { queue, store });
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "http server failed");
+                }
+                api_done.cancel();
+            }));
+        }
+        Ok(Self {
+            addr,
+            shutdown,
+            tasks,
+            queue_kind,
+            store_kind,
+        })
+    }
+
+    /// The bound address (port 0 in settings picks a free one), if serving HTTP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.addr.map(|a| a.port())
+    }
+
+    pub fn backends(&self) -> (&'static str, &'static str) {
+        (self.queue_kind, self.store_kind)
+    }
+
+    /// Cancelling it shuts the application down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every task has ended (after the shutdown token fired).
+    pub async fn run_until_stopped(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "task failed");
+            }
+        }
+    }
+}
+
+async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    match settings.mongo_uri() {
+        Some(uri) => {
+            let store = MongoStore::connect(uri, settings.mongo_db.as_deref())
+                .await
+                .map_err(|e| StartupError::new("MONGO_URI", e))?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            let dir = settings.data_dir.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                .await
+                .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?
+                .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The stats query: what `GET /stats` asks and answers.
+//!
+//! The rules (which events count, what a unique user is, how paths are
+//! ordered) are written once here as [`aggregate`], a plain in-memory
+//! reference. The stores compute the same answer where the data lives; the
+//! tests compare every store against this reference.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{NaiveDate, NaiveTime};
+use serde::Serialize;
+
+use crate::event::Event;
+
+pub const DEFAULT_EVENT_TYPE: &str = "page_view";
+pub const DEFAULT_LIMIT: u32 = 10;
+pub const MAX_LIMIT: u32 = 100;
+
+/// A validated stats request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsQuery {
+    pub site_id: String,
+    pub date: NaiveDate,
+    pub event_type: String,
+    pub limit: u32,
+}
+
+impl StatsQuery {
+    /// The UTC day `[date 00:00Z, date+1 00:00Z)` in epoch milliseconds.
+    pub fn day_range_ms(&self) -> (i64, i64) {
+        let start = self
+            .date
+            .and_time(NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis();
+        (start, start + 24 * 60 * 60 * 1000)
+    }
+}
+
+/// The answer, field for field as the original service gave it (plus `event_type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub site_id: String,
+    pub date: String,
+    pub event_type: String,
+    pub total_views: u64,
+    pub unique_users: u64,
+    pub top_paths: Vec<PathStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathStats {
+    pub path: String,
+    pub views: u64,
+    pub unique_users: u64,
+}
+
+impl Stats {
+    /// Assembles an answer from per-path rows in any order: sorts and cuts them
+    /// by the contract's rule so every store orders ties the same way.
+    pub fn new(
+        query: &StatsQuery,
+        total_views: u64,
+        unique_users: u64,
+        mut paths: Vec<PathStats>,
+    ) -> Self {
+        sort_paths(&mut paths);
+        paths.truncate(query.limit as usize);
+        Stats {
+            site_id: query.site_id.clone(),
+            date: query.date.format("%Y-%m-%d").to_string(),
+            event_type: query.event_type.clone(),
+            total_views,
+            unique_users,
+            top_paths: paths,
+        }
+    }
+}
+
+/// Views descending, then unique users descending, then path ascending (bytewise).
+pub fn sort_paths(paths: &mut [PathStats]) {
+    paths.sort_by(|a, b| {
+        b.views
+            .cmp(&a.views)
+            .then(b.unique_users.cmp(&a.unique_users))
+            .then_with(|| a.path.cmp(&b.path))
+    });
+}
+
+/// A user counts when the event has a non-empty `userid`.
+pub fn counted_user(userid: Option<&str>) -> Option<&str> {
+    userid.filter(|u| !u.is_empty())
+}
+
+/// A path counts when the event has a non-empty `path`.
+pub fn counted_path(path: Option<&str>) -> Option<&str> {
+    path.filter(|p| !p.is_empty())
+}
+
+/// The reference answer over raw events, in memory. Used by tests only as the
+/// yardstick for the stores; it would not do for a real day of traffic.
+pub fn aggregate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &StatsQuery) -> Stats {
+    let (start, end) = query.day_range_ms();
+    let mut total = 0u64;
+    let mut users: HashSet<&str> = HashSet::new();
+    let mut per_path: HashMap<&str, (u64, HashSet<&str>)> = HashMap::new();
+    for e in events {
+        if e.site_id != query.site_id
+            || e.event_type != query.event_type
+            || e.ts < start
+            || e.ts >= end
+        {
+            continue;
+        }
+        total += 1;
+        let user = counted_user(e.userid.as_deref());
+        users.extend(user);
+        if let Some(path) = counted_path(e.path.as_deref()) {
+            let entry = per_path.entry(path).or_default();
+            entry.0 += 1;
+            entry.1.extend(user);
+        }
+    }
+    let paths = per_path
+        .into_iter()
+        .map(|(path, (views, users))| PathStats {
+            path: path.to_owned(),
+            views,
+            unique_users: users.len() as u64,
+        })
+        .collect();
+    Stats::new(query, total, users.len() as u64, paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(site: &str, ty: &str, path: Option<&str>, user: Option<&str>, ts: i64) -> Event {
+        Event {
+            id: format!("{site}-{ty}-{path:?}-{user:?}-{ts}"),
+            site_id: site.into(),
+            event_type: ty.into(),
+            path: path.map(Into::into),
+            userid: user.map(Into::into),
+            ts,
+            created_at: ts,
+            props: None,
+        }
+    }
+
+    fn query(limit: u32) -> StatsQuery {
+        StatsQuery {
+            site_id: "site-001".into(),
+            date: NaiveDate::from_ymd_opt(2025, 11, 23).unwrap(),
+            event_type: "page_view".into(),
+            limit,
+        }
+    }
+
+    #[test]
+    fn the_day_is_half_open_in_utc() {
+        let (start, end) = query(10).day_range_ms();
+        assert_eq!(start, 1_763_856_000_000); // 2025-11-23T00:00:00Z
+        assert_eq!(end - start, 86_400_000);
+        let events = [
+            ev("site-001", "page_view", Some("/a"), None, start - 1),
+            ev("site-001", "page_view", Some("/a"), None, start),
+            ev("site-001", "page_view", Some("/a"), None, end - 1),
+            ev("site-001", "page_view", Some("/a"), None, end),
+        ];
+        assert_eq!(aggregate(&events, &query(10)).total_views, 2);
+    }
+
+    #[test]
+    fn counts_follow_the_contract() {
+        let (t, _) = query(10).day_range_ms();
+        let events = [
+            ev("site-001", "page_view", Some("/pricing"), Some("u1"), t),
+            ev("site-001", "page_view", Some("/pricing"), Some("u1"), t + 1),
+            ev("site-001", "page_view", Some("/pricing"), Some("u2"), t + 2),
+            ev("site-001", "page_view", Some("/blog"), Some("u1"), t + 3),
+            ev("site-001", "page_view", Some("/blog"), Some("u3"), t + 4),
+            ev("site-001", "page_view", Some("/contact"), Some("u2"), t + 5),
+            ev("site-001", "page_view", Some("/contact"), Some("u3"), t + 6),
+            // no path: counted in the totals, not in top_paths
+            ev("site-001", "page_view", None, Some("u4"), t + 7),
+            ev("site-001", "page_view", Some(""), None, t + 8),
+            // empty or missing user: a view, not a user
+            ev("site-001", "page_view", Some("/blog"), Some(""), t + 9),
+            // other type, other site: not counted
+            ev("site-001", "click", Some("/blog"), Some("u9"), t),
+            ev("site-002", "page_view", Some("/blog"), Some("u9"), t),
+        ];
+        let s = aggregate(&events, &query(10));
+        assert_eq!(s.total_views, 10);
+        assert_eq!(s.unique_users, 4);
+        let rows: Vec<(&str, u64, u64)> = s
+            .top_paths
+            .iter()
+            .map(|p| (p.path.as_str(), p.views, p.unique_users))
+            .collect();
+        assert_eq!(
+            rows,
+            [("/blog", 3, 2), ("/pricing", 3, 2), ("/contact", 2, 2)]
+        );
+        let s = aggregate(&events, &query(1));
+        assert_eq!(s.top_paths.len(), 1);
+    }
+
+    #[test]
+    fn ties_break_by_users_then_path() {
+        let mut rows = vec![
+            PathStats {
+                path: "/b".into(),
+                views: 2,
+                unique_users: 2,
+            },
+            PathStats {
+                path: "/a".into(),
+                views: 2,
+                unique_users: 1,
+            },
+            PathStats {
+                path: "/c".into(),
+                views: 3,
+                unique_users: 1,
+            },
+            PathStats {
+                path: "/a2".into(),
+                views: 2,
+                unique_users: 2,
+            },
+        ];
+        sort_paths(&mut rows);
+        let order: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(order, ["/c", "/a2", "/b", "/a"]);
+    }
+
+    #[test]
+    fn an_empty_day_is_zeros() {
+        let s = aggregate(&[], &query(10));
+        assert_eq!(
+            (s.total_views, s.unique_users, s.top_paths.len()),
+            (0, 0, 0)
+        );
+        assert_eq!(s.date, "2025-11-23");
+        assert_eq!(s.event_type, "page_view");
+    }
+}

@@ -1,0 +1,288 @@
+//! The MongoDB store, faithful to the original schema so existing tools read it:
+//! collection `events`, documents
+//! `{_id, site_id, event_type, path, userid, timestamp: Date, createdAt: Date, props}`.
+//!
+//! Inserts are unordered `insertMany` batches. A duplicate `_id` (E11000) means
+//! the event was stored by an earlier delivery and counts as stored; any other
+//! per-document error is reported back so the worker retries that event.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use super::{InsertReport, Store, StoreError};
+use crate::event::Event;
+use crate::stats::{PathStats, Stats, StatsQuery};
+
+pub const COLLECTION: &str = "events";
+pub const DEFAULT_DATABASE: &str = "evtrack";
+const STATS_INDEX: &str = "evtrack_stats";
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Clone)]
+pub struct MongoStore {
+    db: Database,
+    events: Collection<Document>,
+}
+
+impl MongoStore {
+    /// Connects, checks the server answers, and creates the indexes
+    /// (idempotently: creating an existing identical index is a no-op).
+    /// `database` overrides the one named in the URI; the default is `evtrack`.
+    pub async fn connect(uri: &str, database: Option<&str>) -> Result<Self, String> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| format!("invalid connection string: {e}"))?;
+        if options.server_selection_timeout.is_none() {
+            // Fail fast at start-up and on `/ready` instead of the driver's 30 s.
+            options.server_selection_timeout = Some(Duration::from_secs(5));
+        }
+        if options.write_concern.is_none() {
+            // Acknowledged means on disk: the worker removes events from the
+            // queue once the store acknowledges them.
+            options.write_concern = Some(WriteConcern::builder().journal(true).build());
+        }
+        if options.app_name.is_none() {
+            options.app_name = Some("evtrack".into());
+        }
+        let name = database
+            .map(str::to_owned)
+            .or_else(|| options.default_database.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        let client = Client::with_options(options).map_err(|e| format!("invalid options: {e}"))?;
+        let db = client.database(&name);
+        db.run_command(doc! {"ping": 1})
+            .await
+            .map_err(|e| format!("cannot reach the server: {e}"))?;
+        let events = db.collection::<Document>(COLLECTION);
+        let index = IndexModel::builder()
+            .keys(doc! {"site_id": 1, "event_type": 1, "timestamp": 1, "path": 1, "userid": 1})
+            .options(IndexOptions::builder().name(STATS_INDEX.to_owned()).build())
+            .build();
+        events
+            .create_index(index)
+            .await
+            .map_err(|e| format!("cannot create indexes in database `{name}`: {e}"))?;
+        Ok(Self { db, events })
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The stats pipeline's `$match` stage for one site-day.
+    fn day_match(query: &StatsQuery) -> Document {
+        let (start, end) = query.day_range_ms();
+        doc! {
+            "site_id": &query.site_id,
+            "event_type": &query.event_type,
+            "timestamp": {"$gte": DateTime::from_millis(start), "$lt": DateTime::from_millis(end)},
+        }
+    }
+
+    /// Totals: one group per user, then a sum over those groups. The server
+    /// streams the per-user groups; no document ever holds a list of users
+    /// (a document caps at 16 MB, a busy day has millions of users).
+    pub fn totals_pipeline(query: &StatsQuery) -> Vec<Document> {
+        vec![
+            doc! {"$match": Self::day_match(query)},
+            doc! {"$group": {"_id": "$userid", "n": {"$sum": 1}}},
+            doc! {"$group": {
+                "_id": Bson::Null,
+                "total": {"$sum": "$n"},
+                "users": {"$sum": {"$cond": [is_user("$_id"), 1, 0]}},
+            }},
+        ]
+    }
+
+    /// Top paths: one group per (path, user), then per path; sorted and cut
+    /// on the server.
+    pub fn paths_pipeline(query: &StatsQuery) -> Vec<Document> {
+        vec![
+            doc! {"$match": Self::day_match(query)},
+            // A separate stage: some servers' planners give up on the index
+            // when one `$match` mixes range bounds with `$nin`.
+            doc! {"$match": {"path": {"$nin": [Bson::Null, ""]}}},
+            // `$ifNull`: a missing `userid` would otherwise leave `u` out of
+            // the key, and a missing value compares unlike null.
+            doc! {"$group": {"_id": {"p": "$path", "u": {"$ifNull": ["$userid", Bson::Null]}}, "n": {"$sum": 1}}},
+            doc! {"$group": {
+                "_id": "$_id.p",
+                "views": {"$sum": "$n"},
+                "users": {"$sum": {"$cond": [is_user("$_id.u"), 1, 0]}},
+            }},
+            doc! {"$sort": {"views": -1, "users": -1, "_id": 1}},
+            doc! {"$limit": i64::from(query.limit)},
+        ]
+    }
+}
+
+/// `true` when the value is a non-empty string (absent, null and "" are not users).
+fn is_user(expr: &str) -> Document {
+    doc! {"$gt": [{"$ifNull": [expr, ""]}, ""]}
+}
+
+fn to_document(e: &Event) -> Result<Document, String> {
+    let mut d = doc! {
+        "_id": &e.id,
+        "site_id": &e.site_id,
+        "event_type": &e.event_type,
+    };
+    if let Some(p) = &e.path {
+        d.insert("path", p);
+    }
+    if let Some(u) = &e.userid {
+        d.insert("userid", u);
+    }
+    d.insert("timestamp", DateTime::from_millis(e.ts));
+    d.insert("createdAt", DateTime::from_millis(e.created_at));
+    if let Some(props) = &e.props {
+        let props = mongodb::bson::to_bson(props).map_err(|err| format!("props: {err}"))?;
+        d.insert("props", props);
+    }
+    Ok(d)
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(format!("mongodb: {e}"))
+}
+
+fn as_u64(doc: &Document, key: &str) -> u64 {
+    match doc.get(key) {
+        Some(Bson::Int32(n)) => (*n).max(0) as u64,
+        Some(Bson::Int64(n)) => (*n).max(0) as u64,
+        Some(Bson::Double(n)) if *n >= 0.0 => *n as u64,
+        _ => 0,
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn insert(&self, events: &[Event]) -> Result<InsertReport, StoreError> {
+        let mut report = InsertReport::default();
+        let mut docs = Vec::with_capacity(events.len());
+        // Positions in `docs` → positions in `events` (a document that cannot
+        // be built is reported as failed and never sent).
+        let mut positions = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            match to_document(e) {
+                Ok(d) => {
+                    docs.push(d);
+                    positions.push(i);
+                }
+                Err(err) => report.failed.push((i, err)),
+            }
+        }
+        if docs.is_empty() {
+            return Ok(report);
+        }
+        let sent = docs.len();
+        match self.events.insert_many(docs).ordered(false).await {
+            Ok(_) => report.inserted = sent,
+            Err(err) => match *err.kind {
+                ErrorKind::InsertMany(ref failure) => {
+                    if let Some(wce) = &failure.write_concern_error {
+                        // The writes may or may not be durable: retry them all
+                        // (idempotent), never acknowledge on a doubt.
+                        return Err(StoreError::Unavailable(format!(
+                            "mongodb write concern error: {}",
+                            wce.message
+                        )));
+                    }
+                    let errors = failure.write_errors.as_deref().unwrap_or_default();
+                    for we in errors {
+                        let Some(&pos) = positions.get(we.index) else {
+                            return Err(StoreError::Unavailable(format!(
+                                "mongodb reported a write error for unknown index {}",
+                                we.index
+                            )));
+                        };
+                        if we.code == DUPLICATE_KEY {
+                            report.duplicates += 1;
+                        } else {
+                            report
+                                .failed
+                                .push((pos, format!("mongodb error {}: {}", we.code, we.message)));
+                        }
+                    }
+                    report.inserted = sent - errors.len();
+                }
+                ErrorKind::Write(WriteFailure::WriteError(ref we))
+                    if we.code == DUPLICATE_KEY && sent == 1 =>
+                {
+                    report.duplicates = 1;
+                }
+                _ => return Err(unavailable(err)),
+            },
+        }
+        report.failed.sort_unstable_by_key(|f| f.0);
+        Ok(report)
+    }
+
+    async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
+        let totals = self
+            .events
+            .aggregate(Self::totals_pipeline(query))
+            .allow_disk_use(true)
+            .await
+            .map_err(unavailable)?
+            .try_next()
+            .await
+            .map_err(unavailable)?;
+        let (total, users) = totals.map_or((0, 0), |d| (as_u64(&d, "total"), as_u64(&d, "users")));
+        let mut paths = Vec::new();
+        let mut cursor = self
+            .events
+            .aggregate(Self::paths_pipeline(query))
+            .allow_disk_use(true)
+            .await
+            .map_err(unavailable)?;
+        while let Some(row) = cursor.try_next().await.map_err(unavailable)? {
+            let Ok(path) = row.get_str("_id") else {
+                continue;
+            };
+            paths.push(PathStats {
+                path: path.to_owned(),
+                views: as_u64(&row, "views"),
+                unique_users: as_u64(&row, "users"),
+            });
+        }
+        Ok(Stats::new(query, total, users, paths))
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.db
+            .run_command(doc! {"ping": 1})
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn count_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in ids.chunks(10_000) {
+            n += self
+                .events
+                .count_documents(doc! {"_id": {"$in": chunk}})
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(n)
+    }
+
+    async fn count_all(&self) -> Result<u64, StoreError> {
+        self.events
+            .count_documents(doc! {})
+            .await
+            .map_err(unavailable)
+    }
+
+    fn kind(&self) -> &'static str {
+        "mongodb"
+    }
+}

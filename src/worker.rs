@@ -1,0 +1,206 @@
+//! The worker: moves events from the queue into the store, in batches.
+//!
+//! [`process_batch`] is the unit of work (one batch: store, then acknowledge,
+//! dead-letter or keep for retry) and can be called directly by tests;
+//! [`run`] loops over it until shutdown.
+//!
+//! Order matters: events are acknowledged only after the store has them, so a
+//! crash between the two redelivers them, and the idempotent store makes the
+//! redelivery harmless (at-least-once delivery, exactly-once storage).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::{Consumer, Delivery, QueueError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Most events written to the store in one go.
+    pub batch_size: usize,
+    /// Attempts after which an event the store keeps refusing is dead-lettered.
+    pub max_attempts: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// What became of one batch.
+#[derive(Debug)]
+pub struct BatchOutcome<T> {
+    /// Stored now or earlier (duplicates), and acknowledged.
+    pub stored: usize,
+    pub dead_lettered: usize,
+    /// Not stored; to be tried again.
+    pub retry: Vec<Delivery<T>>,
+    /// Set when the store failed as a whole (every entry is in `retry`).
+    pub store_error: Option<StoreError>,
+    /// Set when acknowledging failed: the events are stored and will be
+    /// redelivered, which the store absorbs.
+    pub queue_error: Option<QueueError>,
+}
+
+/// Stores one batch and settles each entry with the queue.
+pub async fn process_batch<C: Consumer>(
+    consumer: &mut C,
+    store: &dyn Store,
+    batch: Vec<Delivery<C::Tag>>,
+    config: &WorkerConfig,
+) -> BatchOutcome<C::Tag> {
+    let mut dead = Vec::new();
+    let mut good = Vec::with_capacity(batch.len());
+    for d in batch {
+        match &d.event {
+            Err(reason) => {
+                let reason = reason.clone();
+                dead.push((d, reason));
+            }
+            Ok(_) if d.attempts > config.max_attempts => {
+                let reason = format!("delivered {} times without being stored", d.attempts);
+                dead.push((d, reason));
+            }
+            Ok(_) => good.push(d),
+        }
+    }
+    let mut outcome = BatchOutcome {
+        stored: 0,
+        dead_lettered: 0,
+        retry: Vec::new(),
+        store_error: None,
+        queue_error: None,
+    };
+    if !good.is_empty() {
+        let events: Vec<_> = good
+            .iter()
+            .filter_map(|d| d.event.as_ref().ok().cloned())
+            .collect();
+        match store.insert(&events).await {
+            Err(e) => {
+                outcome.retry = good;
+                outcome.store_error = Some(e);
+            }
+            Ok(report) => {
+                let mut failed = report.failed.into_iter().peekable();
+                let mut stored = Vec::with_capacity(good.len());
+                for (i, mut d) in good.into_iter().enumerate() {
+                    match failed.next_if(|(idx, _)| *idx == i) {
+                        None => stored.push(d),
+                        Some((_, reason)) if d.attempts >= config.max_attempts => {
+                            dead.push((d, reason))
+                        }
+                        Some((_, reason)) => {
+                            tracing::warn!(attempts = d.attempts, %reason, "store refused an event; will retry");
+                            d.attempts += 1;
+                            outcome.retry.push(d);
+                        }
+                    }
+                }
+                outcome.stored = stored.len();
+                if let Err(e) = consumer.ack(stored).await {
+                    outcome.queue_error = Some(e);
+                }
+            }
+        }
+    }
+    if !dead.is_empty() {
+        outcome.dead_lettered = dead.len();
+        for (_, reason) in &dead {
+            tracing::warn!(%reason, "dead-lettering an entry");
+        }
+        if let Err(e) = consumer.dead_letter(dead).await {
+            // Not acknowledged: the entries stay pending and come back.
+            outcome.dead_lettered = 0;
+            outcome.queue_error = Some(e);
+        }
+    }
+    outcome
+}
+
+/// Runs until `shutdown` fires (the batch in hand is finished first) or the
+/// queue closes.
+pub async fn run<C: Consumer>(
+    mut consumer: C,
+    store: Arc<dyn Store>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    let mut retry: Vec<Delivery<C::Tag>> = Vec::new();
+    loop {
+        let batch = if !retry.is_empty() {
+            std::mem::take(&mut retry)
+        } else {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match consumer.fetch(config.batch_size).await {
+                Ok(batch) => batch,
+                Err(QueueError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the queue; retrying");
+                    if backoff.wait(&shutdown).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let outcome = process_batch(&mut consumer, &*store, batch, &config).await;
+        tracing::debug!(
+            stored = outcome.stored,
+            dead = outcome.dead_lettered,
+            "batch done"
+        );
+        if let Some(e) = &outcome.queue_error {
+            tracing::warn!(error = %e, "cannot settle entries with the queue; they will be redelivered");
+        }
+        match outcome.store_error {
+            Some(e) => {
+                tracing::warn!(error = %e, events = outcome.retry.len(), "store unavailable; retrying");
+                retry = consumer.release(outcome.retry, &e.to_string());
+                // On shutdown, entries still held stay pending in the queue
+                // (Redis) for another worker; nothing is acknowledged.
+                if backoff.wait(&shutdown).await.is_err() {
+                    break;
+                }
+            }
+            None => {
+                backoff.reset();
+                retry = outcome.retry;
+            }
+        }
+    }
+    tracing::info!("worker stopped");
+}
+
+/// Exponential backoff from 100 ms to 5 s, cut short by shutdown.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    async fn wait(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
+        let ms = 100u64.saturating_mul(1 << self.failures.min(6)).min(5_000);
+        self.failures += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+            _ = shutdown.cancelled() => Err(()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
