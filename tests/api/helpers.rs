@@ -1,0 +1,258 @@
+//! `spawn_app()`: the real application on a free port, on real backends that
+//! the test starts for itself, with typed request helpers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evtrack::config::Settings;
+use evtrack::startup::{Application, Role};
+use evtrack::store::Store;
+use evtrack::store::mongo::MongoStore;
+use evtrack::store::sqlite::SqliteStore;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends::{MongoServer, RedisServer};
+
+/// The queue and store combinations every API test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    EmbeddedSqlite,
+    RedisSqlite,
+    RedisMongo,
+}
+
+impl Backend {
+    pub fn redis(self) -> bool {
+        self != Backend::EmbeddedSqlite
+    }
+    pub fn mongo(self) -> bool {
+        self == Backend::RedisMongo
+    }
+}
+
+/// Runs one `async fn(Backend)` test against every backend combination.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use crate::helpers::Backend;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded_sqlite() { super::$name(Backend::EmbeddedSqlite).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis_sqlite() { super::$name(Backend::RedisSqlite).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis_mongo() { super::$name(Backend::RedisMongo).await }
+            }
+        )*
+    };
+}
+pub(crate) use backend_tests;
+
+/// The backends of one test, and settings pointing at them (port 0, a fresh
+/// data directory, a fresh key prefix and database name).
+pub struct TestEnv {
+    pub settings: Settings,
+    pub redis: Option<RedisServer>,
+    pub mongo: Option<MongoServer>,
+    pub dir: TempDir,
+}
+
+impl TestEnv {
+    pub fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let redis = backend.redis().then(RedisServer::start);
+        let mongo = backend.mongo().then(MongoServer::start);
+        let settings = Settings {
+            port: 0,
+            data_dir: dir.path().join("data"),
+            redis_url: redis.as_ref().map(|r| r.url.clone()),
+            redis_prefix: format!("test-{id}:"),
+            mongo_uri: mongo.as_ref().map(|m| m.uri.clone()),
+            mongo_db: mongo.as_ref().map(|_| format!("evtrack_test_{id}")),
+            worker_claim_idle_ms: 1_000,
+            ..Settings::default()
+        };
+        Self {
+            settings,
+            redis,
+            mongo,
+            dir,
+        }
+    }
+
+    /// A store handle of the test's own, to look at what was stored.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        match self.settings.mongo_uri() {
+            Some(uri) => Arc::new(
+                MongoStore::connect(uri, self.settings.mongo_db.as_deref())
+                    .await
+                    .expect("connect to mongo"),
+            ),
+            None => Arc::new(SqliteStore::open(&self.settings.data_dir).expect("open sqlite")),
+        }
+    }
+
+    /// A direct Redis connection, for looking into the stream.
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        let url = self.settings.redis_url.as_deref().expect("a redis backend");
+        redis::Client::open(url)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    pub fn stream_key(&self) -> String {
+        format!("{}events", self.settings.redis_prefix)
+    }
+
+    pub fn dead_key(&self) -> String {
+        format!("{}dead", self.settings.redis_prefix)
+    }
+}
+
+/// A running application, stopped (gracefully) on `stop` or on drop.
+pub struct RunningApp {
+    pub address: Option<String>,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl RunningApp {
+    pub async fn start(settings: Settings, role: Role) -> Self {
+        let app = Application::build(settings, role).await.expect("application starts");
+        let address = app.port().map(|p| format!("http://127.0.0.1:{p}"));
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(app.run_until_stopped());
+        Self {
+            address,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Graceful shutdown; waits until every task has ended.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("application stops within 30 s")
+                .expect("application task");
+        }
+    }
+}
+
+impl Drop for RunningApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub struct TestApp {
+    pub env: TestEnv,
+    pub app: RunningApp,
+    pub address: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+}
+
+/// The whole service (API and worker) on the given backends.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(TestEnv::new(backend), Role::All).await
+}
+
+pub async fn spawn_app_with(env: TestEnv, role: Role) -> TestApp {
+    let app = RunningApp::start(env.settings.clone(), role).await;
+    let address = app.address.clone().expect("the API listens");
+    let store = env.store().await;
+    TestApp {
+        env,
+        app,
+        address,
+        client: reqwest::Client::new(),
+        store,
+    }
+}
+
+impl TestApp {
+    pub async fn post_event(&self, body: &Value) -> reqwest::Response {
+        self.post_raw("/event", "application/json", body.to_string()).await
+    }
+
+    pub async fn post_events(&self, body: &Value) -> reqwest::Response {
+        self.post_raw("/events", "application/json", body.to_string()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.address))
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path_and_query}", self.address))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// `GET /stats?…`, expecting 200; returns the `stats` object.
+    pub async fn stats(&self, query: &str) -> Value {
+        let r = self.get(&format!("/stats?{query}")).await;
+        assert_eq!(r.status(), 200, "stats answer");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["success"], true);
+        body["stats"].clone()
+    }
+
+    /// Waits until the store holds all these ids (the worker is asynchronous
+    /// in Redis mode), failing after 20 s.
+    pub async fn wait_stored(&self, ids: &[String]) {
+        wait_stored(&*self.store, ids).await
+    }
+}
+
+pub async fn wait_stored(store: &dyn Store, ids: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = store.count_ids(ids).await.expect("count");
+        if n == ids.len() as u64 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {n} of {} events stored after 20 s",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads the JSON body, asserting the status first.
+pub async fn json_of(response: reqwest::Response, status: u16) -> Value {
+    let actual = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Checks the one error shape of the API.
+pub fn assert_error(body: &Value, code: &str, field: Option<&str>) {
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    match field {
+        Some(f) => assert_eq!(body["error"]["field"], f, "{body}"),
+        None => assert!(body["error"].get("field").is_none(), "{body}"),
+    }
+}

@@ -1,0 +1,202 @@
+//! Start-up, health, graceful shutdown, and the binary as separate processes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use evtrack::config::Settings;
+use evtrack::startup::{Application, Role};
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, RunningApp, TestEnv, backend_tests, json_of, spawn_app, wait_stored};
+
+backend_tests!(health_and_readiness);
+
+async fn health_and_readiness(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = json_of(app.get("/health").await, 200).await;
+    assert_eq!(body["success"], true);
+    let body = json_of(app.get("/ready").await, 200).await;
+    let (queue, store) = match backend {
+        Backend::EmbeddedSqlite => ("embedded", "sqlite"),
+        Backend::RedisSqlite => ("redis", "sqlite"),
+        Backend::RedisMongo => ("redis", "mongodb"),
+    };
+    assert_eq!(body["checks"]["queue"], json!({"backend": queue, "status": "ok"}));
+    assert_eq!(body["checks"]["store"], json!({"backend": store, "status": "ok"}));
+    app.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_fail_start_up_naming_the_setting() {
+    let env = TestEnv::new(Backend::EmbeddedSqlite);
+    let expect = |settings: Settings, role: Role, setting: &'static str| async move {
+        let err = Application::build(settings, role).await.err().expect("start-up fails");
+        assert_eq!(err.setting, setting, "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    };
+    expect(env.settings.clone(), Role::Api, "REDIS_URL").await;
+    expect(env.settings.clone(), Role::Worker, "REDIS_URL").await;
+    let unreachable = Settings {
+        redis_url: Some(format!("redis://127.0.0.1:{}", crate::backends::free_port())),
+        ..env.settings.clone()
+    };
+    expect(unreachable, Role::All, "REDIS_URL").await;
+    let nonsense = Settings {
+        redis_url: Some("http://example".into()),
+        ..env.settings.clone()
+    };
+    expect(nonsense, Role::All, "REDIS_URL").await;
+    let mongo = Settings {
+        mongo_uri: Some(format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=300", crate::backends::free_port())),
+        ..env.settings.clone()
+    };
+    expect(mongo, Role::All, "MONGO_URI").await;
+    let bad_uri = Settings {
+        mongo_uri: Some("mysql://nope".into()),
+        ..env.settings.clone()
+    };
+    expect(bad_uri, Role::All, "MONGO_URI").await;
+    let file = env.dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let data_dir = Settings {
+        data_dir: file.join("sub"),
+        ..env.settings.clone()
+    };
+    expect(data_dir, Role::All, "DATA_DIR").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
+    let app = spawn_app(Backend::EmbeddedSqlite).await;
+    let client = app.client.clone();
+    let url = format!("{}/event", app.address);
+    // Requests in flight while shutdown begins.
+    let mut requests = Vec::new();
+    for i in 0..200 {
+        let (client, url) = (client.clone(), url.clone());
+        requests.push(tokio::spawn(async move {
+            let event = json!({"site_id": "shut", "event_type": "page_view", "path": format!("/{}", i % 5)});
+            let r = client.post(url).json(&event).send().await.ok()?;
+            if r.status() != 202 {
+                return None;
+            }
+            let body: Value = r.json().await.ok()?;
+            body["id"].as_str().map(str::to_owned)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let env = app.env;
+    app.app.stop().await;
+    let mut acknowledged = Vec::new();
+    for r in requests {
+        acknowledged.extend(r.await.unwrap());
+    }
+    assert!(!acknowledged.is_empty());
+    let store = env.store().await;
+    assert_eq!(store.count_ids(&acknowledged).await.unwrap(), acknowledged.len() as u64);
+    drop(store);
+    // Start again on the same data directory: everything is still there.
+    let again = RunningApp::start(env.settings.clone(), Role::All).await;
+    let store = env.store().await;
+    wait_stored(&*store, &acknowledged).await;
+    again.stop().await;
+}
+
+/// The binary, as separate OS processes.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_evtrack"));
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "warn");
+        for var in ["PORT", "HOST", "REDIS_URL", "MONGO_URI", "MONGO_DB", "DATA_DIR", "REDIS_PREFIX"] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self(cmd.spawn().expect("spawn evtrack"))
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SIGTERM, as a service manager would send.
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "no exit 20 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
+    let env = TestEnv::new(Backend::RedisMongo);
+    let port = crate::backends::free_port();
+    let vars = vec![
+        ("PORT", port.to_string()),
+        ("REDIS_URL", env.settings.redis_url.clone().unwrap()),
+        ("REDIS_PREFIX", env.settings.redis_prefix.clone()),
+        ("MONGO_URI", env.settings.mongo_uri.clone().unwrap()),
+        ("MONGO_DB", env.settings.mongo_db.clone().unwrap()),
+    ];
+    let api = Proc::spawn(&["api"], &vars);
+    let w1 = Proc::spawn(&["worker"], &vars);
+    let w2 = Proc::spawn(&["worker"], &vars);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/ready")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(tokio::time::Instant::now() < deadline, "api not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The design document's curl example, then the sample day.
+    let example = json!({"site_id": "site-001", "event_type": "page_view", "path": "/blog",
+                         "userid": "user-115", "timestamp": "2025-11-23T16:44:31.123Z"});
+    let r = client.post(format!("{base}/event")).json(&example).send().await.unwrap();
+    let mut ids = vec![json_of(r, 202).await["id"].as_str().unwrap().to_owned()];
+    let batch: Vec<Value> = (0..300)
+        .map(|i| json!({"site_id": "site-001", "event_type": "page_view", "path": format!("/p{}", i % 4),
+                        "userid": format!("u{}", i % 9), "timestamp": "2025-11-23T10:00:00Z"}))
+        .collect();
+    let r = client.post(format!("{base}/events")).json(&batch).send().await.unwrap();
+    let body = json_of(r, 202).await;
+    ids.extend(body["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()));
+    let store = env.store().await;
+    wait_stored(&*store, &ids).await;
+    assert_eq!(store.count_all().await.unwrap(), 301);
+    let r = client.get(format!("{base}/stats?site_id=site-001&date=2025-11-23")).send().await.unwrap();
+    let stats = json_of(r, 200).await["stats"].clone();
+    assert_eq!(stats["total_views"], 301);
+    assert_eq!(stats["unique_users"], 10);
+    assert_eq!(stats["top_paths"][0], json!({"path": "/p0", "views": 75, "unique_users": 9}));
+    for p in [api, w1, w2] {
+        assert!(p.terminate().success(), "clean exit on SIGTERM");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_api_without_redis_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_evtrack"))
+        .arg("api")
+        .env_remove("REDIS_URL")
+        .env("DATA_DIR", dir.path())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real application on real backends (redis-server and
+//! a MongoDB wire-protocol server), each started by the test on a free port.
+
+mod backends;
+mod helpers;
+mod ingest;
+mod lifecycle;
+mod queue;
+mod redis_queue;
+mod stats;
+mod store;

@@ -1,0 +1,113 @@
+//! The queue conformance suite: every queue, on a real backend, hands over
+//! what was enqueued, in order, and forgets it once acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evtrack::event::{Event, parse_event};
+use evtrack::queue::embedded;
+use evtrack::queue::redis::{ConsumerConfig, RedisConfig, RedisConsumer, RedisQueue};
+use evtrack::queue::{Consumer, Delivery, Queue};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends::RedisServer;
+
+fn events(n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| parse_event(json!({"site_id": "q", "event_type": "page_view", "path": format!("/{i}")}), 0).unwrap())
+        .collect()
+}
+
+async fn fetch_n<C: Consumer>(consumer: &mut C, n: usize) -> Vec<Delivery<C::Tag>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {n} delivered", got.len());
+        got.extend(consumer.fetch(n - got.len()).await.expect("fetch"));
+    }
+    got
+}
+
+/// Enqueue (concurrently: the embedded queue answers only after the ack),
+/// fetch in order, ack, and see nothing more.
+async fn hands_over_in_order_and_forgets_acked<C: Consumer>(queue: Arc<dyn Queue>, mut consumer: C) {
+    let sent = events(5);
+    let producer = {
+        let queue = Arc::clone(&queue);
+        let sent = sent.clone();
+        tokio::spawn(async move { queue.enqueue(sent).await })
+    };
+    let got = fetch_n(&mut consumer, 5).await;
+    let received: Vec<Event> = got.iter().map(|d| d.event.clone().expect("valid")).collect();
+    assert_eq!(received, sent);
+    assert!(got.iter().all(|d| d.attempts == 1));
+    // Fetch may hand out fewer than asked.
+    consumer.ack(got).await.expect("ack");
+    producer.await.unwrap().expect("enqueue succeeds once acknowledged");
+    let more = consumer.fetch(10).await.expect("fetch");
+    assert!(more.is_empty(), "acknowledged entries are gone");
+    queue.check().await.expect("queue answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_queue_conforms() {
+    let (queue, consumer) = embedded::channel(100, CancellationToken::new());
+    hands_over_in_order_and_forgets_acked(Arc::new(queue), consumer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_queue_conforms() {
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, 1000);
+    let queue = RedisQueue::connect(&config).await.unwrap();
+    let consumer = RedisConsumer::connect(&config, consumer_config(Duration::from_secs(30), 5)).await.unwrap();
+    hands_over_in_order_and_forgets_acked(Arc::new(queue), consumer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_batches_are_capped_and_remainders_carried() {
+    let (queue, mut consumer) = embedded::channel(100, CancellationToken::new());
+    let queue = Arc::new(queue);
+    let sent = events(7);
+    let producer = {
+        let (q, s) = (Arc::clone(&queue), sent.clone());
+        tokio::spawn(async move { q.enqueue(s).await })
+    };
+    let first = fetch_n(&mut consumer, 4).await;
+    assert_eq!(first.len(), 4);
+    consumer.ack(first).await.unwrap();
+    assert!(!producer.is_finished(), "answered only when all its events are stored");
+    let rest = fetch_n(&mut consumer, 3).await;
+    assert_eq!(rest[2].event.as_ref().unwrap(), &sent[6]);
+    consumer.ack(rest).await.unwrap();
+    producer.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_queue_closes_after_the_api_is_done() {
+    let done = CancellationToken::new();
+    let (queue, mut consumer) = embedded::channel(100, done.clone());
+    let producer = tokio::spawn(async move { queue.enqueue(events(2)).await });
+    let got = fetch_n(&mut consumer, 2).await;
+    consumer.ack(got).await.unwrap();
+    producer.await.unwrap().unwrap();
+    done.cancel();
+    assert_eq!(consumer.fetch(10).await.unwrap_err(), evtrack::queue::QueueError::Closed);
+}
+
+pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
+    RedisConfig {
+        url: redis.url.clone(),
+        ca_cert: None,
+        prefix: format!("q-{}:", uuid::Uuid::now_v7().simple()),
+        max_len,
+    }
+}
+
+pub fn consumer_config(claim_idle: Duration, max_deliveries: u32) -> ConsumerConfig {
+    ConsumerConfig {
+        claim_idle,
+        max_deliveries,
+    }
+}

@@ -1,0 +1,152 @@
+//! The store conformance suite: every `Store` implementation, on a real
+//! backend, must give the answers of the in-memory reference.
+
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use evtrack::event::Event;
+use evtrack::stats::{StatsQuery, aggregate};
+use evtrack::store::Store;
+use evtrack::store::mongo::MongoStore;
+use evtrack::store::sqlite::SqliteStore;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::backends::MongoServer;
+
+/// A store under test and what keeps its backend alive.
+struct Subject {
+    store: Arc<dyn Store>,
+    _mongo: Option<MongoServer>,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).expect("open");
+    Subject {
+        store: Arc::new(store),
+        _mongo: None,
+        _dir: dir,
+    }
+}
+
+async fn mongo() -> Subject {
+    let server = MongoServer::start();
+    let db = format!("conformance_{}", uuid::Uuid::now_v7().simple());
+    let store = MongoStore::connect(&server.uri, Some(&db)).await.expect("connect");
+    Subject {
+        store: Arc::new(store),
+        _mongo: Some(server),
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() { super::$name(super::sqlite().await).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mongo() { super::$name(super::mongo().await).await }
+            }
+        )*
+    };
+}
+
+store_tests!(inserts_are_idempotent, stats_match_the_reference_on_random_data, empty_and_checks);
+
+const DAY: &str = "2025-11-23";
+
+fn day_start() -> i64 {
+    NaiveDate::parse_from_str(DAY, "%Y-%m-%d").unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
+}
+
+fn event(id: &str, site: &str, path: Option<&str>, user: Option<&str>, ts: i64) -> Event {
+    Event {
+        id: id.into(),
+        site_id: site.into(),
+        event_type: "page_view".into(),
+        path: path.map(Into::into),
+        userid: user.map(Into::into),
+        ts,
+        created_at: ts,
+        props: None,
+    }
+}
+
+fn query(site: &str, limit: u32) -> StatsQuery {
+    StatsQuery {
+        site_id: site.into(),
+        date: NaiveDate::parse_from_str(DAY, "%Y-%m-%d").unwrap(),
+        event_type: "page_view".into(),
+        limit,
+    }
+}
+
+async fn inserts_are_idempotent(s: Subject) {
+    let t = day_start();
+    let mut props = serde_json::Map::new();
+    props.insert("plan".into(), serde_json::json!("pro"));
+    props.insert("n".into(), serde_json::json!(2.5));
+    let mut with_props = event("a", "s", Some("/x"), Some("u"), t);
+    with_props.props = Some(props);
+    let batch = vec![with_props, event("b", "s", None, None, t + 1)];
+    let r = s.store.insert(&batch).await.unwrap();
+    assert_eq!((r.inserted, r.duplicates, r.failed.len()), (2, 0, 0));
+    // A redelivered batch, partly new.
+    let again = vec![batch[1].clone(), event("c", "s", Some("/y"), Some("v"), t + 2), batch[0].clone()];
+    let r = s.store.insert(&again).await.unwrap();
+    assert_eq!((r.inserted, r.duplicates, r.failed.len()), (1, 2, 0));
+    // The same id twice in one batch.
+    let twice = vec![event("d", "s", None, None, t), event("d", "s", None, None, t)];
+    let r = s.store.insert(&twice).await.unwrap();
+    assert_eq!((r.inserted, r.duplicates), (1, 1));
+    assert_eq!(s.store.count_all().await.unwrap(), 4);
+    let ids = ["a", "b", "c", "d", "zz"].map(String::from);
+    assert_eq!(s.store.count_ids(&ids).await.unwrap(), 4);
+    let stats = s.store.stats(&query("s", 10)).await.unwrap();
+    assert_eq!((stats.total_views, stats.unique_users), (4, 2));
+}
+
+async fn stats_match_the_reference_on_random_data(s: Subject) {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let t = day_start();
+    let paths = ["/", "/a", "/b", "/c", "/d", "/é", "/Z", ""];
+    let users = ["u1", "u2", "u3", "u4", "u5", "u6", ""];
+    let mut events = Vec::new();
+    for i in 0..1500 {
+        let site = if rng.random_range(0..5) == 0 { "other" } else { "site" };
+        let path = (rng.random_range(0..6) != 0).then(|| paths[rng.random_range(0..paths.len())]);
+        let user = (rng.random_range(0..4) != 0).then(|| users[rng.random_range(0..users.len())]);
+        // Mostly inside the day, some just outside either end.
+        let ts = t + rng.random_range(-3_600_000..86_400_000 + 3_600_000);
+        let mut e = event(&format!("e{i}"), site, path, user, ts);
+        if rng.random_range(0..10) == 0 {
+            e.event_type = "click".into();
+        }
+        events.push(e);
+    }
+    for chunk in events.chunks(500) {
+        s.store.insert(chunk).await.unwrap();
+    }
+    for limit in [1, 3, 100] {
+        for site in ["site", "other", "none"] {
+            let q = query(site, limit);
+            let expected = aggregate(&events, &q);
+            let actual = s.store.stats(&q).await.unwrap();
+            assert_eq!(actual, expected, "site {site}, limit {limit}");
+        }
+    }
+    let mut q = query("site", 10);
+    q.event_type = "click".into();
+    assert_eq!(s.store.stats(&q).await.unwrap(), aggregate(&events, &q));
+}
+
+async fn empty_and_checks(s: Subject) {
+    s.store.check().await.unwrap();
+    let stats = s.store.stats(&query("nobody", 10)).await.unwrap();
+    assert_eq!((stats.total_views, stats.unique_users, stats.top_paths.len()), (0, 0, 0));
+    assert_eq!(s.store.count_all().await.unwrap(), 0);
+}
