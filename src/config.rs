@@ -165,7 +165,6 @@ impl Settings {
     pub fn consumer(&self) -> ConsumerConfig {
         ConsumerConfig {
             claim_idle: Duration::from_millis(self.worker_claim_idle_ms),
-            max_deliveries: self.worker_max_deliveries,
         }
     }
 }

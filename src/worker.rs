@@ -142,7 +142,10 @@ pub async fn run<C: Consumer>(
                 break;
             }
             match consumer.fetch(config.batch_size).await {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    backoff.reset();
+                    batch
+                }
                 Err(QueueError::Closed) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the queue; retrying");

@@ -5,7 +5,7 @@
 //! Here an entry read with XREADGROUP stays in the group's pending list until
 //! the worker acknowledges it (XACK + XDEL, after the store has it). Entries a
 //! worker leaves pending longer than `claim_idle` are claimed (XCLAIM) by
-//! another worker; an entry handed out more than `max_deliveries` times, or
+//! another worker; an entry handed out more than `WORKER_MAX_DELIVERIES` times, or
 //! one that is not a valid event, goes to the dead-letter stream
 //! (`<prefix>dead`) so that one bad entry cannot stall the queue.
 
@@ -209,8 +209,6 @@ pub struct EntryTag {
 pub struct ConsumerConfig {
     /// How long an entry may stay pending with a worker before another claims it.
     pub claim_idle: Duration,
-    /// Deliveries after which an entry is dead-lettered.
-    pub max_deliveries: u32,
 }
 
 /// The worker's side. It owns a connection of its own: its reads block for up
@@ -292,6 +290,19 @@ impl RedisConsumer {
             .collect())
     }
 
+    async fn claim_or_read(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
+        if Instant::now() >= self.next_claim {
+            // Looking for stale entries every quarter of the idle time keeps a
+            // dead worker's entries waiting at most 1.25 × claim_idle.
+            self.next_claim = Instant::now() + self.config.claim_idle / 4;
+            let claimed = self.claim_stale(max).await?;
+            if !claimed.is_empty() {
+                return Ok(claimed);
+            }
+        }
+        self.read_new(max).await
+    }
+
     async fn read_new(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -352,20 +363,12 @@ impl Consumer for RedisConsumer {
     type Tag = EntryTag;
 
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, QueueError> {
-        let max = max.max(1);
-        if Instant::now() >= self.next_claim {
-            // Looking for stale entries every quarter of the idle time keeps a
-            // dead worker's entries waiting at most 1.25 × claim_idle.
-            self.next_claim = Instant::now() + self.config.claim_idle / 4;
-            let claimed = self.claim_stale(max).await.map_err(unavailable)?;
-            if !claimed.is_empty() {
-                return Ok(claimed);
-            }
-        }
-        match self.read_new(max).await {
-            // The stream was deleted under us (FLUSHDB, a key eviction): make
-            // the group again rather than fail forever.
+        match self.claim_or_read(max.max(1)).await {
+            // The stream was deleted under us (a Redis restart without
+            // persistence, FLUSHDB, eviction): make the group again rather
+            // than fail forever.
             Err(e) if e.code() == Some("NOGROUP") => {
+                tracing::warn!("consumer group missing; creating it again");
                 ensure_group(&mut self.conn, &self.keys)
                     .await
                     .map_err(unavailable)?;

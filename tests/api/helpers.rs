@@ -124,7 +124,9 @@ pub struct RunningApp {
 
 impl RunningApp {
     pub async fn start(settings: Settings, role: Role) -> Self {
-        let app = Application::build(settings, role).await.expect("application starts");
+        let app = Application::build(settings, role)
+            .await
+            .expect("application starts");
         let address = app.port().map(|p| format!("http://127.0.0.1:{p}"));
         let shutdown = app.shutdown_token();
         let handle = tokio::spawn(app.run_until_stopped());
@@ -181,14 +183,21 @@ pub async fn spawn_app_with(env: TestEnv, role: Role) -> TestApp {
 
 impl TestApp {
     pub async fn post_event(&self, body: &Value) -> reqwest::Response {
-        self.post_raw("/event", "application/json", body.to_string()).await
+        self.post_raw("/event", "application/json", body.to_string())
+            .await
     }
 
     pub async fn post_events(&self, body: &Value) -> reqwest::Response {
-        self.post_raw("/events", "application/json", body.to_string()).await
+        self.post_raw("/events", "application/json", body.to_string())
+            .await
     }
 
-    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.address))
             .header("Content-Type", content_type)
@@ -250,7 +259,12 @@ pub async fn json_of(response: reqwest::Response, status: u16) -> Value {
 pub fn assert_error(body: &Value, code: &str, field: Option<&str>) {
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     match field {
         Some(f) => assert_eq!(body["error"]["field"], f, "{body}"),
         None => assert!(body["error"].get("field").is_none(), "{body}"),

@@ -7,7 +7,9 @@ use evtrack::config::Settings;
 use evtrack::startup::{Application, Role};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, RunningApp, TestEnv, backend_tests, json_of, spawn_app, wait_stored};
+use crate::helpers::{
+    Backend, RunningApp, TestEnv, backend_tests, json_of, spawn_app, wait_stored,
+};
 
 backend_tests!(health_and_readiness);
 
@@ -21,8 +23,14 @@ async fn health_and_readiness(backend: Backend) {
         Backend::RedisSqlite => ("redis", "sqlite"),
         Backend::RedisMongo => ("redis", "mongodb"),
     };
-    assert_eq!(body["checks"]["queue"], json!({"backend": queue, "status": "ok"}));
-    assert_eq!(body["checks"]["store"], json!({"backend": store, "status": "ok"}));
+    assert_eq!(
+        body["checks"]["queue"],
+        json!({"backend": queue, "status": "ok"})
+    );
+    assert_eq!(
+        body["checks"]["store"],
+        json!({"backend": store, "status": "ok"})
+    );
     app.app.stop().await;
 }
 
@@ -30,14 +38,20 @@ async fn health_and_readiness(backend: Backend) {
 async fn bad_settings_fail_start_up_naming_the_setting() {
     let env = TestEnv::new(Backend::EmbeddedSqlite);
     let expect = |settings: Settings, role: Role, setting: &'static str| async move {
-        let err = Application::build(settings, role).await.err().expect("start-up fails");
+        let err = Application::build(settings, role)
+            .await
+            .err()
+            .expect("start-up fails");
         assert_eq!(err.setting, setting, "{err}");
         assert!(!err.to_string().contains('\n'), "one line: {err}");
     };
     expect(env.settings.clone(), Role::Api, "REDIS_URL").await;
     expect(env.settings.clone(), Role::Worker, "REDIS_URL").await;
     let unreachable = Settings {
-        redis_url: Some(format!("redis://127.0.0.1:{}", crate::backends::free_port())),
+        redis_url: Some(format!(
+            "redis://127.0.0.1:{}",
+            crate::backends::free_port()
+        )),
         ..env.settings.clone()
     };
     expect(unreachable, Role::All, "REDIS_URL").await;
@@ -47,7 +61,10 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
     };
     expect(nonsense, Role::All, "REDIS_URL").await;
     let mongo = Settings {
-        mongo_uri: Some(format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=300", crate::backends::free_port())),
+        mongo_uri: Some(format!(
+            "mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=300",
+            crate::backends::free_port()
+        )),
         ..env.settings.clone()
     };
     expect(mongo, Role::All, "MONGO_URI").await;
@@ -93,7 +110,10 @@ async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
     }
     assert!(!acknowledged.is_empty());
     let store = env.store().await;
-    assert_eq!(store.count_ids(&acknowledged).await.unwrap(), acknowledged.len() as u64);
+    assert_eq!(
+        store.count_ids(&acknowledged).await.unwrap(),
+        acknowledged.len() as u64
+    );
     drop(store);
     // Start again on the same data directory: everything is still there.
     let again = RunningApp::start(env.settings.clone(), Role::All).await;
@@ -108,8 +128,19 @@ struct Proc(Child);
 impl Proc {
     fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_evtrack"));
-        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "warn");
-        for var in ["PORT", "HOST", "REDIS_URL", "MONGO_URI", "MONGO_DB", "DATA_DIR", "REDIS_PREFIX"] {
+        cmd.args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "warn");
+        for var in [
+            "PORT",
+            "HOST",
+            "REDIS_URL",
+            "MONGO_URI",
+            "MONGO_DB",
+            "DATA_DIR",
+            "REDIS_PREFIX",
+        ] {
             cmd.env_remove(var);
         }
         for (k, v) in env {
@@ -120,13 +151,19 @@ impl Proc {
 
     fn terminate(mut self) -> std::process::ExitStatus {
         // SIGTERM, as a service manager would send.
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "no exit 20 s after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit 20 s after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -156,30 +193,61 @@ async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/ready")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+    while client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
         assert!(tokio::time::Instant::now() < deadline, "api not ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The design document's curl example, then the sample day.
     let example = json!({"site_id": "site-001", "event_type": "page_view", "path": "/blog",
                          "userid": "user-115", "timestamp": "2025-11-23T16:44:31.123Z"});
-    let r = client.post(format!("{base}/event")).json(&example).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/event"))
+        .json(&example)
+        .send()
+        .await
+        .unwrap();
     let mut ids = vec![json_of(r, 202).await["id"].as_str().unwrap().to_owned()];
     let batch: Vec<Value> = (0..300)
-        .map(|i| json!({"site_id": "site-001", "event_type": "page_view", "path": format!("/p{}", i % 4),
-                        "userid": format!("u{}", i % 9), "timestamp": "2025-11-23T10:00:00Z"}))
+        .map(|i| {
+            json!({"site_id": "site-001", "event_type": "page_view", "path": format!("/p{}", i % 4),
+                        "userid": format!("u{}", i % 9), "timestamp": "2025-11-23T10:00:00Z"})
+        })
         .collect();
-    let r = client.post(format!("{base}/events")).json(&batch).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/events"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
     let body = json_of(r, 202).await;
-    ids.extend(body["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()));
+    ids.extend(
+        body["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned()),
+    );
     let store = env.store().await;
     wait_stored(&*store, &ids).await;
     assert_eq!(store.count_all().await.unwrap(), 301);
-    let r = client.get(format!("{base}/stats?site_id=site-001&date=2025-11-23")).send().await.unwrap();
+    let r = client
+        .get(format!("{base}/stats?site_id=site-001&date=2025-11-23"))
+        .send()
+        .await
+        .unwrap();
     let stats = json_of(r, 200).await["stats"].clone();
     assert_eq!(stats["total_views"], 301);
     assert_eq!(stats["unique_users"], 10);
-    assert_eq!(stats["top_paths"][0], json!({"path": "/p0", "views": 75, "unique_users": 9}));
+    assert_eq!(
+        stats["top_paths"][0],
+        json!({"path": "/p0", "views": 75, "unique_users": 9})
+    );
     for p in [api, w1, w2] {
         assert!(p.terminate().success(), "clean exit on SIGTERM");
     }

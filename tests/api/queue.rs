@@ -15,7 +15,13 @@ use crate::backends::RedisServer;
 
 fn events(n: usize) -> Vec<Event> {
     (0..n)
-        .map(|i| parse_event(json!({"site_id": "q", "event_type": "page_view", "path": format!("/{i}")}), 0).unwrap())
+        .map(|i| {
+            parse_event(
+                json!({"site_id": "q", "event_type": "page_view", "path": format!("/{i}")}),
+                0,
+            )
+            .unwrap()
+        })
         .collect()
 }
 
@@ -23,7 +29,11 @@ async fn fetch_n<C: Consumer>(consumer: &mut C, n: usize) -> Vec<Delivery<C::Tag
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while got.len() < n {
-        assert!(tokio::time::Instant::now() < deadline, "only {} of {n} delivered", got.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} delivered",
+            got.len()
+        );
         got.extend(consumer.fetch(n - got.len()).await.expect("fetch"));
     }
     got
@@ -31,7 +41,10 @@ async fn fetch_n<C: Consumer>(consumer: &mut C, n: usize) -> Vec<Delivery<C::Tag
 
 /// Enqueue (concurrently: the embedded queue answers only after the ack),
 /// fetch in order, ack, and see nothing more.
-async fn hands_over_in_order_and_forgets_acked<C: Consumer>(queue: Arc<dyn Queue>, mut consumer: C) {
+async fn hands_over_in_order_and_forgets_acked<C: Consumer>(
+    queue: Arc<dyn Queue>,
+    mut consumer: C,
+) {
     let sent = events(5);
     let producer = {
         let queue = Arc::clone(&queue);
@@ -39,12 +52,18 @@ async fn hands_over_in_order_and_forgets_acked<C: Consumer>(queue: Arc<dyn Queue
         tokio::spawn(async move { queue.enqueue(sent).await })
     };
     let got = fetch_n(&mut consumer, 5).await;
-    let received: Vec<Event> = got.iter().map(|d| d.event.clone().expect("valid")).collect();
+    let received: Vec<Event> = got
+        .iter()
+        .map(|d| d.event.clone().expect("valid"))
+        .collect();
     assert_eq!(received, sent);
     assert!(got.iter().all(|d| d.attempts == 1));
     // Fetch may hand out fewer than asked.
     consumer.ack(got).await.expect("ack");
-    producer.await.unwrap().expect("enqueue succeeds once acknowledged");
+    producer
+        .await
+        .unwrap()
+        .expect("enqueue succeeds once acknowledged");
     let more = consumer.fetch(10).await.expect("fetch");
     assert!(more.is_empty(), "acknowledged entries are gone");
     queue.check().await.expect("queue answers");
@@ -61,7 +80,9 @@ async fn redis_queue_conforms() {
     let redis = RedisServer::start();
     let config = redis_config(&redis, 1000);
     let queue = RedisQueue::connect(&config).await.unwrap();
-    let consumer = RedisConsumer::connect(&config, consumer_config(Duration::from_secs(30), 5)).await.unwrap();
+    let consumer = RedisConsumer::connect(&config, consumer_config(Duration::from_secs(30)))
+        .await
+        .unwrap();
     hands_over_in_order_and_forgets_acked(Arc::new(queue), consumer).await;
 }
 
@@ -77,7 +98,10 @@ async fn embedded_batches_are_capped_and_remainders_carried() {
     let first = fetch_n(&mut consumer, 4).await;
     assert_eq!(first.len(), 4);
     consumer.ack(first).await.unwrap();
-    assert!(!producer.is_finished(), "answered only when all its events are stored");
+    assert!(
+        !producer.is_finished(),
+        "answered only when all its events are stored"
+    );
     let rest = fetch_n(&mut consumer, 3).await;
     assert_eq!(rest[2].event.as_ref().unwrap(), &sent[6]);
     consumer.ack(rest).await.unwrap();
@@ -93,7 +117,10 @@ async fn embedded_queue_closes_after_the_api_is_done() {
     consumer.ack(got).await.unwrap();
     producer.await.unwrap().unwrap();
     done.cancel();
-    assert_eq!(consumer.fetch(10).await.unwrap_err(), evtrack::queue::QueueError::Closed);
+    assert_eq!(
+        consumer.fetch(10).await.unwrap_err(),
+        evtrack::queue::QueueError::Closed
+    );
 }
 
 pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
@@ -105,9 +132,6 @@ pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
     }
 }
 
-pub fn consumer_config(claim_idle: Duration, max_deliveries: u32) -> ConsumerConfig {
-    ConsumerConfig {
-        claim_idle,
-        max_deliveries,
-    }
+pub fn consumer_config(claim_idle: Duration) -> ConsumerConfig {
+    ConsumerConfig { claim_idle }
 }

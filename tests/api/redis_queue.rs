@@ -12,7 +12,9 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 use crate::backends::RedisServer;
-use crate::helpers::{Backend, RunningApp, TestEnv, assert_error, json_of, spawn_app, spawn_app_with, wait_stored};
+use crate::helpers::{
+    Backend, RunningApp, TestEnv, assert_error, json_of, spawn_app, spawn_app_with, wait_stored,
+};
 use crate::queue::{consumer_config, redis_config};
 
 fn view(i: usize) -> Value {
@@ -32,10 +34,20 @@ async fn two_workers_drain_one_queue_exactly_once() {
     for chunk in 0..6 {
         let batch: Vec<Value> = (chunk * 500..(chunk + 1) * 500).map(view).collect();
         let body = json_of(api.post_events(&Value::Array(batch)).await, 202).await;
-        ids.extend(body["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()));
+        ids.extend(
+            body["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
     }
     api.wait_stored(&ids).await;
-    assert_eq!(api.store.count_all().await.unwrap(), 3000, "nothing stored twice");
+    assert_eq!(
+        api.store.count_all().await.unwrap(),
+        3000,
+        "nothing stored twice"
+    );
     let mut conn = api.env.redis_conn().await;
     let left: u64 = conn.xlen(api.env.stream_key()).await.unwrap();
     assert_eq!(left, 0, "acknowledged entries are removed from the stream");
@@ -49,7 +61,13 @@ async fn two_workers_drain_one_queue_exactly_once() {
         .unwrap();
     assert_eq!(consumers.len(), 2);
     let stats = api.stats("site_id=drain&date=2025-11-23").await;
-    assert_eq!((stats["total_views"].as_u64(), stats["unique_users"].as_u64()), (Some(3000), Some(13)));
+    assert_eq!(
+        (
+            stats["total_views"].as_u64(),
+            stats["unique_users"].as_u64()
+        ),
+        (Some(3000), Some(13))
+    );
     w1.stop().await;
     w2.stop().await;
     api.app.stop().await;
@@ -60,16 +78,22 @@ async fn a_dead_workers_entries_are_claimed_and_poison_is_dead_lettered() {
     let redis = RedisServer::start();
     let config = redis_config(&redis, 1000);
     let queue = RedisQueue::connect(&config).await.unwrap();
-    let sent: Vec<_> = (0..3).map(|i| parse_event(view(i), 0).unwrap()).collect();
+    let sent: Vec<_> = (0..3)
+        .map(|i| parse_event(view(i), evtrack::event::now_ms()).unwrap())
+        .collect();
     queue.enqueue(sent.clone()).await.unwrap();
 
     // A worker reads the entries and dies before acknowledging them.
-    let mut dead = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200), 2)).await.unwrap();
+    let mut dead = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200)))
+        .await
+        .unwrap();
     assert_eq!(dead.fetch(10).await.unwrap().len(), 3);
     drop(dead);
 
     // Another worker takes them over once they have been idle long enough.
-    let mut live = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200), 2)).await.unwrap();
+    let mut live = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200)))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let claimed = live.fetch(10).await.unwrap();
     assert_eq!(claimed.len(), 3);
@@ -79,16 +103,25 @@ async fn a_dead_workers_entries_are_claimed_and_poison_is_dead_lettered() {
     drop(claimed); // this worker dies too
 
     // A third delivery is over the limit of 2: dead-lettered, not stored.
-    let mut third = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200), 2)).await.unwrap();
+    let mut third = RedisConsumer::connect(&config, consumer_config(Duration::from_millis(200)))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let batch = third.fetch(10).await.unwrap();
     assert_eq!(batch.len(), 3);
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
-    let config_w = WorkerConfig { batch_size: 10, max_attempts: 2 };
+    let config_w = WorkerConfig {
+        batch_size: 10,
+        max_attempts: 2,
+    };
     let outcome = process_batch(&mut third, &store, batch, &config_w).await;
     assert_eq!((outcome.stored, outcome.dead_lettered), (0, 3));
-    let mut conn = redis::Client::open(redis.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let dead_len: u64 = conn.xlen(format!("{}dead", config.prefix)).await.unwrap();
     let left: u64 = conn.xlen(format!("{}events", config.prefix)).await.unwrap();
     assert_eq!((dead_len, left), (3, 0));
@@ -100,10 +133,24 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
     let mut conn = app.env.redis_conn().await;
     let stream = app.env.stream_key();
     let _: String = conn.xadd(&stream, "*", &[("e", "not json")]).await.unwrap();
-    let _: String = conn.xadd(&stream, "*", &[("other", "field")]).await.unwrap();
-    let _: String = conn.xadd(&stream, "*", &[("e", r#"{"id":"x","site_id":"","event_type":"t","ts":1,"created_at":1}"#)]).await.unwrap();
+    let _: String = conn
+        .xadd(&stream, "*", &[("other", "field")])
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(
+            &stream,
+            "*",
+            &[(
+                "e",
+                r#"{"id":"x","site_id":"","event_type":"t","ts":1,"created_at":1}"#,
+            )],
+        )
+        .await
+        .unwrap();
     let body = json_of(app.post_event(&view(1)).await, 202).await;
-    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()]).await;
+    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()])
+        .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let dead: u64 = conn.xlen(app.env.dead_key()).await.unwrap();
@@ -111,11 +158,15 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
         if (dead, left) == (3, 0) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "dead {dead}, left {left}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead {dead}, left {left}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The raw entry is kept for inspection, with the reason.
-    let entries: redis::streams::StreamRangeReply = conn.xrange_all(app.env.dead_key()).await.unwrap();
+    let entries: redis::streams::StreamRangeReply =
+        conn.xrange_all(app.env.dead_key()).await.unwrap();
     let first = &entries.ids[0];
     assert!(first.map.contains_key("reason"));
     assert_eq!(first.get::<String>("raw.e").as_deref(), Some("not json"));
@@ -133,7 +184,10 @@ async fn a_full_queue_answers_503_with_retry_after() {
         json_of(app.post_event(&view(i)).await, 202).await;
     }
     let r = app.post_event(&view(4)).await;
-    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
     assert_error(&json_of(r, 503).await, "queue_full", None);
     let r = app.post_events(&json!([view(5)])).await;
     assert_error(&json_of(r, 503).await, "queue_full", None);
@@ -145,7 +199,11 @@ async fn a_full_queue_answers_503_with_retry_after() {
         if r.status() == 202 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "still {}", r.status());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {}",
+            r.status()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.stop().await;
@@ -159,12 +217,21 @@ async fn redis_down_means_a_quick_503_and_recovery_without_restart() {
     app.env.redis.as_mut().unwrap().stop();
     let started = std::time::Instant::now();
     let r = app.post_event(&view(1)).await;
-    assert!(started.elapsed() < Duration::from_millis(1500), "answered in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered in {:?}",
+        started.elapsed()
+    );
     assert_error(&json_of(r, 503).await, "queue_unavailable", None);
     let ready = json_of(app.get("/ready").await, 503).await;
     assert_eq!(ready["checks"]["queue"]["status"], "unavailable");
     assert_eq!(ready["checks"]["store"]["status"], "ok");
-    assert!(ready["error"]["message"].as_str().unwrap().contains("redis"));
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("redis")
+    );
     app.env.redis.as_mut().unwrap().restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let id = loop {
@@ -172,7 +239,11 @@ async fn redis_down_means_a_quick_503_and_recovery_without_restart() {
         if r.status() == 202 {
             break json_of(r, 202).await["id"].as_str().unwrap().to_owned();
         }
-        assert!(tokio::time::Instant::now() < deadline, "no recovery: {}", r.status());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no recovery: {}",
+            r.status()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     app.wait_stored(&[id]).await;
@@ -189,7 +260,8 @@ async fn rediss_with_a_password_works() {
     assert!(redis.url.starts_with("rediss://:"));
     let app = spawn_app_with(env, Role::All).await;
     let body = json_of(app.post_event(&view(3)).await, 202).await;
-    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()]).await;
+    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()])
+        .await;
     let ready = json_of(app.get("/ready").await, 200).await;
     assert_eq!(ready["checks"]["queue"]["backend"], "redis");
     app.app.stop().await;
@@ -197,7 +269,10 @@ async fn rediss_with_a_password_works() {
     let mut bad = TestEnv::new(Backend::EmbeddedSqlite).settings;
     bad.redis_url = Some(format!("rediss://:wrong-password@localhost:{}", redis.port));
     bad.redis_ca_cert = redis.ca_cert_path().map(Into::into);
-    let err = evtrack::startup::Application::build(bad, Role::All).await.err().expect("refused");
+    let err = evtrack::startup::Application::build(bad, Role::All)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.setting, "REDIS_URL");
 }
 

@@ -17,7 +17,12 @@ fn view(path: &str, user: &str, at: &str) -> Value {
 async fn post_all(app: &crate::helpers::TestApp, events: Vec<Value>) {
     let body = json_of(app.post_events(&Value::Array(events)).await, 202).await;
     assert_eq!(body["rejected"], json!([]));
-    let ids: Vec<String> = body["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
     app.wait_stored(&ids).await;
 }
 
@@ -36,7 +41,7 @@ async fn the_design_documents_sample_response(backend: Backend) {
             // Outside the UTC day, another site, another type: not counted.
             view("/blog", "user-9", "2025-11-22T23:59:59.999Z"),
             view("/blog", "user-9", "2025-11-24T00:00:00Z"),
-            view("/blog", "user-9", "2025-11-24T00:30:00+01:00"),
+            view("/blog", "user-9", "2025-11-24T00:30:00-01:00"),
             json!({"site_id": "site-002", "event_type": "page_view", "path": "/blog", "userid": "user-9",
                    "timestamp": "2025-11-23T12:00:00Z"}),
             json!({"site_id": "site-001", "event_type": "click", "path": "/blog", "userid": "user-9",
@@ -49,18 +54,29 @@ async fn the_design_documents_sample_response(backend: Backend) {
     assert_eq!(
         body,
         json!({"success": true, "stats": {
-            "site_id": "site-001", "date": "2025-11-23", "event_type": "page_view",
-            "total_views": 7, "unique_users": 3,
-            "top_paths": [
-                {"path": "/pricing", "views": 3, "unique_users": 2},
-                {"path": "/blog", "views": 2, "unique_users": 2},
-                {"path": "/contact", "views": 2, "unique_users": 2}
-            ]}})
+        "site_id": "site-001", "date": "2025-11-23", "event_type": "page_view",
+        "total_views": 7, "unique_users": 3,
+        "top_paths": [
+            {"path": "/pricing", "views": 3, "unique_users": 2},
+            {"path": "/blog", "views": 2, "unique_users": 2},
+            {"path": "/contact", "views": 2, "unique_users": 2}
+        ]}})
     );
     let stats = app.stats("site_id=site-001&date=2025-11-23&limit=1").await;
-    assert_eq!(stats["top_paths"], json!([{"path": "/pricing", "views": 3, "unique_users": 2}]));
-    let stats = app.stats("site_id=site-001&date=2025-11-23&event_type=click").await;
-    assert_eq!((stats["total_views"].as_u64(), stats["unique_users"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        stats["top_paths"],
+        json!([{"path": "/pricing", "views": 3, "unique_users": 2}])
+    );
+    let stats = app
+        .stats("site_id=site-001&date=2025-11-23&event_type=click")
+        .await;
+    assert_eq!(
+        (
+            stats["total_views"].as_u64(),
+            stats["unique_users"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
     app.app.stop().await;
 }
 
@@ -101,8 +117,20 @@ async fn empty_days_and_filters(backend: Backend) {
     )
     .await;
     let stats = app.stats("site_id=today").await;
-    assert_eq!(stats["date"], chrono::Utc::now().format("%Y-%m-%d").to_string());
-    assert_eq!((stats["total_views"].as_u64(), stats["unique_users"].as_u64()), (Some(3), Some(1)));
-    assert_eq!(stats["top_paths"], json!([{"path": "/x", "views": 1, "unique_users": 1}]));
+    assert_eq!(
+        stats["date"],
+        chrono::Utc::now().format("%Y-%m-%d").to_string()
+    );
+    assert_eq!(
+        (
+            stats["total_views"].as_u64(),
+            stats["unique_users"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    assert_eq!(
+        stats["top_paths"],
+        json!([{"path": "/x", "views": 1, "unique_users": 1}])
+    );
     app.app.stop().await;
 }

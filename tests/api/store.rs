@@ -34,7 +34,9 @@ async fn sqlite() -> Subject {
 async fn mongo() -> Subject {
     let server = MongoServer::start();
     let db = format!("conformance_{}", uuid::Uuid::now_v7().simple());
-    let store = MongoStore::connect(&server.uri, Some(&db)).await.expect("connect");
+    let store = MongoStore::connect(&server.uri, Some(&db))
+        .await
+        .expect("connect");
     Subject {
         store: Arc::new(store),
         _mongo: Some(server),
@@ -55,12 +57,21 @@ macro_rules! store_tests {
     };
 }
 
-store_tests!(inserts_are_idempotent, stats_match_the_reference_on_random_data, empty_and_checks);
+store_tests!(
+    inserts_are_idempotent,
+    stats_match_the_reference_on_random_data,
+    empty_and_checks
+);
 
 const DAY: &str = "2025-11-23";
 
 fn day_start() -> i64 {
-    NaiveDate::parse_from_str(DAY, "%Y-%m-%d").unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
+    NaiveDate::parse_from_str(DAY, "%Y-%m-%d")
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis()
 }
 
 fn event(id: &str, site: &str, path: Option<&str>, user: Option<&str>, ts: i64) -> Event {
@@ -96,11 +107,18 @@ async fn inserts_are_idempotent(s: Subject) {
     let r = s.store.insert(&batch).await.unwrap();
     assert_eq!((r.inserted, r.duplicates, r.failed.len()), (2, 0, 0));
     // A redelivered batch, partly new.
-    let again = vec![batch[1].clone(), event("c", "s", Some("/y"), Some("v"), t + 2), batch[0].clone()];
+    let again = vec![
+        batch[1].clone(),
+        event("c", "s", Some("/y"), Some("v"), t + 2),
+        batch[0].clone(),
+    ];
     let r = s.store.insert(&again).await.unwrap();
     assert_eq!((r.inserted, r.duplicates, r.failed.len()), (1, 2, 0));
     // The same id twice in one batch.
-    let twice = vec![event("d", "s", None, None, t), event("d", "s", None, None, t)];
+    let twice = vec![
+        event("d", "s", None, None, t),
+        event("d", "s", None, None, t),
+    ];
     let r = s.store.insert(&twice).await.unwrap();
     assert_eq!((r.inserted, r.duplicates), (1, 1));
     assert_eq!(s.store.count_all().await.unwrap(), 4);
@@ -117,7 +135,11 @@ async fn stats_match_the_reference_on_random_data(s: Subject) {
     let users = ["u1", "u2", "u3", "u4", "u5", "u6", ""];
     let mut events = Vec::new();
     for i in 0..1500 {
-        let site = if rng.random_range(0..5) == 0 { "other" } else { "site" };
+        let site = if rng.random_range(0..5) == 0 {
+            "other"
+        } else {
+            "site"
+        };
         let path = (rng.random_range(0..6) != 0).then(|| paths[rng.random_range(0..paths.len())]);
         let user = (rng.random_range(0..4) != 0).then(|| users[rng.random_range(0..users.len())]);
         // Mostly inside the day, some just outside either end.
@@ -147,6 +169,9 @@ async fn stats_match_the_reference_on_random_data(s: Subject) {
 async fn empty_and_checks(s: Subject) {
     s.store.check().await.unwrap();
     let stats = s.store.stats(&query("nobody", 10)).await.unwrap();
-    assert_eq!((stats.total_views, stats.unique_users, stats.top_paths.len()), (0, 0, 0));
+    assert_eq!(
+        (stats.total_views, stats.unique_users, stats.top_paths.len()),
+        (0, 0, 0)
+    );
     assert_eq!(s.store.count_all().await.unwrap(), 0);
 }
