@@ -268,3 +268,66 @@ async fn the_binary_refuses_api_without_redis_in_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("REDIS_URL"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acknowledged_events_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::backends::free_port();
+    let data = dir.path().join("data");
+    let mut proc = Proc::spawn(
+        &[],
+        &[
+            ("PORT", port.to_string()),
+            ("DATA_DIR", data.display().to_string()),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let send = |i: usize| {
+        let (client, url) = (client.clone(), format!("{base}/event"));
+        tokio::spawn(async move {
+            let event =
+                json!({"site_id": "k9", "event_type": "page_view", "path": format!("/{i}")});
+            let r = client.post(url).json(&event).send().await.ok()?;
+            let body: Value = r.json().await.ok()?;
+            body["id"].as_str().map(str::to_owned)
+        })
+    };
+    let mut acknowledged = Vec::new();
+    let first: Vec<_> = (0..200).map(send).collect();
+    for t in first {
+        acknowledged.extend(t.await.unwrap());
+    }
+    assert_eq!(acknowledged.len(), 200);
+    // Kill while requests are still arriving.
+    let second: Vec<_> = (200..400).map(send).collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    proc.0.kill().unwrap();
+    for t in second {
+        acknowledged.extend(t.await.unwrap());
+    }
+    proc.0.wait().unwrap();
+    let conn = rusqlite::Connection::open(data.join(evtrack::store::sqlite::FILE_NAME)).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    drop(conn);
+    let store = evtrack::store::sqlite::SqliteStore::open(&data).unwrap();
+    use evtrack::store::Store;
+    assert_eq!(
+        store.count_ids(&acknowledged).await.unwrap(),
+        acknowledged.len() as u64
+    );
+}
