@@ -171,7 +171,7 @@ pub async fn run<C: Consumer>(
         match outcome.store_error {
             Some(e) => {
                 tracing::warn!(error = %e, events = outcome.retry.len(), "store unavailable; retrying");
-                retry = consumer.release(outcome.retry, &e.to_string());
+                retry = consumer.release(outcome.retry, &e.to_string()).await;
                 // On shutdown, entries still held stay pending in the queue
                 // (Redis) for another worker; nothing is acknowledged.
                 if backoff.wait(&shutdown).await.is_err() {
@@ -187,7 +187,12 @@ pub async fn run<C: Consumer>(
     tracing::info!("worker stopped");
 }
 
-/// Exponential backoff from 100 ms to 5 s, cut short by shutdown.
+/// Longest wait between retries. Short next to the claim timeout (30 s by
+/// default), so that the entries a worker keeps retrying are refreshed (see
+/// `Consumer::release`) long before another worker would claim them.
+const MAX_BACKOFF_MS: u64 = 2_000;
+
+/// Exponential backoff from 100 ms to `MAX_BACKOFF_MS`, cut short by shutdown.
 #[derive(Default)]
 struct Backoff {
     failures: u32,
@@ -195,7 +200,9 @@ struct Backoff {
 
 impl Backoff {
     async fn wait(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
-        let ms = 100u64.saturating_mul(1 << self.failures.min(6)).min(5_000);
+        let ms = 100u64
+            .saturating_mul(1 << self.failures.min(6))
+            .min(MAX_BACKOFF_MS);
         self.failures += 1;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),

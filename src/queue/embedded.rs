@@ -178,7 +178,7 @@ impl Consumer for EmbeddedConsumer {
         Ok(())
     }
 
-    fn release(
+    async fn release(
         &mut self,
         deliveries: Vec<Delivery<Self::Tag>>,
         reason: &str,

@@ -78,7 +78,9 @@ pub trait Consumer: Send + 'static {
 
     /// The store is unavailable. Returns the entries the worker should keep
     /// and retry itself; entries not returned went back to their producer.
-    fn release(
+    /// Called again before each retry, so a queue can mark kept entries as
+    /// still being worked on.
+    async fn release(
         &mut self,
         deliveries: Vec<Delivery<Self::Tag>>,
         reason: &str,

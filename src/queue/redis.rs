@@ -446,14 +446,29 @@ impl Consumer for RedisConsumer {
         pipe.exec_async(&mut self.conn).await.map_err(unavailable)
     }
 
-    fn release(
+    async fn release(
         &mut self,
         deliveries: Vec<Delivery<EntryTag>>,
         _reason: &str,
     ) -> Vec<Delivery<EntryTag>> {
         // Keep them: they stay pending in Redis (safe if this worker dies) and
         // this worker retries them itself, so an outage of the store does not
-        // count as failed deliveries and dead-letter good events.
+        // count as failed deliveries and dead-letter good events. XCLAIM with
+        // JUSTID resets their idle time without counting a delivery, so other
+        // workers do not take over entries this worker is still retrying.
+        if !deliveries.is_empty() {
+            let mut cmd = redis::cmd("XCLAIM");
+            cmd.arg(&self.keys.stream).arg(GROUP).arg(&self.name).arg(0);
+            for d in &deliveries {
+                cmd.arg(&d.tag.id);
+            }
+            cmd.arg("JUSTID");
+            if let Err(e) = cmd.query_async::<Vec<String>>(&mut self.conn).await {
+                // Not fatal: at worst another worker claims them, and the
+                // store absorbs the duplicate.
+                tracing::warn!(error = %e, "cannot refresh pending entries");
+            }
+        }
         deliveries
     }
 }

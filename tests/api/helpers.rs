@@ -73,7 +73,6 @@ impl TestEnv {
             redis_prefix: format!("test-{id}:"),
             mongo_uri: mongo.as_ref().map(|m| m.uri.clone()),
             mongo_db: mongo.as_ref().map(|_| format!("evtrack_test_{id}")),
-            worker_claim_idle_ms: 1_000,
             ..Settings::default()
         };
         Self {

@@ -296,3 +296,50 @@ async fn store_outage_keeps_events_pending_until_it_returns() {
     assert_eq!(dead, 0, "an outage does not dead-letter events");
     app.app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_worker_keeps_retrying_are_not_claimed_by_others() {
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, 1000);
+    let queue = RedisQueue::connect(&config).await.unwrap();
+    let sent: Vec<_> = (0..2)
+        .map(|i| parse_event(view(i), evtrack::event::now_ms()).unwrap())
+        .collect();
+    queue.enqueue(sent).await.unwrap();
+    let idle = Duration::from_millis(400);
+    let mut holder = RedisConsumer::connect(&config, consumer_config(idle))
+        .await
+        .unwrap();
+    let mut other = RedisConsumer::connect(&config, consumer_config(idle))
+        .await
+        .unwrap();
+    let mut held = holder.fetch(10).await.unwrap();
+    assert_eq!(held.len(), 2);
+    // The store is down: the holder keeps the entries and retries them for
+    // longer than the claim timeout, while the other worker keeps looking.
+    let retrying = tokio::spawn(async move {
+        for _ in 0..15 {
+            held = holder.release(held, "store down").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (held, holder)
+    });
+    while !retrying.is_finished() {
+        assert!(
+            other.fetch(10).await.unwrap().is_empty(),
+            "taken from a live worker"
+        );
+    }
+    let (held, holder) = retrying.await.unwrap();
+    // The holder dies: now they are claimed, and the retries were not
+    // counted as deliveries.
+    drop((held, holder));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut claimed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while claimed.len() < 2 && tokio::time::Instant::now() < deadline {
+        claimed.extend(other.fetch(10).await.unwrap());
+    }
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|d| d.attempts == 2));
+}
