@@ -45,6 +45,9 @@ pub enum Command {
     Api,
     /// The worker only (needs REDIS_URL).
     Worker,
+    /// Recompute the stats aggregates of the embedded store from the raw
+    /// events, then exit. Ingestion into the same file pauses while it runs.
+    RebuildAggregates,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use evtrack::config::Cli;
-use evtrack::startup::Application;
+use evtrack::config::{Cli, Command};
+use evtrack::startup::{Application, Role};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -15,7 +15,24 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     evtrack::telemetry::init(cli.settings.log_format);
-    let app = match Application::build(cli.settings, cli.command.into()).await {
+    let role = match cli.command {
+        None | Some(Command::Run) => Role::All,
+        Some(Command::Api) => Role::Api,
+        Some(Command::Worker) => Role::Worker,
+        Some(Command::RebuildAggregates) => {
+            return match evtrack::startup::rebuild_aggregates(&cli.settings).await {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("evtrack: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    let app = match Application::build(cli.settings, role).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("evtrack: {e}");

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Command, Settings};
+use crate::config::Settings;
 use crate::queue::Queue;
 use crate::queue::embedded;
 use crate::queue::redis::{RedisConsumer, RedisQueue};
@@ -36,16 +36,6 @@ pub enum Role {
     All,
     Api,
     Worker,
-}
-
-impl From<Option<Command>> for Role {
-    fn from(c: Option<Command>) -> Self {
-        match c {
-            None | Some(Command::Run) => Role::All,
-            Some(Command::Api) => Role::Api,
-            Some(Command::Worker) => Role::Worker,
-        }
-    }
 }
 
 /// A start-up failure: one line naming the setting at fault.
@@ -209,4 +199,25 @@ async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError>
             Ok(Arc::new(store))
         }
     }
+}
+
+/// `evtrack rebuild-aggregates`: recomputes derived data from the raw events.
+pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupError> {
+    let store = open_store(settings).await?;
+    let rebuilt = store
+        .rebuild_aggregates()
+        .await
+        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+    let events = store
+        .count_all()
+        .await
+        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+    Ok(if rebuilt {
+        format!("aggregates rebuilt from {events} events")
+    } else {
+        format!(
+            "the {} store aggregates at query time: nothing to rebuild",
+            store.kind()
+        )
+    })
 }

@@ -33,8 +33,21 @@ impl StatsQuery {
             .and_time(NaiveTime::MIN)
             .and_utc()
             .timestamp_millis();
-        (start, start + 24 * 60 * 60 * 1000)
+        (start, start + DAY_MS)
     }
+
+    /// The UTC day number of `date`.
+    pub fn day_number(&self) -> i64 {
+        day_number(self.day_range_ms().0)
+    }
+}
+
+/// Milliseconds in a day; days are UTC.
+pub const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The UTC day number (days since 1970-01-01) of a timestamp in epoch milliseconds.
+pub fn day_number(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(DAY_MS)
 }
 
 /// The answer, field for field as the original service gave it (plus `event_type`).

@@ -41,6 +41,11 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, events: &[Event]) -> Result<InsertReport, StoreError>;
     /// Aggregates one site-day.
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError>;
+    /// Recomputes derived data (aggregates) from the raw events. Returns
+    /// `false` when the store keeps none (it aggregates at query time).
+    async fn rebuild_aggregates(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Answers when the backend is reachable (for `/ready`).
     async fn check(&self) -> Result<(), StoreError>;
     /// How many events with these ids are stored (tests and tooling).

@@ -5,27 +5,38 @@
 //! single connection lets a whole batch commit in one transaction) and one
 //! reader connection; in WAL mode readers never block the writer.
 //!
+//! Stats come from daily aggregates that the insert maintains in the same
+//! transaction as the raw events, so a stats request reads a handful of rows
+//! however many events the day holds (aggregating a day of a million events
+//! at query time takes the better part of a second). The raw `events` table
+//! stays the source of truth: the aggregates are counted only for events that
+//! were newly inserted (a redelivered event changes nothing), unique users
+//! are kept exact by one row per (day, user) and per (day, path, user), and
+//! [`SqliteStore::rebuild_aggregates`] recomputes everything from the raw events.
+//!
 //! Durability: `synchronous=NORMAL` in WAL mode makes a commit survive the
 //! process being killed (`kill -9`); only a power loss or OS crash can lose the
 //! last commits. `synchronous=FULL` would fsync every commit.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{InsertReport, Store, StoreError};
 use crate::event::Event;
-use crate::stats::{PathStats, Stats, StatsQuery};
+use crate::stats::{PathStats, Stats, StatsQuery, counted_path, counted_user, day_number};
 
 pub const FILE_NAME: &str = "evtrack.sqlite3";
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
 /// have run. Never edit a released entry: append a new one.
 const MIGRATIONS: &[&str] = &[
-    // 1: events, keyed by event id (the idempotency key), and the stats index:
-    // it covers the whole stats query, so stats never touch the table rows.
+    // 1: raw events keyed by event id (the idempotency key; WITHOUT ROWID
+    // keeps one b-tree instead of a table plus a unique index), and the daily
+    // aggregates. `day` is the UTC day number, `ts` div 86,400,000.
     "CREATE TABLE events (
         id         TEXT PRIMARY KEY NOT NULL,
         site_id    TEXT NOT NULL,
@@ -35,9 +46,111 @@ const MIGRATIONS: &[&str] = &[
         ts         INTEGER NOT NULL,
         created_at INTEGER NOT NULL,
         props      TEXT
-    );
-    CREATE INDEX events_stats ON events (site_id, event_type, ts, path, userid);",
+    ) WITHOUT ROWID;
+    CREATE TABLE day_totals (
+        site_id TEXT NOT NULL, event_type TEXT NOT NULL, day INTEGER NOT NULL,
+        views INTEGER NOT NULL, users INTEGER NOT NULL,
+        PRIMARY KEY (site_id, event_type, day)
+    ) WITHOUT ROWID;
+    CREATE TABLE day_users (
+        site_id TEXT NOT NULL, event_type TEXT NOT NULL, day INTEGER NOT NULL, userid TEXT NOT NULL,
+        PRIMARY KEY (site_id, event_type, day, userid)
+    ) WITHOUT ROWID;
+    CREATE TABLE day_paths (
+        site_id TEXT NOT NULL, event_type TEXT NOT NULL, day INTEGER NOT NULL, path TEXT NOT NULL,
+        views INTEGER NOT NULL, users INTEGER NOT NULL,
+        PRIMARY KEY (site_id, event_type, day, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX day_paths_top ON day_paths (site_id, event_type, day, views DESC, users DESC, path);
+    CREATE TABLE day_path_users (
+        site_id TEXT NOT NULL, event_type TEXT NOT NULL, day INTEGER NOT NULL, path TEXT NOT NULL,
+        userid TEXT NOT NULL,
+        PRIMARY KEY (site_id, event_type, day, path, userid)
+    ) WITHOUT ROWID;",
 ];
+
+/// Recomputes every aggregate from the raw events.
+const REBUILD: &str = "
+    DELETE FROM day_totals; DELETE FROM day_users; DELETE FROM day_paths; DELETE FROM day_path_users;
+    INSERT INTO day_users
+        SELECT DISTINCT site_id, event_type, ts / 86400000, userid FROM events WHERE userid <> '';
+    INSERT INTO day_path_users
+        SELECT DISTINCT site_id, event_type, ts / 86400000, path, userid FROM events
+        WHERE path <> '' AND userid <> '';
+    INSERT INTO day_totals
+        SELECT site_id, event_type, ts / 86400000, COUNT(*), COUNT(DISTINCT NULLIF(userid, ''))
+        FROM events GROUP BY 1, 2, 3;
+    INSERT INTO day_paths
+        SELECT site_id, event_type, ts / 86400000, path, COUNT(*), COUNT(DISTINCT NULLIF(userid, ''))
+        FROM events WHERE path <> '' GROUP BY 1, 2, 3, 4;";
+
+/// Aggregate changes of one batch, gathered in memory first so that a key
+/// repeated in the batch (a popular path, a busy user) costs one statement.
+#[derive(Default)]
+struct Deltas<'a> {
+    views: HashMap<(&'a str, &'a str, i64), i64>,
+    users: HashSet<(&'a str, &'a str, i64, &'a str)>,
+    path_views: HashMap<(&'a str, &'a str, i64, &'a str), i64>,
+    path_users: HashSet<(&'a str, &'a str, i64, &'a str, &'a str)>,
+}
+
+impl<'a> Deltas<'a> {
+    fn add(&mut self, e: &'a Event) {
+        let day = day_number(e.ts);
+        let (site, ty) = (e.site_id.as_str(), e.event_type.as_str());
+        let user = counted_user(e.userid.as_deref());
+        *self.views.entry((site, ty, day)).or_default() += 1;
+        if let Some(u) = user {
+            self.users.insert((site, ty, day, u));
+        }
+        if let Some(p) = counted_path(e.path.as_deref()) {
+            *self.path_views.entry((site, ty, day, p)).or_default() += 1;
+            if let Some(u) = user {
+                self.path_users.insert((site, ty, day, p, u));
+            }
+        }
+    }
+
+    /// Applies the changes; new users are those whose row did not exist yet.
+    fn apply(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut new_users: HashMap<(&str, &str, i64), i64> = HashMap::new();
+        let mut stmt =
+            tx.prepare_cached("INSERT OR IGNORE INTO day_users VALUES (?1, ?2, ?3, ?4)")?;
+        for (site, ty, day, user) in self.users {
+            if stmt.execute(params![site, ty, day, user])? == 1 {
+                *new_users.entry((site, ty, day)).or_default() += 1;
+            }
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO day_totals VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO UPDATE SET views = views + excluded.views, users = users + excluded.users",
+        )?;
+        for ((site, ty, day), views) in self.views {
+            let users = new_users.get(&(site, ty, day)).copied().unwrap_or(0);
+            stmt.execute(params![site, ty, day, views, users])?;
+        }
+        let mut new_path_users: HashMap<(&str, &str, i64, &str), i64> = HashMap::new();
+        let mut stmt =
+            tx.prepare_cached("INSERT OR IGNORE INTO day_path_users VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        for (site, ty, day, path, user) in self.path_users {
+            if stmt.execute(params![site, ty, day, path, user])? == 1 {
+                *new_path_users.entry((site, ty, day, path)).or_default() += 1;
+            }
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO day_paths VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT DO UPDATE SET views = views + excluded.views, users = users + excluded.users",
+        )?;
+        for ((site, ty, day, path), views) in self.path_views {
+            let users = new_path_users
+                .get(&(site, ty, day, path))
+                .copied()
+                .unwrap_or(0);
+            stmt.execute(params![site, ty, day, path, views, users])?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -123,9 +236,11 @@ impl Store for SqliteStore {
     async fn insert(&self, events: &[Event]) -> Result<InsertReport, StoreError> {
         let events = events.to_vec();
         Self::with_conn(&self.writer, move |conn| {
-            // One transaction per batch: all of it is stored or none of it.
+            // One transaction per batch: the events and their aggregates are
+            // stored together or not at all.
             let tx = conn.transaction()?;
             let mut report = InsertReport::default();
+            let mut deltas = Deltas::default();
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO events (id, site_id, event_type, path, userid, ts, created_at, props)
@@ -145,11 +260,14 @@ impl Store for SqliteStore {
                     ])?;
                     if n == 1 {
                         report.inserted += 1;
+                        // Only new events count: a redelivery changes nothing.
+                        deltas.add(e);
                     } else {
                         report.duplicates += 1;
                     }
                 }
             }
+            deltas.apply(&tx)?;
             tx.commit()?;
             Ok(report)
         })
@@ -159,28 +277,24 @@ impl Store for SqliteStore {
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
         let q = query.clone();
         Self::with_conn(&self.reader, move |conn| {
-            let (start, end) = q.day_range_ms();
+            let day = q.day_number();
             // Both statements read one snapshot so the totals and the paths agree.
             let tx = conn.transaction()?;
             let (total, users): (i64, i64) = tx
                 .prepare_cached(
-                    "SELECT COUNT(*), COUNT(DISTINCT NULLIF(userid, ''))
-                 FROM events WHERE site_id = ?1 AND event_type = ?2 AND ts >= ?3 AND ts < ?4",
+                    "SELECT views, users FROM day_totals WHERE site_id = ?1 AND event_type = ?2 AND day = ?3",
                 )?
-                .query_row(params![q.site_id, q.event_type, start, end], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+                .query_row(params![q.site_id, q.event_type, day], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .unwrap_or((0, 0));
             let mut stmt = tx.prepare_cached(
-                "SELECT path, COUNT(*) AS views, COUNT(DISTINCT NULLIF(userid, '')) AS users
-                 FROM events
-                 WHERE site_id = ?1 AND event_type = ?2 AND ts >= ?3 AND ts < ?4
-                   AND path IS NOT NULL AND path <> ''
-                 GROUP BY path
+                "SELECT path, views, users FROM day_paths
+                 WHERE site_id = ?1 AND event_type = ?2 AND day = ?3
                  ORDER BY views DESC, users DESC, path ASC
-                 LIMIT ?5",
+                 LIMIT ?4",
             )?;
             let paths = stmt
-                .query_map(params![q.site_id, q.event_type, start, end, q.limit], |r| {
+                .query_map(params![q.site_id, q.event_type, day, q.limit], |r| {
                     Ok(PathStats {
                         path: r.get(0)?,
                         views: r.get::<_, i64>(1)? as u64,
@@ -191,6 +305,16 @@ impl Store for SqliteStore {
             drop(stmt);
             tx.commit()?;
             Ok(Stats::new(&q, total as u64, users as u64, paths))
+        })
+        .await
+    }
+
+    async fn rebuild_aggregates(&self) -> Result<bool, StoreError> {
+        Self::with_conn(&self.writer, |conn| {
+            let tx = conn.transaction()?;
+            tx.execute_batch(REBUILD)?;
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }

@@ -331,3 +331,29 @@ async fn embedded_acknowledged_events_survive_kill_9() {
         acknowledged.len() as u64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_rebuilds_aggregates() {
+    let env = TestEnv::new(Backend::EmbeddedSqlite);
+    let store = env.store().await;
+    let e = evtrack::event::parse_event(json!({"site_id": "cli", "event_type": "page_view"}), 0)
+        .unwrap();
+    store.insert(&[e]).await.unwrap();
+    drop(store);
+    let out = Command::new(env!("CARGO_BIN_EXE_evtrack"))
+        .arg("rebuild-aggregates")
+        .env("DATA_DIR", &env.settings.data_dir)
+        .env_remove("MONGO_URI")
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "aggregates rebuilt from 1 events"
+    );
+}

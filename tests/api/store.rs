@@ -153,6 +153,10 @@ async fn stats_match_the_reference_on_random_data(s: Subject) {
     for chunk in events.chunks(500) {
         s.store.insert(chunk).await.unwrap();
     }
+    // Redelivered events, some mixed with new ones, change nothing.
+    s.store.insert(&events[100..700]).await.unwrap();
+    s.store.insert(&events[1400..]).await.unwrap();
+    assert_eq!(s.store.count_all().await.unwrap(), events.len() as u64);
     for limit in [1, 3, 100] {
         for site in ["site", "other", "none"] {
             let q = query(site, limit);
@@ -174,4 +178,51 @@ async fn empty_and_checks(s: Subject) {
         (0, 0, 0)
     );
     assert_eq!(s.store.count_all().await.unwrap(), 0);
+}
+
+/// The embedded store keeps daily aggregates; they can be rebuilt from the
+/// raw events and then give the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_aggregates_rebuild_from_raw_events() {
+    let s = sqlite().await;
+    let t = day_start();
+    let events: Vec<Event> = (0..300)
+        .map(|i| {
+            let path = format!("/p{}", i % 11);
+            let user = format!("u{}", i % 17);
+            event(
+                &format!("r{i}"),
+                "site",
+                Some(&path),
+                Some(&user),
+                t + i * 60_000,
+            )
+        })
+        .collect();
+    s.store.insert(&events).await.unwrap();
+    let q = query("site", 100);
+    let expected = aggregate(&events, &q);
+    assert_eq!(s.store.stats(&q).await.unwrap(), expected);
+    // Damage the aggregates behind the store's back.
+    let conn =
+        rusqlite::Connection::open(s._dir.path().join(evtrack::store::sqlite::FILE_NAME)).unwrap();
+    conn.execute_batch("DELETE FROM day_paths; UPDATE day_totals SET views = 1, users = 99;")
+        .unwrap();
+    assert_ne!(s.store.stats(&q).await.unwrap(), expected);
+    assert!(s.store.rebuild_aggregates().await.unwrap());
+    assert_eq!(s.store.stats(&q).await.unwrap(), expected);
+    // Rebuilt aggregates keep counting new events exactly.
+    let more = vec![
+        event("n1", "site", Some("/p1"), Some("new-user"), t),
+        event("r0", "site", Some("/p0"), Some("u0"), t),
+    ];
+    s.store.insert(&more).await.unwrap();
+    let all: Vec<Event> = events.iter().chain(&more[..1]).cloned().collect();
+    assert_eq!(s.store.stats(&q).await.unwrap(), aggregate(&all, &q));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_has_no_aggregates_to_rebuild() {
+    let s = mongo().await;
+    assert!(!s.store.rebuild_aggregates().await.unwrap());
 }
