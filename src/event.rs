@@ -34,8 +34,10 @@ const KNOWN_FIELDS: [&str; 7] = [
 ///
 /// The queue carries it as JSON with exactly these field names; the worker
 /// re-validates what it reads (another program may write into the stream).
+///
+/// Unknown fields are ignored when reading it back, so that during a rolling
+/// upgrade an older worker can still read what a newer API wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Event {
     /// Client-chosen `event_id`, or a UUIDv7 made on receipt. The store key.
     pub id: String,
@@ -127,7 +129,7 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         };
         return Err(FieldError::new(
             "unknown_field",
-            key,
+            &truncate_for_message(key),
             format!("unknown field `{}`{hint}", truncate_for_message(key)),
         ));
     }
@@ -327,10 +329,11 @@ fn check_props(map: &Map<String, Value>) -> Result<(), FieldError> {
                     format!("`{field}` must be at most {MAX_PROP_STRING_BYTES} bytes"),
                 ));
             }
-            Value::Number(n) if n.as_f64().is_none_or(|f| !f.is_finite()) => {
+            // Whole numbers beyond i64 have no exact BSON (or SQLite) type.
+            Value::Number(n) if !(n.is_i64() || n.is_f64()) => {
                 return Err(FieldError::invalid(
                     &field,
-                    format!("`{field}` is not a finite number"),
+                    format!("`{field}` is too large a whole number (the limit is 2^63-1)"),
                 ));
             }
             Value::Array(_) | Value::Object(_) => {
@@ -513,6 +516,11 @@ mod tests {
         }
         let e = err(json!({"site_id": "s", "event_type": "x", "props": "x"}));
         assert_eq!(e.code, "invalid_type");
+        let e = err(json!({"site_id": "s", "event_type": "x", "props": {"big": u64::MAX}}));
+        assert_eq!(e.field.as_deref(), Some("props.big"));
+        ok(
+            json!({"site_id": "s", "event_type": "x", "props": {"max": i64::MAX, "min": i64::MIN, "f": 1e300}}),
+        );
     }
 
     #[test]

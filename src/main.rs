@@ -13,7 +13,17 @@ async fn main() -> ExitCode {
         eprintln!("evtrack: .env: {e}");
         return ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print in full; a bad setting is one line.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("evtrack: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     evtrack::telemetry::init(cli.settings.log_format);
     let role = match cli.command {
         None | Some(Command::Run) => Role::All,
@@ -50,9 +60,21 @@ async fn main() -> ExitCode {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    app.run_until_stopped().await;
-    ExitCode::SUCCESS
+    let shutdown = app.shutdown_token();
+    tokio::select! {
+        _ = app.run_until_stopped() => ExitCode::SUCCESS,
+        // A client that never finishes its request must not keep the process
+        // alive forever. Events not yet acknowledged are not lost: their
+        // clients were not told 202 (embedded) or they stay in Redis.
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::error!("still busy {} s after the shutdown signal; exiting", SHUTDOWN_GRACE.as_secs());
+            ExitCode::FAILURE
+        }
+    }
 }
+
+/// How long graceful shutdown may take before the process exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -29,6 +29,12 @@ use crate::worker;
 /// Enqueue calls that may wait for the embedded writer before `queue_full`.
 const EMBEDDED_QUEUE_CAPACITY: usize = 10_000;
 
+/// The worker side picked at start-up.
+enum Worker {
+    Embedded(embedded::EmbeddedConsumer),
+    Redis(RedisConsumer),
+}
+
 /// Which parts run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -73,66 +79,82 @@ impl Application {
                  (or run plain `evtrack` for the embedded queue)",
             ));
         }
+        // Everything that can fail is connected or bound first; tasks are
+        // spawned only once start-up can no longer fail, so a failed start
+        // leaves nothing running.
         let store = open_store(&settings).await?;
+        let store_kind = store.kind();
         let shutdown = CancellationToken::new();
         let api_done = CancellationToken::new();
-        let mut tasks = Vec::new();
-        let store_kind = store.kind();
+        let redis_err = |e: String| StartupError::new("REDIS_URL", e);
 
-        let queue: Option<Arc<dyn Queue>> = match &redis {
+        let (queue, worker): (Option<Arc<dyn Queue>>, Option<Worker>) = match &redis {
             None => {
                 let (queue, consumer) =
                     embedded::channel(EMBEDDED_QUEUE_CAPACITY, api_done.clone());
-                // Not tied to `shutdown`: it stops when the API is done and
-                // the channel is drained (see the module docs).
-                tasks.push(tokio::spawn(worker::run(
-                    consumer,
-                    Arc::clone(&store),
-                    settings.worker(),
-                    CancellationToken::new(),
-                )));
-                Some(Arc::new(queue))
+                (Some(Arc::new(queue)), Some(Worker::Embedded(consumer)))
             }
             Some(config) => {
-                if role != Role::Api {
-                    let consumer = RedisConsumer::connect(config, settings.consumer())
-                        .await
-                        .map_err(|e| StartupError::new("REDIS_URL", e))?;
-                    tracing::info!(consumer = consumer.name(), "worker connected to redis");
-                    tasks.push(tokio::spawn(worker::run(
-                        consumer,
-                        Arc::clone(&store),
-                        settings.worker(),
-                        shutdown.clone(),
-                    )));
-                }
-                if role == Role::Worker {
-                    None
-                } else {
-                    let queue = RedisQueue::connect(config)
-                        .await
-                        .map_err(|e| StartupError::new("REDIS_URL", e))?;
-                    Some(Arc::new(queue))
-                }
+                let worker = match role {
+                    Role::Api => None,
+                    _ => {
+                        let consumer = RedisConsumer::connect(config, settings.consumer())
+                            .await
+                            .map_err(redis_err)?;
+                        tracing::info!(consumer = consumer.name(), "worker connected to redis");
+                        Some(Worker::Redis(consumer))
+                    }
+                };
+                let queue: Option<Arc<dyn Queue>> = match role {
+                    Role::Worker => None,
+                    _ => Some(Arc::new(
+                        RedisQueue::connect(config).await.map_err(redis_err)?,
+                    )),
+                };
+                (queue, worker)
             }
         };
         let queue_kind = if redis.is_some() { "redis" } else { "embedded" };
-
-        let mut addr = None;
-        if let Some(queue) = queue {
-            let listener = TcpListener::bind((settings.host, settings.port))
-                .await
-                .map_err(|e| {
-                    StartupError::new(
-                        "PORT",
-                        format!("cannot listen on {}:{}: {e}", settings.host, settings.port),
-                    )
-                })?;
-            addr = Some(
-                listener
-                    .local_addr()
+        let listener = match &queue {
+            None => None,
+            Some(_) => Some(
+                TcpListener::bind((settings.host, settings.port))
+                    .await
+                    .map_err(|e| {
+                        StartupError::new(
+                            "PORT",
+                            format!("cannot listen on {}:{}: {e}", settings.host, settings.port),
+                        )
+                    })?,
+            ),
+        };
+        let addr = match &listener {
+            None => None,
+            Some(l) => Some(
+                l.local_addr()
                     .map_err(|e| StartupError::new("PORT", e.to_string()))?,
-            );
+            ),
+        };
+
+        let mut tasks = Vec::new();
+        match worker {
+            // Not tied to `shutdown`: it stops when the API is done and the
+            // channel is drained (see the module docs).
+            Some(Worker::Embedded(consumer)) => tasks.push(tokio::spawn(worker::run(
+                consumer,
+                Arc::clone(&store),
+                settings.worker(),
+                CancellationToken::new(),
+            ))),
+            Some(Worker::Redis(consumer)) => tasks.push(tokio::spawn(worker::run(
+                consumer,
+                Arc::clone(&store),
+                settings.worker(),
+                shutdown.clone(),
+            ))),
+            None => {}
+        }
+        if let (Some(queue), Some(listener)) = (queue, listener) {
             let app = router(AppState { queue, store });
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {

@@ -168,20 +168,25 @@ pub async fn run<C: Consumer>(
         if let Some(e) = &outcome.queue_error {
             tracing::warn!(error = %e, "cannot settle entries with the queue; they will be redelivered");
         }
-        match outcome.store_error {
+        if outcome.retry.is_empty() {
+            backoff.reset();
+            continue;
+        }
+        // The whole store failed, or it refused some events one by one: in
+        // both cases wait before trying again (a write conflict or a failover
+        // passes; five immediate retries would dead-letter good events).
+        let reason = match &outcome.store_error {
             Some(e) => {
                 tracing::warn!(error = %e, events = outcome.retry.len(), "store unavailable; retrying");
-                retry = consumer.release(outcome.retry, &e.to_string()).await;
-                // On shutdown, entries still held stay pending in the queue
-                // (Redis) for another worker; nothing is acknowledged.
-                if backoff.wait(&shutdown).await.is_err() {
-                    break;
-                }
+                e.to_string()
             }
-            None => {
-                backoff.reset();
-                retry = outcome.retry;
-            }
+            None => "the store refused some events".to_owned(),
+        };
+        retry = consumer.release(outcome.retry, &reason).await;
+        // On shutdown, entries still held stay pending in the queue (Redis)
+        // for another worker; nothing is acknowledged.
+        if backoff.wait(&shutdown).await.is_err() {
+            break;
         }
     }
     tracing::info!("worker stopped");

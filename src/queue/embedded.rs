@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
@@ -17,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Consumer, Delivery, Queue, QueueError};
 use crate::event::Event;
+
+/// How long a request may wait for the writer to start on it. Past that the
+/// writer is behind (or the disk is stalled) and the client is better told
+/// 503 than kept waiting: the API must not hang for more than about a second.
+const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// The reply to one `enqueue` call, shared by that call's events.
 #[derive(Debug)]
@@ -45,6 +51,8 @@ impl Waiter {
 struct Item {
     events: Vec<Event>,
     waiter: Arc<Waiter>,
+    /// The writer must have started on the request by then.
+    deadline: Instant,
 }
 
 #[derive(Clone)]
@@ -56,8 +64,6 @@ pub struct EmbeddedConsumer {
     rx: mpsc::Receiver<Item>,
     /// Set once the API has stopped: from then on, drain what is left and close.
     producers_done: CancellationToken,
-    /// Events of an item that did not fit in the last batch.
-    carry: Option<Item>,
 }
 
 /// A queue and its consumer. `capacity` counts enqueue calls waiting for the
@@ -69,11 +75,7 @@ pub fn channel(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     (
         EmbeddedQueue { tx },
-        EmbeddedConsumer {
-            rx,
-            producers_done,
-            carry: None,
-        },
+        EmbeddedConsumer { rx, producers_done },
     )
 }
 
@@ -89,7 +91,11 @@ impl Queue for EmbeddedQueue {
             reply: Mutex::new(Some(reply)),
         });
         self.tx
-            .try_send(Item { events, waiter })
+            .try_send(Item {
+                events,
+                waiter,
+                deadline: Instant::now() + MAX_WAIT,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => QueueError::Full,
                 mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
@@ -113,16 +119,17 @@ impl Queue for EmbeddedQueue {
 }
 
 impl EmbeddedConsumer {
-    fn take_into(&mut self, item: Item, max: usize, out: &mut Vec<Delivery<Arc<Waiter>>>) {
-        let mut events = item.events;
-        if out.len() + events.len() > max {
-            let rest = events.split_off(max - out.len());
-            self.carry = Some(Item {
-                events: rest,
-                waiter: Arc::clone(&item.waiter),
-            });
+    /// Adds one request's events to the batch, whole: a request is never
+    /// split across commits, so it is stored all at once or not at all and
+    /// its answer (202 or 503) is true of every event in it. A request that
+    /// waited past its deadline is answered 503 and skipped: nothing of it
+    /// is stored, and the client, told so within the bound, retries.
+    fn take_into(item: Item, out: &mut Vec<Delivery<Arc<Waiter>>>) {
+        if Instant::now() > item.deadline {
+            item.waiter.finish(Err(QueueError::Full));
+            return;
         }
-        out.extend(events.into_iter().map(|e| Delivery {
+        out.extend(item.events.into_iter().map(|e| Delivery {
             event: Ok(e),
             attempts: 1,
             tag: Arc::clone(&item.waiter),
@@ -134,26 +141,22 @@ impl EmbeddedConsumer {
 impl Consumer for EmbeddedConsumer {
     type Tag = Arc<Waiter>;
 
+    /// Whole requests until `max` events are reached or passed (a batch may
+    /// exceed `max` by less than one request).
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery<Self::Tag>>, QueueError> {
-        let max = max.max(1);
         let mut out = Vec::new();
-        if let Some(item) = self.carry.take() {
-            self.take_into(item, max, &mut out);
+        let first = tokio::select! {
+            item = self.rx.recv() => item,
+            _ = self.producers_done.cancelled() => self.rx.try_recv().ok(),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(out),
+        };
+        match first {
+            Some(item) => Self::take_into(item, &mut out),
+            None => return Err(QueueError::Closed),
         }
-        if out.is_empty() {
-            let first = tokio::select! {
-                item = self.rx.recv() => item,
-                _ = self.producers_done.cancelled() => self.rx.try_recv().ok(),
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => return Ok(out),
-            };
-            match first {
-                Some(item) => self.take_into(item, max, &mut out),
-                None => return Err(QueueError::Closed),
-            }
-        }
-        while out.len() < max && self.carry.is_none() {
+        while out.len() < max {
             match self.rx.try_recv() {
-                Ok(item) => self.take_into(item, max, &mut out),
+                Ok(item) => Self::take_into(item, &mut out),
                 Err(_) => break,
             }
         }

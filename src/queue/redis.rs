@@ -147,10 +147,6 @@ impl RedisQueue {
             script: Script::new(ENQUEUE_SCRIPT),
         })
     }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
 }
 
 #[async_trait]

@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::error::RETRY_AFTER_SECS;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -15,7 +17,7 @@ pub async fn health() -> Json<Value> {
     Json(json!({"success": true, "status": "ok"}))
 }
 
-pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+pub async fn ready(State(state): State<AppState>) -> Response {
     let (queue, store) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, state.queue.check()),
         tokio::time::timeout(CHECK_TIMEOUT, state.store.check()),
@@ -32,6 +34,7 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             StatusCode::OK,
             Json(json!({"success": true, "checks": detail})),
         )
+            .into_response()
     } else {
         let down: Vec<String> = [
             (queue_ok, state.queue.kind()),
@@ -46,6 +49,11 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "error": {"code": "not_ready", "message": down.join("; ")},
             "checks": detail,
         });
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+            Json(body),
+        )
+            .into_response()
     }
 }

@@ -4,6 +4,8 @@
 //! request costs at most the limit in memory. Nothing is queued from a request
 //! unless all of its accepted events are queued together.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -51,8 +53,23 @@ fn body_kind(headers: &HeaderMap, ndjson_allowed: bool) -> Result<BodyKind, ApiE
     }
 }
 
+/// A client gets this long to send its body; a slow one must not hold a
+/// handler (and graceful shutdown) forever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect());
+    let Ok(result) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match result {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

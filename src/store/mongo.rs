@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, DateTime, Document, doc};
-use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::error::ErrorKind;
 use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 
@@ -69,10 +69,6 @@ impl MongoStore {
             .await
             .map_err(|e| format!("cannot create indexes in database `{name}`: {e}"))?;
         Ok(Self { db, events })
-    }
-
-    pub fn database(&self) -> &Database {
-        &self.db
     }
 
     /// The stats pipeline's `$match` stage for one site-day.
@@ -211,11 +207,6 @@ impl Store for MongoStore {
                         }
                     }
                     report.inserted = sent - errors.len();
-                }
-                ErrorKind::Write(WriteFailure::WriteError(ref we))
-                    if we.code == DUPLICATE_KEY && sent == 1 =>
-                {
-                    report.duplicates = 1;
                 }
                 _ => return Err(unavailable(err)),
             },

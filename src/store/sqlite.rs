@@ -19,7 +19,7 @@
 //! last commits. `synchronous=FULL` would fsync every commit.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -158,7 +158,6 @@ pub struct SqliteStore {
     // `spawn_blocking`, never held across an `.await`.
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
-    path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,12 +179,7 @@ impl SqliteStore {
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
-            path,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -208,7 +202,6 @@ impl SqliteStore {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
 }

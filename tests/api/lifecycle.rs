@@ -87,11 +87,9 @@ async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
     let app = spawn_app(Backend::EmbeddedSqlite).await;
     let client = app.client.clone();
     let url = format!("{}/event", app.address);
-    // Requests in flight while shutdown begins.
-    let mut requests = Vec::new();
-    for i in 0..200 {
+    let send = |i: usize| {
         let (client, url) = (client.clone(), url.clone());
-        requests.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let event = json!({"site_id": "shut", "event_type": "page_view", "path": format!("/{}", i % 5)});
             let r = client.post(url).json(&event).send().await.ok()?;
             if r.status() != 202 {
@@ -99,16 +97,21 @@ async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
             }
             let body: Value = r.json().await.ok()?;
             body["id"].as_str().map(str::to_owned)
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let env = app.env;
-    app.app.stop().await;
+        })
+    };
     let mut acknowledged = Vec::new();
-    for r in requests {
+    for r in (0..50).map(send).collect::<Vec<_>>() {
         acknowledged.extend(r.await.unwrap());
     }
-    assert!(!acknowledged.is_empty());
+    assert_eq!(acknowledged.len(), 50);
+    // Requests in flight while shutdown begins.
+    let in_flight: Vec<_> = (50..250).map(send).collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let env = app.env;
+    app.app.stop().await;
+    for r in in_flight {
+        acknowledged.extend(r.await.unwrap());
+    }
     let store = env.store().await;
     assert_eq!(
         store.count_ids(&acknowledged).await.unwrap(),
@@ -355,5 +358,58 @@ async fn the_binary_rebuilds_aggregates() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "aggregates rebuilt from 1 events"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_dot_env_and_reports_bad_values_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::backends::free_port();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("PORT={port}\nDATA_DIR=./from-dotenv\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evtrack"));
+    cmd.current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for var in ["PORT", "HOST", "REDIS_URL", "MONGO_URI", "DATA_DIR"] {
+        cmd.env_remove(var);
+    }
+    let proc = Proc(cmd.spawn().unwrap());
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not listening on the .env port"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        dir.path()
+            .join("from-dotenv")
+            .join(evtrack::store::sqlite::FILE_NAME)
+            .exists()
+    );
+    assert!(proc.terminate().success());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_evtrack"))
+        .env("PORT", "eighty")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("eighty") && stderr.contains("PORT"),
+        "{stderr}"
     );
 }

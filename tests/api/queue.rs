@@ -87,25 +87,49 @@ async fn redis_queue_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_batches_are_capped_and_remainders_carried() {
+async fn embedded_requests_are_never_split_across_commits() {
     let (queue, mut consumer) = embedded::channel(100, CancellationToken::new());
     let queue = Arc::new(queue);
-    let sent = events(7);
-    let producer = {
-        let (q, s) = (Arc::clone(&queue), sent.clone());
+    let first = events(7);
+    let p1 = {
+        let (q, s) = (Arc::clone(&queue), first.clone());
         tokio::spawn(async move { q.enqueue(s).await })
     };
-    let first = fetch_n(&mut consumer, 4).await;
-    assert_eq!(first.len(), 4);
-    consumer.ack(first).await.unwrap();
-    assert!(
-        !producer.is_finished(),
-        "answered only when all its events are stored"
-    );
-    let rest = fetch_n(&mut consumer, 3).await;
-    assert_eq!(rest[2].event.as_ref().unwrap(), &sent[6]);
+    // The first request is in the channel before the second.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let p2 = {
+        let q = Arc::clone(&queue);
+        tokio::spawn(async move { q.enqueue(events(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A batch of at most 4 still takes the 7-event request whole.
+    let batch = consumer.fetch(4).await.unwrap();
+    let got: Vec<Event> = batch.iter().map(|d| d.event.clone().unwrap()).collect();
+    assert_eq!(got, first);
+    consumer.ack(batch).await.unwrap();
+    p1.await.unwrap().unwrap();
+    let rest = fetch_n(&mut consumer, 2).await;
     consumer.ack(rest).await.unwrap();
-    producer.await.unwrap().unwrap();
+    p2.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_requests_not_started_within_a_second_are_refused_not_stored() {
+    let (queue, mut consumer) = embedded::channel(100, CancellationToken::new());
+    let started = std::time::Instant::now();
+    let producer = tokio::spawn(async move { queue.enqueue(events(1)).await });
+    // The writer is busy elsewhere for longer than the bound.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let batch = consumer.fetch(10).await.unwrap();
+    assert!(
+        batch.is_empty(),
+        "an expired request is not handed to the store"
+    );
+    assert_eq!(
+        producer.await.unwrap(),
+        Err(evtrack::queue::QueueError::Full)
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

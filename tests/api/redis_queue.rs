@@ -290,6 +290,18 @@ async fn store_outage_keeps_events_pending_until_it_returns() {
     let mut conn = app.env.redis_conn().await;
     let left: u64 = conn.xlen(app.env.stream_key()).await.unwrap();
     assert_eq!(left, 5, "nothing is acknowledged while the store is down");
+    let ready = json_of(app.get("/ready").await, 503).await;
+    assert_eq!(ready["checks"]["store"]["status"], "unavailable");
+    assert_eq!(ready["checks"]["queue"]["status"], "ok");
+    assert!(
+        ready["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mongodb")
+    );
+    let r = app.get("/stats?site_id=drain&date=2025-11-23").await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_error(&json_of(r, 503).await, "store_unavailable", None);
     app.env.mongo.as_mut().unwrap().restart();
     wait_stored(&*app.store, &ids).await;
     let dead: u64 = conn.xlen(app.env.dead_key()).await.unwrap();

@@ -226,3 +226,112 @@ async fn mongo_has_no_aggregates_to_rebuild() {
     let s = mongo().await;
     assert!(!s.store.rebuild_aggregates().await.unwrap());
 }
+
+/// MongoDB documents keep the original schema, so existing tools read them:
+/// `_id`, real BSON dates, absent fields left out; the database named in the
+/// URI is used when MONGO_DB is not set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_documents_follow_the_original_schema() {
+    use mongodb::bson::{Bson, Document, doc};
+    let server = MongoServer::start();
+    let db = format!("schema_{}", uuid::Uuid::now_v7().simple());
+    let uri = format!("{}/{db}", server.uri.trim_end_matches('/'));
+    let store = MongoStore::connect(&uri, None).await.expect("connect");
+    let t = day_start();
+    let mut full = event("full", "s", Some("/x"), Some("u"), t);
+    full.props = Some(
+        serde_json::from_str(r#"{"plan": "pro", "n": 3, "f": 1.5, "ok": true, "z": null}"#)
+            .unwrap(),
+    );
+    full.created_at = t + 5;
+    let bare = event("bare", "s", None, None, t);
+    store.insert(&[full, bare]).await.unwrap();
+
+    let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
+    let events = client.database(&db).collection::<Document>("events");
+    let d = events
+        .find_one(doc! {"_id": "full"})
+        .await
+        .unwrap()
+        .expect("stored in the URI's database");
+    assert_eq!(d.get_str("site_id").unwrap(), "s");
+    assert_eq!(d.get_str("event_type").unwrap(), "page_view");
+    assert_eq!(d.get_str("path").unwrap(), "/x");
+    assert_eq!(d.get_str("userid").unwrap(), "u");
+    assert_eq!(d.get_datetime("timestamp").unwrap().timestamp_millis(), t);
+    assert_eq!(
+        d.get_datetime("createdAt").unwrap().timestamp_millis(),
+        t + 5
+    );
+    let props = d.get_document("props").unwrap();
+    assert_eq!(props.get_str("plan").unwrap(), "pro");
+    assert_eq!(props.get("n"), Some(&Bson::Int64(3)));
+    assert_eq!(props.get("f"), Some(&Bson::Double(1.5)));
+    assert_eq!(props.get("ok"), Some(&Bson::Boolean(true)));
+    assert_eq!(props.get("z"), Some(&Bson::Null));
+    let d = events
+        .find_one(doc! {"_id": "bare"})
+        .await
+        .unwrap()
+        .unwrap();
+    for absent in ["path", "userid", "props"] {
+        assert!(
+            !d.contains_key(absent),
+            "{absent} is left out when not sent"
+        );
+    }
+    // The stats index exists, and both stats pipelines use it.
+    let names = events.list_index_names().await.unwrap();
+    assert!(names.iter().any(|n| n == "evtrack_stats"), "{names:?}");
+    let q = query("s", 10);
+    for pipeline in [
+        MongoStore::totals_pipeline(&q),
+        MongoStore::paths_pipeline(&q),
+    ] {
+        let plan = client
+            .database(&db)
+            .run_command(doc! {
+                "explain": {"aggregate": "events", "pipeline": pipeline, "cursor": {}},
+                "verbosity": "queryPlanner",
+            })
+            .await
+            .unwrap()
+            .to_string();
+        assert!(
+            plan.contains("IXSCAN") && !plan.contains("COLLSCAN"),
+            "{plan}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rows_keep_every_field() {
+    let s = sqlite().await;
+    let t = day_start();
+    let mut e = event("p1", "s", Some("/x"), Some("u"), t);
+    e.props = Some(serde_json::from_str(r#"{"plan": "pro", "n": 3}"#).unwrap());
+    e.created_at = t + 7;
+    s.store.insert(&[e]).await.unwrap();
+    let conn =
+        rusqlite::Connection::open(s._dir.path().join(evtrack::store::sqlite::FILE_NAME)).unwrap();
+    let row: (String, String, String, String, i64, i64, String) = conn
+        .query_row(
+            "SELECT site_id, event_type, path, userid, ts, created_at, props FROM events WHERE id = 'p1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.0.as_str(),
+            row.1.as_str(),
+            row.2.as_str(),
+            row.3.as_str(),
+            row.4,
+            row.5
+        ),
+        ("s", "page_view", "/x", "u", t, t + 7)
+    );
+    let props: serde_json::Value = serde_json::from_str(&row.6).unwrap();
+    assert_eq!(props, serde_json::json!({"plan": "pro", "n": 3}));
+}
