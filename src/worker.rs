@@ -27,7 +27,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: crate::config::DEFAULT_BATCH_SIZE,
             max_attempts: 5,
         }
     }
