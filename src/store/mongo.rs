@@ -123,7 +123,8 @@ fn is_user(expr: &str) -> Document {
     doc! {"$gt": [{"$ifNull": [expr, ""]}, ""]}
 }
 
-fn to_document(e: &Event) -> Result<Document, String> {
+/// The document stored for an event (the original schema plus `props`).
+pub fn to_document(e: &Event) -> Result<Document, String> {
     let mut d = doc! {
         "_id": &e.id,
         "site_id": &e.site_id,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite (see bench/README.md):
+#   scripts/bench.sh           full run (about 25 minutes on 2 cores)
+#   scripts/bench.sh --tiny    seconds, small sizes: checks the suite still works
+# Installs what it needs when missing: wrk and redis-server (Debian packages,
+# when run as root) and SecantusDB in ./.venv-test (scripts/lib.sh); then
+# builds the release binaries and runs `evtrack-bench run` with the arguments
+# given here. Every server it starts is its own, on a free loopback port.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+
+ensure_commands wrk redis-server
+unset EVTRACK_TEST_MONGO_URI # the benchmark always starts its own server
+ensure_secantusdb
+
+echo "==> cargo build --release --workspace"
+cargo build --release --workspace
+echo "==> target/release/evtrack-bench run $*"
+exec target/release/evtrack-bench run "$@"

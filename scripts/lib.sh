@@ -1,0 +1,68 @@
+# Shared by scripts/test.sh and scripts/bench.sh: installs what the project
+# needs when it is missing. Source it from the repository root.
+
+SECANTUSDB_VERSION=0.7.0b3
+VENV=.venv-test
+
+# apt_install PKG...: install Debian packages (root only) without letting their
+# services auto-start (e.g. redis on 6379, which the tests don't use).
+apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: missing $*; install with: sudo apt-get install -y $*" >&2
+        exit 1
+    fi
+    local policy=/usr/sbin/policy-rc.d added=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && added=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT # also if the install fails
+    fi
+    echo "==> apt-get install $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "$@"
+    if [ -n "$added" ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+}
+
+# ensure_commands CMD...: installs the Debian packages of the same names
+# that are missing (wrk, redis-server).
+ensure_commands() {
+    local missing=()
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+}
+
+# ensure_secantusdb: SecantusDB, a MongoDB wire-protocol server from PyPI, in
+# ./.venv-test; exports EVTRACK_SECANTUSD. Skipped when EVTRACK_TEST_MONGO_URI
+# points at an existing server or EVTRACK_SECANTUSD already names one.
+ensure_secantusdb() {
+    if [ -n "${EVTRACK_TEST_MONGO_URI:-}" ]; then
+        echo "==> using the external MongoDB in EVTRACK_TEST_MONGO_URI (no SecantusDB)"
+    elif [ -n "${EVTRACK_SECANTUSD:-}" ]; then
+        echo "==> using EVTRACK_SECANTUSD=$EVTRACK_SECANTUSD"
+    else
+        if [ ! -x "$VENV/bin/python" ]; then
+            command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+            echo "==> creating $VENV"
+            if ! python3 -m venv "$VENV"; then # Debian's python3 needs python3-venv
+                rm -rf "$VENV"
+                apt_install python3-venv
+                python3 -m venv "$VENV"
+            fi
+        fi
+        installed=$("$VENV/bin/python" -c \
+            "import importlib.metadata as m; print(m.version('secantusdb'))" 2>/dev/null || true)
+        if [ "$installed" != "$SECANTUSDB_VERSION" ]; then
+            echo "==> pip install secantusdb==$SECANTUSDB_VERSION into $VENV"
+            "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet \
+                "secantusdb==$SECANTUSDB_VERSION"
+        fi
+        export EVTRACK_SECANTUSD="$PWD/$VENV/bin/secantusd-py"
+    fi
+}
