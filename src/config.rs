@@ -18,9 +18,8 @@ pub const DEFAULT_REDIS_PREFIX: &str = "evtrack:";
 pub const DEFAULT_QUEUE_MAX_LEN: u64 = 1_000_000;
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Large batches matter most for SQLite: a batch's random inserts into the
-/// aggregate tables dirty pages that are written once per commit, so 5,000
-/// events per commit store about 1.6 times faster than 500 (measured with
-/// 100,000 users a day; see bench/README.md).
+/// aggregate tables dirty pages that are written once per commit, so the cost
+/// per event falls as the batch grows (see "Profiles" in bench/README.md).
 pub const DEFAULT_BATCH_SIZE: usize = 5_000;
 pub const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
