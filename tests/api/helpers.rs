@@ -269,3 +269,11 @@ pub fn assert_error(body: &Value, code: &str, field: Option<&str>) {
         None => assert!(body["error"].get("field").is_none(), "{body}"),
     }
 }
+
+/// The `ids` of an accepted batch answer.
+pub fn ids_of(body: &Value) -> Vec<String> {
+    let ids = body["ids"].as_array().expect("an `ids` array");
+    ids.iter()
+        .map(|v| v.as_str().expect("string ids").to_owned())
+        .collect()
+}

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, backend_tests, json_of, spawn_app};
+use crate::helpers::{Backend, assert_error, backend_tests, ids_of, json_of, spawn_app};
 
 backend_tests!(
     the_design_example_is_accepted_and_stored,
@@ -241,12 +241,7 @@ async fn batches_accept_good_events_and_report_bad_ones(backend: Backend) {
     let body = json_of(app.post_events(&batch).await, 202).await;
     assert_eq!(body["success"], true);
     assert_eq!(body["accepted"], 3);
-    let ids: Vec<String> = body["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
+    let ids: Vec<String> = ids_of(&body);
     assert_eq!(ids.len(), 3);
     let rejected = body["rejected"].as_array().unwrap();
     let positions: Vec<u64> = rejected
@@ -290,12 +285,7 @@ async fn ndjson_batches_work(backend: Backend) {
     assert_eq!(body["accepted"], 3);
     assert_eq!(body["rejected"][0]["index"], 2);
     assert_eq!(body["rejected"][0]["error"]["code"], "invalid_json");
-    let ids: Vec<String> = body["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
+    let ids: Vec<String> = ids_of(&body);
     app.wait_stored(&ids).await;
     let stats = app.stats("site_id=nd&date=2025-11-23").await;
     assert_eq!(

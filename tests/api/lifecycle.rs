@@ -8,7 +8,7 @@ use evtrack::startup::{Application, Role};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Backend, RunningApp, TestEnv, backend_tests, json_of, spawn_app, wait_stored,
+    Backend, RunningApp, TestEnv, backend_tests, ids_of, json_of, spawn_app, wait_stored,
 };
 
 backend_tests!(health_and_readiness);
@@ -229,13 +229,7 @@ async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
         .await
         .unwrap();
     let body = json_of(r, 202).await;
-    ids.extend(
-        body["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_owned()),
-    );
+    ids.extend(ids_of(&body));
     let store = env.store().await;
     wait_stored(&*store, &ids).await;
     assert_eq!(store.count_all().await.unwrap(), 301);

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 
 use crate::backends::RedisServer;
 use crate::helpers::{
-    Backend, RunningApp, TestEnv, assert_error, json_of, spawn_app, spawn_app_with, wait_stored,
+    Backend, RunningApp, TestEnv, assert_error, ids_of, json_of, spawn_app, spawn_app_with,
+    wait_stored,
 };
 use crate::queue::{consumer_config, redis_config};
 
@@ -34,13 +35,7 @@ async fn two_workers_drain_one_queue_exactly_once() {
     for chunk in 0..6 {
         let batch: Vec<Value> = (chunk * 500..(chunk + 1) * 500).map(view).collect();
         let body = json_of(api.post_events(&Value::Array(batch)).await, 202).await;
-        ids.extend(
-            body["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned()),
-        );
+        ids.extend(ids_of(&body));
     }
     api.wait_stored(&ids).await;
     assert_eq!(
@@ -51,6 +46,13 @@ async fn two_workers_drain_one_queue_exactly_once() {
     let mut conn = api.env.redis_conn().await;
     let left: u64 = conn.xlen(api.env.stream_key()).await.unwrap();
     assert_eq!(left, 0, "acknowledged entries are removed from the stream");
+    let dead: u64 = conn.xlen(api.env.dead_key()).await.unwrap();
+    assert_eq!(dead, 0);
+    let pending: redis::streams::StreamPendingReply = conn
+        .xpending(api.env.stream_key(), "workers")
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 0, "nothing left unacknowledged");
     // Both workers took part.
     let consumers: Vec<redis::Value> = redis::cmd("XINFO")
         .arg("CONSUMERS")

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, assert_error, backend_tests, json_of, spawn_app};
+use crate::helpers::{Backend, assert_error, backend_tests, ids_of, json_of, spawn_app};
 
 backend_tests!(
     the_design_documents_sample_response,
@@ -17,12 +17,7 @@ fn view(path: &str, user: &str, at: &str) -> Value {
 async fn post_all(app: &crate::helpers::TestApp, events: Vec<Value>) {
     let body = json_of(app.post_events(&Value::Array(events)).await, 202).await;
     assert_eq!(body["rejected"], json!([]));
-    let ids: Vec<String> = body["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
+    let ids: Vec<String> = ids_of(&body);
     app.wait_stored(&ids).await;
 }
 
