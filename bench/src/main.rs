@@ -16,6 +16,7 @@ mod procs;
 mod report;
 mod run;
 mod stats;
+mod store_insert;
 mod wrk;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Cmd {
     /// Runs the whole benchmark (start it from the workspace root; it uses
     /// target/release/evtrack and target/release/evtrack-bench).
     Run(run::RunArgs),
+    /// Inserts one site-day into a fresh SQLite store, batch by batch, and
+    /// prints the rate: the store alone, for profiling.
+    StoreInsert(store_insert::StoreInsertArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
             redis_url,
             stream,
         } => runtime.block_on(ceiling::serve(port, redis_url, stream)),
+        Cmd::StoreInsert(args) => runtime.block_on(store_insert::run(args)),
         Cmd::Run(args) => {
             let r = runtime.block_on(run::run(args));
             // Whatever happened, no child outlives us.

@@ -31,6 +31,9 @@ use crate::stats::{PathStats, Stats, StatsQuery, counted_path, counted_user, day
 
 pub const FILE_NAME: &str = "evtrack.sqlite3";
 
+/// See [`SqliteStore::open`].
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
 /// have run. Never edit a released entry: append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -178,6 +181,15 @@ impl SqliteStore {
         // pages in memory instead of re-reading them from the OS per batch.
         writer
             .pragma_update(None, "cache_size", -32 * 1024)
+            .map_err(fail)?;
+        // Checkpoint every 16,384 WAL pages (64 MiB) instead of SQLite's
+        // 1,000: a checkpoint writes every page the WAL holds back into the
+        // database and fsyncs both files, and the aggregate pages are
+        // rewritten by almost every batch, so the rarer the checkpoint, the
+        // fewer times each page is written (measured with `evtrack-bench
+        // store-insert`: 55k → 73k events/s at 10,000 pages, 83k at 50,000).
+        writer
+            .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
             .map_err(fail)?;
         migrate(&mut writer).map_err(fail)?;
         let reader = Connection::open(&path).map_err(fail)?;
