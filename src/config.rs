@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::access::{Access, SiteList, StatsTokens};
 use crate::queue::redis::{ConsumerConfig, RedisConfig};
 use crate::worker::WorkerConfig;
 
@@ -123,6 +124,37 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// Read tokens for `GET /stats`, separated by commas: `token` (every
+    /// site) or `token=site-a|site-b`; 16+ characters of letters, digits and
+    /// `-._~+/`. Unset: stats need no token, which a HOST other than loopback
+    /// allows only with PUBLIC_STATS.
+    #[arg(
+        long,
+        env = "STATS_TOKENS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub stats_tokens: StatsTokens,
+
+    /// Serve stats to anyone on a HOST other than loopback, without tokens.
+    #[arg(long, env = "PUBLIC_STATS", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    pub public_stats: bool,
+
+    /// Only these site ids (separated by commas) may send events; the others
+    /// get 403 `site_not_allowed`. Unset: every site.
+    #[arg(long, env = "INGEST_SITES", global = true)]
+    pub ingest_sites: Option<SiteList>,
+
+    /// Origins (separated by commas) whose pages may read stats from a
+    /// browser (CORS), e.g. `https://dash.example.com`; `*` for any.
+    /// Ingestion accepts every origin.
+    #[arg(long, env = "STATS_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub stats_cors_origins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -141,6 +173,10 @@ impl Default for Settings {
             worker_claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             worker_max_deliveries: DEFAULT_MAX_DELIVERIES,
             log_format: LogFormat::Text,
+            stats_tokens: StatsTokens::default(),
+            public_stats: false,
+            ingest_sites: None,
+            stats_cors_origins: Vec::new(),
         }
     }
 }
@@ -165,6 +201,13 @@ impl Settings {
         WorkerConfig {
             batch_size: self.worker_batch_size,
             max_attempts: self.worker_max_deliveries,
+        }
+    }
+
+    pub fn access(&self) -> Access {
+        Access {
+            stats_tokens: self.stats_tokens.clone(),
+            ingest_sites: self.ingest_sites.clone().filter(|l| !l.is_empty()),
         }
     }
 

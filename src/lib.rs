@@ -8,8 +8,10 @@
 //! - [`worker`]: moves events from the queue into the store, in batches.
 //! - [`store`]: where events are kept (MongoDB, or SQLite) and stats computed.
 //! - [`stats`]: the stats query and its rules.
+//! - [`access`]: read tokens for stats, the ingest allow-list.
 //! - [`startup`]: wires the parts together for `evtrack`, `evtrack api`, `evtrack worker`.
 
+pub mod access;
 pub mod config;
 pub mod event;
 pub mod queue;

@@ -79,6 +79,11 @@ impl Application {
                  (or run plain `evtrack` for the embedded queue)",
             ));
         }
+        if role != Role::Worker {
+            check_exposure(&settings)?;
+        }
+        let stats_origins = crate::routes::stats_cors(&settings.stats_cors_origins)
+            .map_err(|e| StartupError::new("STATS_CORS_ORIGINS", e))?;
         // Everything that can fail is connected or bound first; tasks are
         // spawned only once start-up can no longer fail, so a failed start
         // leaves nothing running.
@@ -155,7 +160,12 @@ impl Application {
             None => {}
         }
         if let (Some(queue), Some(listener)) = (queue, listener) {
-            let app = router(AppState { queue, store });
+            let state = AppState {
+                queue,
+                store,
+                access: Arc::new(settings.access()),
+            };
+            let app = router(state, stats_origins);
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 let served = axum::serve(listener, app)
@@ -202,6 +212,32 @@ impl Application {
             }
         }
     }
+}
+
+/// Stats are readable by anyone who reaches the port unless tokens are
+/// configured. On loopback that is only this machine; on any other address
+/// it must be asked for explicitly.
+fn check_exposure(settings: &Settings) -> Result<(), StartupError> {
+    let open = settings.stats_tokens.is_empty();
+    if settings.public_stats && !open {
+        return Err(StartupError::new(
+            "PUBLIC_STATS",
+            "PUBLIC_STATS makes stats readable without a token, but STATS_TOKENS is set: \
+             unset one of them",
+        ));
+    }
+    if open && !settings.public_stats && !settings.host.is_loopback() {
+        return Err(StartupError::new(
+            "STATS_TOKENS",
+            format!(
+                "listening on {} with no STATS_TOKENS would let anyone who reaches the port \
+                 read every site's stats: set STATS_TOKENS, or PUBLIC_STATS=true to make \
+                 them public on purpose",
+                settings.host
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {

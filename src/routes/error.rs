@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::access::Denied;
 use crate::event::FieldError;
 use crate::queue::QueueError;
 use crate::store::StoreError;
@@ -77,6 +78,28 @@ impl From<FieldError> for ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Missing => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "stats need a token: send Authorization: Bearer <token>",
+            ),
+            Denied::Invalid => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the bearer token is not valid",
+            ),
+            Denied::Forbidden => Self::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token may not read this site's stats",
+            ),
+        }
+    }
+}
+
 impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> Self {
         match e {
@@ -133,6 +156,19 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        // RFC 6750: what kind of credentials, and what was wrong with them.
+        let challenge = match self.code {
+            "unauthorized" => Some(r#"Bearer realm="evtrack""#),
+            "invalid_token" => Some(r#"Bearer realm="evtrack", error="invalid_token""#),
+            "forbidden" => Some(r#"Bearer realm="evtrack", error="insufficient_scope""#),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         response
     }

@@ -94,6 +94,21 @@ fn invalid_json(e: &serde_json::Error) -> ApiError {
     )
 }
 
+const SITE_NOT_ALLOWED: &str = "site_not_allowed";
+
+/// The ingest allow-list (`INGEST_SITES`).
+fn check_site(state: &AppState, event: &Event) -> Result<(), ApiError> {
+    if state.access.ingest_allowed(&event.site_id) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        SITE_NOT_ALLOWED,
+        "this site may not send events here",
+    )
+    .with_field("site_id"))
+}
+
 pub async fn post_event(
     State(state): State<AppState>,
     request: Request,
@@ -103,6 +118,7 @@ pub async fn post_event(
     let bytes = read_body(request.into_body(), MAX_EVENT_BYTES).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid_json(&e))?;
     let event = parse_event(value, now_ms())?;
+    check_site(&state, &event)?;
     let id = event.id.clone();
     state.queue.enqueue(vec![event]).await?;
     Ok((
@@ -152,13 +168,29 @@ pub async fn post_events(
     let now = now_ms();
     let mut events: Vec<Event> = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
+    let mut not_allowed = 0;
     for (index, item) in items.into_iter().enumerate() {
-        match item.and_then(|v| parse_event(v, now).map_err(ApiError::from)) {
+        let parsed = item.and_then(|v| {
+            let event = parse_event(v, now)?;
+            check_site(&state, &event)?;
+            Ok(event)
+        });
+        match parsed {
             Ok(e) => events.push(e),
-            Err(e) => rejected.push(json!({"index": index, "error": e.body()})),
+            Err(e) => {
+                not_allowed += usize::from(e.code == SITE_NOT_ALLOWED);
+                rejected.push(json!({"index": index, "error": e.body()}));
+            }
         }
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    if events.is_empty() && not_allowed == rejected.len() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "site_not_allowed",
+            "no event in the batch is from a site allowed to send events",
+        ));
+    }
     if events.is_empty() {
         let body = json!({
             "success": false,

@@ -10,13 +10,17 @@ pub mod ingest;
 pub mod stats;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::http::{HeaderValue, Method, header};
+use axum::routing::{MethodRouter, get, post};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
+use crate::access::Access;
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -25,13 +29,80 @@ use crate::store::Store;
 pub struct AppState {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn Store>,
+    pub access: Arc<Access>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// How long a browser may cache a preflight answer.
+const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Which origins' pages may read stats from a browser: none (the default),
+/// some, or `*` for any. Checked at start-up.
+pub fn stats_cors(origins: &[String]) -> Result<Option<AllowOrigin>, String> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    if origins.contains(&"*") {
+        return Ok(Some(AllowOrigin::any()));
+    }
+    let values = origins
+        .iter()
+        .map(|o| {
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && !o.trim_end_matches('/').ends_with(':')
+                && !o.contains(char::is_whitespace);
+            ok.then(|| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+                .flatten()
+                .ok_or_else(|| format!("`{o}` is not an origin like https://example.com"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(AllowOrigin::list(values)))
+}
+
+/// `stats_origins`: see [`stats_cors`].
+pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
+    // Pages on any site send events from browsers (`fetch` with a JSON body
+    // needs a preflight; `sendBeacon` with text/plain does not). No
+    // credentials: events carry their own identifiers, never cookies.
+    let ingest_cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::POST])
+        .allow_headers([header::CONTENT_TYPE])
+        .max_age(PREFLIGHT_MAX_AGE);
+    // The CORS layer must see every method (a preflight is an OPTIONS
+    // request), so each method router gets its 405 fallback before the layer;
+    // the router-wide fallback would otherwise replace it unlayered.
+    let with_cors = |route: MethodRouter<AppState>, cors: CorsLayer| {
+        route
+            .fallback(|| async { ApiError::method_not_allowed() })
+            .layer(cors)
+    };
+    let ingest = Router::new()
+        .route(
+            "/event",
+            with_cors(post(ingest::post_event), ingest_cors.clone()),
+        )
+        .route("/events", with_cors(post(ingest::post_events), ingest_cors));
+    // Stats stay closed to other origins unless configured.
+    let stats_route = match stats_origins {
+        None => get(stats::get_stats),
+        Some(origins) => with_cors(
+            get(stats::get_stats),
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET])
+                .allow_headers([header::AUTHORIZATION])
+                .max_age(PREFLIGHT_MAX_AGE),
+        ),
+    };
+    let stats = Router::new().route("/stats", stats_route);
     Router::new()
-        .route("/event", post(ingest::post_event))
-        .route("/events", post(ingest::post_events))
-        .route("/stats", get(stats::get_stats))
+        .merge(ingest)
+        .merge(stats)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .fallback(|| async { ApiError::not_found() })

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
 use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 
@@ -75,11 +76,23 @@ pub fn parse_query(
 
 pub async fn get_stats(
     State(state): State<AppState>,
+    headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // Who asks comes first: without a valid token nothing about the request,
+    // not even whether its parameters are right, is answered.
+    let tokens = &state.access.stats_tokens;
+    let token = tokens.authenticate(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )?;
     let Query(params) = params
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))?;
     let query = parse_query(&params, Utc::now().date_naive())?;
+    if let Some(i) = token {
+        tokens.authorize(i, &query.site_id)?;
+    }
     let stats = state.store.stats(&query).await?;
     Ok(Json(json!({"success": true, "stats": stats})))
 }

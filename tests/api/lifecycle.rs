@@ -143,6 +143,11 @@ impl Proc {
             "MONGO_DB",
             "DATA_DIR",
             "REDIS_PREFIX",
+            "STATS_TOKENS",
+            "PUBLIC_STATS",
+            "INGEST_SITES",
+            "STATS_CORS_ORIGINS",
+            "LOG_FORMAT",
         ] {
             cmd.env_remove(var);
         }
@@ -406,4 +411,101 @@ async fn the_binary_reads_dot_env_and_reports_bad_values_in_one_line() {
         stderr.contains("eighty") && stderr.contains("PORT"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_bodies_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::backends::free_port();
+    let token = "never-logged-token-0123456789";
+    let secret_path = "/secret-path-in-a-body";
+    for format in ["text", "json"] {
+        let mut proc = Proc::spawn(
+            &[],
+            &[
+                ("PORT", port.to_string()),
+                ("DATA_DIR", dir.path().join("data").display().to_string()),
+                ("STATS_TOKENS", format!("{token}=site-a")),
+                ("LOG_FORMAT", format.to_owned()),
+                // As verbose as an operator chasing a problem would set it.
+                ("RUST_LOG", "debug".to_owned()),
+            ],
+        );
+        // Read as it comes, so a full pipe never blocks the process.
+        let mut stderr = proc.0.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut logs = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+            logs
+        });
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        wait_until_up(&client, &base).await;
+        let event = json!({"site_id": "site-a", "event_type": "page_view", "path": secret_path});
+        let r = client
+            .post(format!("{base}/event"))
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        for (site, expected) in [("site-a", 200), ("site-b", 403)] {
+            let r = client
+                .get(format!("{base}/stats?site_id={site}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), expected);
+        }
+        let r = client
+            .get(format!("{base}/stats?site_id=site-a"))
+            .bearer_auth(format!("{token}-wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(proc.terminate().success());
+        let logs = reader.join().unwrap();
+        assert!(logs.contains("/stats"), "debug logs show requests: {logs}");
+        assert!(!logs.contains(token), "a token was logged:\n{logs}");
+        assert!(!logs.contains(secret_path), "a body was logged:\n{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_still_stops_the_service_when_its_log_reader_is_gone() {
+    // A log collector that died (or `evtrack | head`) closes stderr; logging
+    // must not kill the task that handles the signal.
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::backends::free_port();
+    let mut proc = Proc::spawn(
+        &[],
+        &[
+            ("PORT", port.to_string()),
+            ("DATA_DIR", dir.path().join("data").display().to_string()),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until_up(&client, &base).await;
+    drop(proc.0.stderr.take());
+    let event = json!({"site_id": "s", "event_type": "page_view"});
+    let r = client
+        .post(format!("{base}/event"))
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(proc.terminate().success());
+}
+
+async fn wait_until_up(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "not up after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

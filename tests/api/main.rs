@@ -1,6 +1,7 @@
 //! Integration tests: the real application on real backends (redis-server and
 //! a MongoDB wire-protocol server), each started by the test on a free port.
 
+mod access;
 mod backends;
 mod helpers;
 mod ingest;
