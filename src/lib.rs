@@ -9,11 +9,13 @@
 //! - [`store`]: where events are kept (MongoDB, or SQLite) and stats computed.
 //! - [`stats`]: the stats query and its rules.
 //! - [`access`]: read tokens for stats, the ingest allow-list.
+//! - [`metrics`]: counters and histograms for `GET /metrics`.
 //! - [`startup`]: wires the parts together for `evtrack`, `evtrack api`, `evtrack worker`.
 
 pub mod access;
 pub mod config;
 pub mod event;
+pub mod metrics;
 pub mod queue;
 pub mod routes;
 pub mod startup;

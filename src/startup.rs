@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::embedded;
 use crate::queue::redis::{RedisConsumer, RedisQueue};
@@ -141,6 +142,7 @@ impl Application {
             ),
         };
 
+        let metrics = Arc::new(Metrics::new());
         let mut tasks = Vec::new();
         match worker {
             // Not tied to `shutdown`: it stops when the API is done and the
@@ -149,12 +151,14 @@ impl Application {
                 consumer,
                 Arc::clone(&store),
                 settings.worker(),
+                Arc::clone(&metrics),
                 CancellationToken::new(),
             ))),
             Some(Worker::Redis(consumer)) => tasks.push(tokio::spawn(worker::run(
                 consumer,
                 Arc::clone(&store),
                 settings.worker(),
+                Arc::clone(&metrics),
                 shutdown.clone(),
             ))),
             None => {}
@@ -164,6 +168,7 @@ impl Application {
                 queue,
                 store,
                 access: Arc::new(settings.access()),
+                metrics,
             };
             let app = router(state, stats_origins);
             let stop = shutdown.clone();

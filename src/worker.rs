@@ -9,10 +9,11 @@
 //! redelivery harmless (at-least-once delivery, exactly-once storage).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::queue::{Consumer, Delivery, QueueError};
 use crate::store::{Store, StoreError};
 
@@ -38,6 +39,10 @@ impl Default for WorkerConfig {
 pub struct BatchOutcome<T> {
     /// Stored now or earlier (duplicates), and acknowledged.
     pub stored: usize,
+    /// Of `stored`, those the store already had (redeliveries).
+    pub duplicates: usize,
+    /// How long the store write took, when there was one.
+    pub store_time: Option<Duration>,
     pub dead_lettered: usize,
     /// Not stored; to be tried again.
     pub retry: Vec<Delivery<T>>,
@@ -72,6 +77,8 @@ pub async fn process_batch<C: Consumer>(
     }
     let mut outcome = BatchOutcome {
         stored: 0,
+        duplicates: 0,
+        store_time: None,
         dead_lettered: 0,
         retry: Vec::new(),
         store_error: None,
@@ -82,12 +89,16 @@ pub async fn process_batch<C: Consumer>(
             .iter()
             .filter_map(|d| d.event.as_ref().ok().cloned())
             .collect();
-        match store.insert(&events).await {
+        let started = Instant::now();
+        let inserted = store.insert(&events).await;
+        outcome.store_time = Some(started.elapsed());
+        match inserted {
             Err(e) => {
                 outcome.retry = good;
                 outcome.store_error = Some(e);
             }
             Ok(report) => {
+                outcome.duplicates = report.duplicates;
                 let mut failed = report.failed.into_iter().peekable();
                 let mut stored = Vec::with_capacity(good.len());
                 for (i, mut d) in good.into_iter().enumerate() {
@@ -130,6 +141,7 @@ pub async fn run<C: Consumer>(
     mut consumer: C,
     store: Arc<dyn Store>,
     config: WorkerConfig,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
@@ -160,6 +172,7 @@ pub async fn run<C: Consumer>(
             continue;
         }
         let outcome = process_batch(&mut consumer, &*store, batch, &config).await;
+        record(&metrics, &outcome);
         tracing::debug!(
             stored = outcome.stored,
             dead = outcome.dead_lettered,
@@ -190,6 +203,19 @@ pub async fn run<C: Consumer>(
         }
     }
     tracing::info!("worker stopped");
+}
+
+fn record<T>(metrics: &Metrics, outcome: &BatchOutcome<T>) {
+    let new = outcome.stored.saturating_sub(outcome.duplicates);
+    metrics.events_stored.inc_by(new as u64);
+    metrics.events_duplicate.inc_by(outcome.duplicates as u64);
+    metrics
+        .events_dead_lettered
+        .inc_by(outcome.dead_lettered as u64);
+    metrics.events_retried.inc_by(outcome.retry.len() as u64);
+    if let Some(t) = outcome.store_time {
+        metrics.store_write_seconds.observe(t.as_secs_f64());
+    }
 }
 
 /// Longest wait between retries. Short next to the claim timeout (30 s by

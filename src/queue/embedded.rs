@@ -9,14 +9,14 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Consumer, Delivery, Queue, QueueError};
+use super::{Consumer, Delivery, Depth, Queue, QueueError};
 use crate::event::Event;
 
 /// How long a request may wait for the writer to start on it. Past that the
@@ -24,11 +24,33 @@ use crate::event::Event;
 /// 503 than kept waiting: the API must not hang for more than about a second.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// What is waiting, for [`Queue::depth`]: shared by both sides.
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Events of requests not yet answered.
+    events: AtomicU64,
+    /// When the oldest request of the batch in the writer's hands was
+    /// enqueued (requests still in the channel are younger).
+    in_flight_since: Mutex<Option<Instant>>,
+}
+
+impl Backlog {
+    fn set_in_flight(&self, since: Option<Instant>) {
+        // std Mutex: held for an assignment, never across an await.
+        *self
+            .in_flight_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = since;
+    }
+}
+
 /// The reply to one `enqueue` call, shared by that call's events.
 #[derive(Debug)]
 pub struct Waiter {
     remaining: AtomicUsize,
     reply: Mutex<Option<oneshot::Sender<Result<(), QueueError>>>>,
+    events: u64,
+    backlog: Arc<Backlog>,
 }
 
 impl Waiter {
@@ -36,6 +58,8 @@ impl Waiter {
         // std Mutex: held for a `take()`, never across an await.
         let sender = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tx) = sender {
+            // Answered once, whatever the answer: no longer waiting.
+            self.backlog.events.fetch_sub(self.events, Ordering::AcqRel);
             // The handler may have gone (client disconnected): nothing to do.
             let _ = tx.send(result);
         }
@@ -51,19 +75,20 @@ impl Waiter {
 struct Item {
     events: Vec<Event>,
     waiter: Arc<Waiter>,
-    /// The writer must have started on the request by then.
-    deadline: Instant,
+    enqueued: Instant,
 }
 
 #[derive(Clone)]
 pub struct EmbeddedQueue {
     tx: mpsc::Sender<Item>,
+    backlog: Arc<Backlog>,
 }
 
 pub struct EmbeddedConsumer {
     rx: mpsc::Receiver<Item>,
     /// Set once the API has stopped: from then on, drain what is left and close.
     producers_done: CancellationToken,
+    backlog: Arc<Backlog>,
 }
 
 /// A queue and its consumer. `capacity` counts enqueue calls waiting for the
@@ -73,9 +98,17 @@ pub fn channel(
     producers_done: CancellationToken,
 ) -> (EmbeddedQueue, EmbeddedConsumer) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
+    let backlog = Arc::new(Backlog::default());
     (
-        EmbeddedQueue { tx },
-        EmbeddedConsumer { rx, producers_done },
+        EmbeddedQueue {
+            tx,
+            backlog: Arc::clone(&backlog),
+        },
+        EmbeddedConsumer {
+            rx,
+            producers_done,
+            backlog,
+        },
     )
 }
 
@@ -86,15 +119,24 @@ impl Queue for EmbeddedQueue {
             return Ok(());
         }
         let (reply, done) = oneshot::channel();
+        let n = events.len() as u64;
         let waiter = Arc::new(Waiter {
             remaining: AtomicUsize::new(events.len()),
             reply: Mutex::new(Some(reply)),
+            events: n,
+            backlog: Arc::clone(&self.backlog),
         });
+        // Counted before sending: the writer may answer (and subtract)
+        // before `try_send` even returns.
+        self.backlog.events.fetch_add(n, Ordering::AcqRel);
         self.tx
             .try_send(Item {
                 events,
                 waiter,
-                deadline: Instant::now() + MAX_WAIT,
+                enqueued: Instant::now(),
+            })
+            .inspect_err(|_| {
+                self.backlog.events.fetch_sub(n, Ordering::AcqRel);
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => QueueError::Full,
@@ -113,6 +155,19 @@ impl Queue for EmbeddedQueue {
         }
     }
 
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        let events = self.backlog.events.load(Ordering::Acquire);
+        let since = *self
+            .backlog
+            .in_flight_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(Depth {
+            events,
+            oldest_age: since.filter(|_| events > 0).map(|t| t.elapsed()),
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -125,7 +180,7 @@ impl EmbeddedConsumer {
     /// waited past its deadline is answered 503 and skipped: nothing of it
     /// is stored, and the client, told so within the bound, retries.
     fn take_into(item: Item, out: &mut Vec<Delivery<Arc<Waiter>>>) {
-        if Instant::now() > item.deadline {
+        if item.enqueued.elapsed() > MAX_WAIT {
             item.waiter.finish(Err(QueueError::Full));
             return;
         }
@@ -151,7 +206,10 @@ impl Consumer for EmbeddedConsumer {
             _ = tokio::time::sleep(Duration::from_millis(500)) => return Ok(out),
         };
         match first {
-            Some(item) => Self::take_into(item, &mut out),
+            Some(item) => {
+                self.backlog.set_in_flight(Some(item.enqueued));
+                Self::take_into(item, &mut out)
+            }
             None => return Err(QueueError::Closed),
         }
         while out.len() < max {
@@ -164,6 +222,7 @@ impl Consumer for EmbeddedConsumer {
     }
 
     async fn ack(&mut self, deliveries: Vec<Delivery<Self::Tag>>) -> Result<(), QueueError> {
+        self.backlog.set_in_flight(None);
         for d in deliveries {
             d.tag.one_done();
         }
@@ -175,6 +234,7 @@ impl Consumer for EmbeddedConsumer {
         deliveries: Vec<(Delivery<Self::Tag>, String)>,
     ) -> Result<(), QueueError> {
         // There is no stream to set entries aside in: the client is told.
+        self.backlog.set_in_flight(None);
         for (d, reason) in deliveries {
             d.tag.finish(Err(QueueError::StoreUnavailable(reason)));
         }
@@ -188,6 +248,7 @@ impl Consumer for EmbeddedConsumer {
     ) -> Vec<Delivery<Self::Tag>> {
         // The client is waiting: tell it now (503) rather than hold it while
         // the store recovers. Nothing was committed for these events.
+        self.backlog.set_in_flight(None);
         for d in deliveries {
             d.tag
                 .finish(Err(QueueError::StoreUnavailable(reason.to_owned())));

@@ -42,8 +42,18 @@ pub trait Queue: Send + Sync + 'static {
     async fn enqueue(&self, events: Vec<Event>) -> Result<(), QueueError>;
     /// Answers when the queue backend is reachable (for `/ready`).
     async fn check(&self) -> Result<(), QueueError>;
+    /// How much is waiting to be stored, for `/metrics`.
+    async fn depth(&self) -> Result<Depth, QueueError>;
     /// A short name for logs and `/ready`.
     fn kind(&self) -> &'static str;
+}
+
+/// Events accepted but not yet stored (acknowledged by the worker).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Depth {
+    pub events: u64,
+    /// How long the oldest of them has waited; `None` when there is none.
+    pub oldest_age: Option<std::time::Duration>,
 }
 
 /// One entry handed to the worker.

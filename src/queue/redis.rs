@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::streams::{
+    StreamClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply, StreamReadReply,
+};
 use redis::{Client, RedisError, Script, Value};
 
-use super::{Consumer, Delivery, Queue, QueueError};
+use super::{Consumer, Delivery, Depth, Queue, QueueError};
 use crate::event::{self, Event};
 
 pub const GROUP: &str = "workers";
@@ -184,6 +186,37 @@ impl Queue for RedisQueue {
             )),
             Ok(r) => r.map(|_| ()).map_err(unavailable),
         }
+    }
+
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        // Acknowledged entries are deleted (XACK + XDEL), so the stream holds
+        // exactly the events not yet stored, and its first entry is the
+        // oldest; its id starts with the millisecond Redis added it.
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN")
+            .arg(&self.keys.stream)
+            .cmd("XRANGE")
+            .arg(&self.keys.stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let call = pipe.query_async::<(u64, StreamRangeReply)>(&mut conn);
+        let (events, first) = match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
+            Err(_) => {
+                return Err(QueueError::Unavailable(
+                    "redis did not answer within 1 s".into(),
+                ));
+            }
+            Ok(r) => r.map_err(unavailable)?,
+        };
+        let oldest_age = first
+            .ids
+            .first()
+            .and_then(|e| e.id.split('-').next()?.parse::<i64>().ok())
+            .map(|ms| Duration::from_millis((event::now_ms() - ms).max(0) as u64));
+        Ok(Depth { events, oldest_age })
     }
 
     fn kind(&self) -> &'static str {

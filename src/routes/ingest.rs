@@ -109,27 +109,84 @@ fn check_site(state: &AppState, event: &Event) -> Result<(), ApiError> {
     .with_field("site_id"))
 }
 
+/// What one ingest request did, for the metrics: events read, events
+/// queued, and each refusal's code with how many events it covers.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    queued: u64,
+    rejected: Vec<(&'static str, u64)>,
+}
+
+impl Tally {
+    /// Records the request; an error that refused the request before its
+    /// events could be counted (a bad body) counts as one event.
+    fn record<T>(mut self, state: &AppState, result: &Result<T, ApiError>) {
+        if let Err(e) = result {
+            if self.received == 0 {
+                self.received = 1;
+            }
+            // Events not already refused one by one share the request's fate.
+            let counted: u64 = self.rejected.iter().map(|r| r.1).sum();
+            let left = self.received.saturating_sub(counted);
+            if left > 0 {
+                self.rejected.push((e.code, left));
+            }
+        }
+        let m = &state.metrics;
+        m.events_received.inc_by(self.received);
+        m.events_queued.inc_by(self.queued);
+        for (code, n) in self.rejected {
+            m.reject(code, n);
+        }
+    }
+}
+
 pub async fn post_event(
     State(state): State<AppState>,
     request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut tally = Tally::default();
+    let result = accept_event(&state, request, &mut tally).await;
+    tally.record(&state, &result);
+    result
+}
+
+pub async fn post_events(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut tally = Tally::default();
+    let result = accept_events(&state, request, &mut tally).await;
+    tally.record(&state, &result);
+    result
+}
+
+async fn accept_event(
+    state: &AppState,
+    request: Request,
+    tally: &mut Tally,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let kind = body_kind(request.headers(), false)?;
     debug_assert_eq!(kind, BodyKind::Json);
     let bytes = read_body(request.into_body(), MAX_EVENT_BYTES).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid_json(&e))?;
+    tally.received = 1;
     let event = parse_event(value, now_ms())?;
-    check_site(&state, &event)?;
+    check_site(state, &event)?;
     let id = event.id.clone();
     state.queue.enqueue(vec![event]).await?;
+    tally.queued = 1;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"success": true, "id": id})),
     ))
 }
 
-pub async fn post_events(
-    State(state): State<AppState>,
+async fn accept_events(
+    state: &AppState,
     request: Request,
+    tally: &mut Tally,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let kind = body_kind(request.headers(), true)?;
     let bytes = read_body(request.into_body(), MAX_BATCH_BYTES).await?;
@@ -152,6 +209,7 @@ pub async fn post_events(
             .map(|line| serde_json::from_slice(line).map_err(|e| invalid_json(&e)))
             .collect(),
     };
+    tally.received = items.len() as u64;
     if items.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -172,19 +230,21 @@ pub async fn post_events(
     for (index, item) in items.into_iter().enumerate() {
         let parsed = item.and_then(|v| {
             let event = parse_event(v, now)?;
-            check_site(&state, &event)?;
+            check_site(state, &event)?;
             Ok(event)
         });
         match parsed {
             Ok(e) => events.push(e),
             Err(e) => {
                 not_allowed += usize::from(e.code == SITE_NOT_ALLOWED);
+                tally.rejected.push((e.code, 1));
                 rejected.push(json!({"index": index, "error": e.body()}));
             }
         }
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     if events.is_empty() && not_allowed == rejected.len() {
+        // Every event is already counted as refused, item by item.
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "site_not_allowed",
@@ -199,7 +259,9 @@ pub async fn post_events(
         });
         return Ok((StatusCode::BAD_REQUEST, Json(body)));
     }
+    let n = events.len() as u64;
     state.queue.enqueue(events).await?;
+    tally.queued = n;
     let body = json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
     Ok((StatusCode::ACCEPTED, Json(body)))
 }

@@ -3,10 +3,12 @@
 //! - `POST /event`, `POST /events`: [`ingest`]
 //! - `GET /stats`: [`stats`]
 //! - `GET /health`, `GET /ready`: [`health`]
+//! - `GET /metrics`: [`metrics`]
 
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod metrics;
 pub mod stats;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::access::Access;
+use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::store::Store;
 
@@ -30,6 +33,7 @@ pub struct AppState {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn Store>,
     pub access: Arc<Access>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How long a browser may cache a preflight answer.
@@ -105,8 +109,13 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .merge(stats)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
+        .route("/metrics", get(metrics::get_metrics))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -223,6 +223,15 @@ impl TestApp {
         body["stats"].clone()
     }
 
+    /// `GET /metrics`, expecting 200 in the Prometheus text format.
+    pub async fn metrics(&self) -> String {
+        let r = self.get("/metrics").await;
+        assert_eq!(r.status(), 200);
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with("application/openmetrics-text"));
+        r.text().await.unwrap()
+    }
+
     /// Waits until the store holds all these ids (the worker is asynchronous
     /// in Redis mode), failing after 20 s.
     pub async fn wait_stored(&self, ids: &[String]) {
@@ -276,4 +285,15 @@ pub fn ids_of(body: &Value) -> Vec<String> {
     ids.iter()
         .map(|v| v.as_str().expect("string ids").to_owned())
         .collect()
+}
+
+/// The value of one series (`name` or `name{labels}`, exactly as written in
+/// the exposition) in a `/metrics` text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
 }

@@ -6,6 +6,7 @@ mod backends;
 mod helpers;
 mod ingest;
 mod lifecycle;
+mod metrics;
 mod queue;
 mod redis_queue;
 mod stats;

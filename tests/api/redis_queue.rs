@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::backends::RedisServer;
 use crate::helpers::{
-    Backend, RunningApp, TestEnv, assert_error, ids_of, json_of, spawn_app, spawn_app_with,
+    Backend, RunningApp, TestEnv, assert_error, ids_of, json_of, metric, spawn_app, spawn_app_with,
     wait_stored,
 };
 use crate::queue::{consumer_config, redis_config};
@@ -173,6 +173,9 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
     assert!(first.map.contains_key("reason"));
     assert_eq!(first.get::<String>("raw.e").as_deref(), Some("not json"));
     assert_eq!(app.store.count_all().await.unwrap(), 1);
+    let metrics = app.metrics().await;
+    assert_eq!(metric(&metrics, "evtrack_events_dead_lettered_total"), 3.0);
+    assert_eq!(metric(&metrics, "evtrack_events_stored_total"), 1.0);
     app.app.stop().await;
 }
 

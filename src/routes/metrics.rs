@@ -1,0 +1,57 @@
+//! `GET /metrics` (Prometheus text format) and the middleware that times
+//! every request by its matched route.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::metrics::HttpLabels;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub async fn get_metrics(State(state): State<AppState>) -> Response {
+    // Read at scrape time. A queue that does not answer leaves the last
+    // figures in place; `/ready` is where its outage shows.
+    match state.queue.depth().await {
+        Ok(depth) => {
+            let m = &state.metrics;
+            m.queue_depth.set(depth.events as i64);
+            m.queue_oldest_age
+                .set(depth.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the queue depth for /metrics"),
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Observes each request's latency, labelled by method, matched route (or
+/// `unmatched`) and status.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_request_seconds
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
