@@ -535,4 +535,107 @@ mod tests {
         bad.site_id = String::new();
         assert!(revalidate(&bad).is_err());
     }
+
+    /// Property tests: whatever a client sends, parsing ends in an event that
+    /// passes the queue-side checks and survives the queue's JSON, or in a
+    /// field error with a code and a message — never a panic.
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::super::*;
+
+        /// Any JSON value, nested a few levels.
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                ".{0,40}".prop_map(Value::String),
+                "[ -~]{0,300}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(".{0,12}", inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects with the real field names (and a few others) holding
+        /// values of any type: the cases that reach past the first check.
+        fn event_like() -> impl Strategy<Value = Value> {
+            let key = prop_oneof![
+                Just("site_id".to_owned()),
+                Just("event_type".to_owned()),
+                Just("path".to_owned()),
+                Just("userid".to_owned()),
+                Just("timestamp".to_owned()),
+                Just("event_id".to_owned()),
+                Just("props".to_owned()),
+                ".{0,8}",
+            ];
+            let value = prop_oneof![
+                3 => any_json(),
+                2 => "[a-z0-9/._-]{1,20}".prop_map(Value::String),
+                1 => (0i64..4_000_000_000_000).prop_map(Value::from),
+                1 => "20[0-9]{2}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-][01][0-9]:[0-5][0-9])"
+                    .prop_map(Value::String),
+            ];
+            let base = Map::from_iter([
+                ("site_id".to_owned(), Value::from("s")),
+                ("event_type".to_owned(), Value::from("t")),
+            ]);
+            prop::collection::vec((key, value), 0..8).prop_map(move |pairs| {
+                let mut m = base.clone();
+                m.extend(pairs);
+                Value::Object(m)
+            })
+        }
+
+        fn check(value: Value) -> Result<(), TestCaseError> {
+            let now = 1_764_000_000_000;
+            match parse_event(value, now) {
+                Ok(e) => {
+                    prop_assert!(revalidate(&e).is_ok(), "{e:?}");
+                    let text = serde_json::to_string(&e)
+                        .map_err(|x| TestCaseError::fail(x.to_string()))?;
+                    let back: Event = serde_json::from_str(&text)
+                        .map_err(|x| TestCaseError::fail(x.to_string()))?;
+                    prop_assert_eq!(back, e);
+                }
+                Err(err) => {
+                    prop_assert!(!err.code.is_empty());
+                    prop_assert!(!err.message.is_empty());
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn any_json_is_an_event_or_an_error(value in any_json()) {
+                check(value)?;
+            }
+
+            #[test]
+            fn event_like_objects_are_an_event_or_an_error(value in event_like()) {
+                check(value)?;
+            }
+
+            #[test]
+            fn any_bytes_as_a_body_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+                if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
+                    check(value)?;
+                }
+            }
+        }
+    }
 }
