@@ -10,6 +10,7 @@
 //! - [`stats`]: the stats query and its rules.
 //! - [`access`]: read tokens for stats, the ingest allow-list.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
+//! - [`server`]: the HTTP server loop and its connection limits.
 //! - [`startup`]: wires the parts together for `evtrack`, `evtrack api`, `evtrack worker`.
 
 pub mod access;
@@ -18,6 +19,7 @@ pub mod event;
 pub mod metrics;
 pub mod queue;
 pub mod routes;
+pub mod server;
 pub mod startup;
 pub mod stats;
 pub mod store;

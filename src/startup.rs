@@ -173,12 +173,7 @@ impl Application {
             let app = router(state, stats_origins);
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "http server failed");
-                }
+                crate::server::serve(listener, app, stop).await;
                 api_done.cancel();
             }));
         }

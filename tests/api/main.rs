@@ -4,6 +4,7 @@
 mod access;
 mod backends;
 mod helpers;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod metrics;
