@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::access::{Access, SiteList, StatsTokens};
 use crate::queue::redis::{ConsumerConfig, RedisConfig};
+use crate::ratelimit::{ClientLimit, Rate, RateLimit, TrustedProxies};
 use crate::worker::WorkerConfig;
 
 pub const DEFAULT_PORT: u16 = 3000;
@@ -155,6 +156,30 @@ pub struct Settings {
     /// Ingestion accepts every origin.
     #[arg(long, env = "STATS_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub stats_cors_origins: Vec<String>,
+
+    /// Ingest requests per client IP (IPv6: per /64), as `100/s`, `600/min`
+    /// or `5000/h`; beyond it 429 `rate_limited` with Retry-After. Unset: no
+    /// limit.
+    #[arg(long, env = "RATE_LIMIT", global = true)]
+    pub rate_limit: Option<Rate>,
+
+    /// Requests a client may send at once before RATE_LIMIT's pace applies;
+    /// default: RATE_LIMIT's count (100 for `100/s`).
+    #[arg(long, env = "RATE_LIMIT_BURST",
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Addresses or networks (separated by commas) of proxies whose
+    /// X-Forwarded-For names the client, e.g. `10.0.0.0/8,::1`. Unset: the
+    /// header is ignored and the client is the connection's peer.
+    #[arg(
+        long,
+        env = "TRUSTED_PROXIES",
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for Settings {
@@ -177,6 +202,9 @@ impl Default for Settings {
             public_stats: false,
             ingest_sites: None,
             stats_cors_origins: Vec::new(),
+            rate_limit: None,
+            rate_limit_burst: None,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -209,6 +237,19 @@ impl Settings {
             stats_tokens: self.stats_tokens.clone(),
             ingest_sites: self.ingest_sites.clone().filter(|l| !l.is_empty()),
         }
+    }
+
+    /// The ingest rate limit, when `RATE_LIMIT` is set.
+    pub fn client_limit(&self) -> Option<ClientLimit> {
+        let rate = self.rate_limit?;
+        let burst = self
+            .rate_limit_burst
+            .and_then(std::num::NonZeroU32::new)
+            .unwrap_or(rate.count);
+        Some(ClientLimit {
+            proxies: self.trusted_proxies.clone(),
+            rate: RateLimit::new(rate, burst),
+        })
     }
 
     pub fn consumer(&self) -> ConsumerConfig {

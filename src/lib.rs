@@ -9,6 +9,7 @@
 //! - [`store`]: where events are kept (MongoDB, or SQLite) and stats computed.
 //! - [`stats`]: the stats query and its rules.
 //! - [`access`]: read tokens for stats, the ingest allow-list.
+//! - [`ratelimit`]: who a client is (trusted proxies) and its ingest rate limit.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
 //! - [`server`]: the HTTP server loop and its connection limits.
 //! - [`startup`]: wires the parts together for `evtrack`, `evtrack api`, `evtrack worker`.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod event;
 pub mod metrics;
 pub mod queue;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod startup;

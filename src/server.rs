@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -24,6 +25,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// Time to send a request's headers, counted from their first byte.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,7 +60,14 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // Handlers find the peer's address as axum's `ConnectInfo`, as with
+        // `into_make_service_with_connect_info`.
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            },
+        ));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(IdleTimeout::new(stream)), service)
             .into_owned();

@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::embedded;
 use crate::queue::redis::{RedisConsumer, RedisQueue};
+use crate::ratelimit::ClientLimit;
 use crate::routes::{AppState, router};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
@@ -164,11 +166,19 @@ impl Application {
             None => {}
         }
         if let (Some(queue), Some(listener)) = (queue, listener) {
+            let limit = settings.client_limit().map(Arc::new);
+            if let Some(limit) = &limit {
+                tasks.push(tokio::spawn(forget_idle_clients(
+                    Arc::clone(limit),
+                    shutdown.clone(),
+                )));
+            }
             let state = AppState {
                 queue,
                 store,
                 access: Arc::new(settings.access()),
                 metrics,
+                limit,
             };
             let app = router(state, stats_origins);
             let stop = shutdown.clone();
@@ -217,6 +227,19 @@ impl Application {
 /// Stats are readable by anyone who reaches the port unless tokens are
 /// configured. On loopback that is only this machine; on any other address
 /// it must be asked for explicitly.
+/// Keeps the rate limiter's table to the clients seen in the last few
+/// seconds, so that many passing addresses cannot grow it without bound.
+async fn forget_idle_clients(limit: Arc<ClientLimit>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => limit.rate.forget_idle(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 fn check_exposure(settings: &Settings) -> Result<(), StartupError> {
     let open = settings.stats_tokens.is_empty();
     if settings.public_stats && !open {

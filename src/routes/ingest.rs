@@ -4,17 +4,22 @@
 //! request costs at most the limit in memory. Nothing is queued from a request
 //! unless all of its accepted events are queued together.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 use crate::event::{Event, now_ms, parse_event};
+use crate::ratelimit::retry_after_secs;
 
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
@@ -141,6 +146,40 @@ impl Tally {
         }
     }
 }
+
+/// `RATE_LIMIT`: 429 `rate_limited` with `Retry-After` once a client has
+/// used its allowance. The client's address comes from the server loop
+/// ([`ConnectInfo`]); a request without one (the router used on its own, as
+/// in unit tests) is not limited.
+pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (Some(limit), Some(ConnectInfo(peer))) = (
+        state.limit.as_deref(),
+        request.extensions().get::<ConnectInfo<SocketAddr>>(),
+    ) else {
+        return next.run(request).await;
+    };
+    let client = limit.proxies.client_ip(peer.ip(), request.headers());
+    match limit.rate.check(client) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            let secs = retry_after_secs(wait);
+            let refused: Result<Infallible, ApiError> = Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                RATE_LIMITED,
+                format!("too many requests from this address; retry in {secs} s"),
+            ));
+            Tally::default().record(&state, &refused);
+            let Err(error) = refused;
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+        }
+    }
+}
+
+const RATE_LIMITED: &str = "rate_limited";
 
 pub async fn post_event(
     State(state): State<AppState>,

@@ -25,6 +25,7 @@ pub use error::ApiError;
 use crate::access::Access;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::ratelimit::ClientLimit;
 use crate::store::Store;
 
 /// What every handler can reach.
@@ -34,6 +35,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub access: Arc<Access>,
     pub metrics: Arc<Metrics>,
+    /// `RATE_LIMIT` on ingestion; `None`: no limit.
+    pub limit: Option<Arc<ClientLimit>>,
 }
 
 /// How long a browser may cache a preflight answer.
@@ -85,12 +88,26 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
             .fallback(|| async { ApiError::method_not_allowed() })
             .layer(cors)
     };
+    // The rate limit sits inside CORS: a preflight costs no allowance, and a
+    // 429 carries the CORS headers a page needs to read it.
+    // Without RATE_LIMIT the layer is left out, not just idle: it would
+    // cost every ingest request a boxed future.
+    let limited = |route: MethodRouter<AppState>| match state.limit {
+        Some(_) => route.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ingest::rate_limit,
+        )),
+        None => route,
+    };
     let ingest = Router::new()
         .route(
             "/event",
-            with_cors(post(ingest::post_event), ingest_cors.clone()),
+            with_cors(limited(post(ingest::post_event)), ingest_cors.clone()),
         )
-        .route("/events", with_cors(post(ingest::post_events), ingest_cors));
+        .route(
+            "/events",
+            with_cors(limited(post(ingest::post_events)), ingest_cors),
+        );
     // Stats stay closed to other origins unless configured.
     let stats_route = match stats_origins {
         None => get(stats::get_stats),

@@ -286,3 +286,88 @@ async fn stats_are_never_exposed_beyond_loopback_by_accident() {
     let err = build(cors, Role::All).await.unwrap_err();
     assert_eq!(err.setting, "STATS_CORS_ORIGINS", "{err}");
 }
+
+async fn post_from(app: &TestApp, forwarded_for: Option<&str>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(format!("{}/event", app.address))
+        .json(&view("site-a"));
+    if let Some(xff) = forwarded_for {
+        request = request.header("X-Forwarded-For", xff);
+    }
+    request.send().await.expect("request sent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_is_rate_limited_per_client() {
+    // A burst of two, then one a minute: the test never races the refill.
+    let app = app_with(Backend::EmbeddedSqlite, |s| {
+        s.rate_limit = Some("1/min".parse().unwrap());
+        s.rate_limit_burst = Some(2);
+        s.trusted_proxies = "10.0.0.0/8".parse().unwrap();
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let body = json_of(post_from(&app, None).await, 202).await;
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let r = post_from(&app, None).await;
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((50..=60).contains(&retry), "Retry-After: {retry}");
+    assert_error(&json_of(r, 429).await, "rate_limited", None);
+    // The peer (127.0.0.1) is not a trusted proxy: X-Forwarded-For cannot
+    // buy a new allowance.
+    let r = post_from(&app, Some("203.0.113.7")).await;
+    assert_error(&json_of(r, 429).await, "rate_limited", None);
+    // Batches share the allowance; preflights, stats and health do not use it.
+    let r = app.post_events(&json!([view("site-a")])).await;
+    assert_error(&json_of(r, 429).await, "rate_limited", None);
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/event", app.address))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(app.get("/health").await.status(), 200);
+
+    app.wait_stored(&ids).await;
+    let metrics = app.metrics().await;
+    let series = r#"evtrack_events_rejected_total{reason="rate_limited"}"#;
+    assert_eq!(crate::helpers::metric(&metrics, series), 3.0);
+    let stats = app.stats("site_id=site-a&date=2025-11-23").await;
+    assert_eq!(stats["total_views"], 2, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_names_the_client_behind_a_trusted_proxy() {
+    let app = app_with(Backend::EmbeddedSqlite, |s| {
+        s.rate_limit = Some("1/h".parse().unwrap());
+        s.trusted_proxies = "127.0.0.1, 10.0.0.0/8".parse().unwrap();
+    })
+    .await;
+    // Each client behind the proxy has its own allowance; the proxy's own
+    // hops (10.x) are skipped, and what a client wrote to the left of its
+    // address is not believed.
+    for client in ["203.0.113.7", "198.51.100.1, 203.0.113.8, 10.0.0.2"] {
+        json_of(post_from(&app, Some(client)).await, 202).await;
+    }
+    let r = post_from(&app, Some("198.51.100.99, 203.0.113.7")).await;
+    assert_error(&json_of(r, 429).await, "rate_limited", None);
+    let r = post_from(&app, Some("203.0.113.8")).await;
+    assert_error(&json_of(r, 429).await, "rate_limited", None);
+    // No header: the proxy itself is the client.
+    json_of(post_from(&app, None).await, 202).await;
+    assert_error(
+        &json_of(post_from(&app, None).await, 429).await,
+        "rate_limited",
+        None,
+    );
+}

@@ -147,6 +147,9 @@ impl Proc {
             "PUBLIC_STATS",
             "INGEST_SITES",
             "STATS_CORS_ORIGINS",
+            "RATE_LIMIT",
+            "RATE_LIMIT_BURST",
+            "TRUSTED_PROXIES",
             "LOG_FORMAT",
         ] {
             cmd.env_remove(var);
