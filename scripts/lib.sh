@@ -1,7 +1,6 @@
 # Shared by scripts/test.sh and scripts/bench.sh: installs what the project
 # needs when it is missing. Source it from the repository root.
 
-SECANTUSDB_VERSION=0.7.0b3
 VENV=.venv-test
 
 # apt_install PKG...: install Debian packages (root only) without letting their
@@ -38,6 +37,27 @@ ensure_commands() {
     fi
 }
 
+# ensure_venv: ./.venv-test with the Python tools of scripts/requirements-test.txt
+# (SecantusDB, schemathesis), every version pinned; reinstalled when that file
+# changes.
+ensure_venv() {
+    local wanted="scripts/requirements-test.txt" stamp="$VENV/requirements-installed.txt"
+    if [ ! -x "$VENV/bin/python" ]; then
+        command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+        echo "==> creating $VENV"
+        if ! python3 -m venv "$VENV"; then # Debian's python3 needs python3-venv
+            rm -rf "$VENV"
+            apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+    if ! cmp -s "$wanted" "$stamp"; then
+        echo "==> pip install -r $wanted into $VENV"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -r "$wanted"
+        cp "$wanted" "$stamp"
+    fi
+}
+
 # ensure_secantusdb: SecantusDB, a MongoDB wire-protocol server from PyPI, in
 # ./.venv-test; exports EVTRACK_SECANTUSD. Skipped when EVTRACK_TEST_MONGO_URI
 # points at an existing server or EVTRACK_SECANTUSD already names one.
@@ -47,22 +67,16 @@ ensure_secantusdb() {
     elif [ -n "${EVTRACK_SECANTUSD:-}" ]; then
         echo "==> using EVTRACK_SECANTUSD=$EVTRACK_SECANTUSD"
     else
-        if [ ! -x "$VENV/bin/python" ]; then
-            command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
-            echo "==> creating $VENV"
-            if ! python3 -m venv "$VENV"; then # Debian's python3 needs python3-venv
-                rm -rf "$VENV"
-                apt_install python3-venv
-                python3 -m venv "$VENV"
-            fi
-        fi
-        installed=$("$VENV/bin/python" -c \
-            "import importlib.metadata as m; print(m.version('secantusdb'))" 2>/dev/null || true)
-        if [ "$installed" != "$SECANTUSDB_VERSION" ]; then
-            echo "==> pip install secantusdb==$SECANTUSDB_VERSION into $VENV"
-            "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet \
-                "secantusdb==$SECANTUSDB_VERSION"
-        fi
+        ensure_venv
         export EVTRACK_SECANTUSD="$PWD/$VENV/bin/secantusd-py"
+    fi
+}
+
+# ensure_schemathesis: schemathesis (API fuzzing against the OpenAPI document)
+# in ./.venv-test; exports EVTRACK_SCHEMATHESIS unless already set.
+ensure_schemathesis() {
+    if [ -z "${EVTRACK_SCHEMATHESIS:-}" ]; then
+        ensure_venv
+        export EVTRACK_SCHEMATHESIS="$PWD/$VENV/bin/schemathesis"
     fi
 }

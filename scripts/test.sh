@@ -7,6 +7,8 @@
 #   - SecantusDB, a MongoDB wire-protocol server from PyPI, in ./.venv-test;
 #     skipped when EVTRACK_TEST_MONGO_URI points at an existing server (then no
 #     server is spawned) or when EVTRACK_SECANTUSD already names a secantusd-py.
+# and schemathesis (PyPI, ./.venv-test), which fuzzes the running API against
+# its OpenAPI document (tests/api/openapi.rs).
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +16,7 @@ source scripts/lib.sh
 
 ensure_commands redis-server wrk
 ensure_secantusdb
+ensure_schemathesis
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

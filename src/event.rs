@@ -204,12 +204,21 @@ pub fn parse_timestamp(value: &Value, now_ms: i64) -> Result<i64, FieldError> {
             })?
             .with_timezone(&Utc)
             .timestamp_millis(),
-        Value::Number(n) => n.as_i64().ok_or_else(|| {
-            FieldError::invalid(
-                "timestamp",
-                "`timestamp` as a number must be whole milliseconds since the epoch",
-            )
-        })?,
+        // `1763916271123.0` is the same whole number in JSON; fractions of a
+        // millisecond are refused rather than silently rounded.
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                    .map(|f| f as i64)
+            })
+            .ok_or_else(|| {
+                FieldError::invalid(
+                    "timestamp",
+                    "`timestamp` as a number must be whole milliseconds since the epoch",
+                )
+            })?,
         _ => {
             return Err(FieldError::wrong_type(
                 "timestamp",
@@ -455,7 +464,14 @@ mod tests {
         assert_eq!(t(json!("2025-11-23T17:44:31.123+01:00")), Ok(NOW));
         assert_eq!(t(json!(NOW)), Ok(NOW));
         assert_eq!(t(json!(0)), Ok(0));
+        assert_eq!(
+            t(json!(NOW as f64)),
+            Ok(NOW),
+            "a whole number written as 1.7e12"
+        );
+        assert_eq!(t(json!(567.0)), Ok(567));
         for bad in [
+            json!(-1.0),
             json!("2025-11-23T16:44:31"), // no offset
             json!("2025-11-23"),
             json!("yesterday"),

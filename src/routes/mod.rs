@@ -4,11 +4,13 @@
 //! - `GET /stats`: [`stats`]
 //! - `GET /health`, `GET /ready`: [`health`]
 //! - `GET /metrics`: [`metrics`]
+//! - `GET /openapi.json`: [`openapi`]
 
 pub mod error;
 pub mod health;
 pub mod ingest;
 pub mod metrics;
+pub mod openapi;
 pub mod stats;
 
 use std::sync::Arc;
@@ -127,6 +129,7 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::get_metrics))
+        .route("/openapi.json", get(openapi::get_openapi))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
