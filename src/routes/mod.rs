@@ -20,7 +20,7 @@ use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use axum::routing::{MethodRouter, get, post};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use error::ApiError;
 
@@ -136,6 +136,13 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
             state.clone(),
             metrics::track,
         ))
-        .layer(TraceLayer::new_for_http())
+        // A 503 is logged where its cause is known (queue or store trouble,
+        // at WARN), and counted in the metrics; tower-http's default would
+        // add an ERROR line per request, a flood of them when the queue is
+        // full.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }

@@ -218,28 +218,47 @@ impl SqliteStore {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // First: switching to WAL needs the file to itself for a moment, and
+    // another process (`evtrack api` and `evtrack worker` on one file) may be
+    // holding it; without a busy timeout that is an immediate SQLITE_BUSY.
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Two connections switching a new file to WAL at once can deadlock (both
+    // hold a shared lock and want the exclusive one); SQLite then answers
+    // BUSY at once instead of waiting, so the wait is here.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => break result?,
+        }
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    // IMMEDIATE takes the write lock before the version is read: two
+    // processes opening a new file at once must not both see version 0 and
+    // both create the tables (the second would fail on "already exists").
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: usize =
-        conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+        tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     if version > MIGRATIONS.len() {
         return Err(rusqlite::Error::InvalidParameterName(format!(
             "database schema version {version} is newer than this evtrack ({}); upgrade evtrack",
             MIGRATIONS.len()
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
+    for sql in MIGRATIONS.iter().skip(version) {
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
     }
-    Ok(())
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.commit()
 }
 
 #[async_trait]

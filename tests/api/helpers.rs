@@ -1,6 +1,7 @@
 //! `spawn_app()`: the real application on a free port, on real backends that
 //! the test starts for itself, with typed request helpers.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -296,4 +297,88 @@ pub fn metric(text: &str, series: &str) -> f64 {
             rest.strip_prefix(' ')?.trim().parse().ok()
         })
         .unwrap_or(0.0)
+}
+
+/// The binary, as separate OS processes.
+pub struct Service {
+    pub child: Child,
+}
+
+impl Service {
+    pub fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_evtrack"));
+        cmd.args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "warn");
+        for var in [
+            "PORT",
+            "HOST",
+            "REDIS_URL",
+            "MONGO_URI",
+            "MONGO_DB",
+            "DATA_DIR",
+            "REDIS_PREFIX",
+            "STATS_TOKENS",
+            "PUBLIC_STATS",
+            "INGEST_SITES",
+            "STATS_CORS_ORIGINS",
+            "RATE_LIMIT",
+            "RATE_LIMIT_BURST",
+            "TRUSTED_PROXIES",
+            "LOG_FORMAT",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().expect("spawn evtrack"),
+        }
+    }
+
+    /// The binary with its logs read and dropped as they come: a pipe nobody
+    /// reads would fill and block the process on its next log line.
+    pub fn spawn_quiet(args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut service = Self::spawn(args, env);
+        if let Some(mut stderr) = service.child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        }
+        service
+    }
+
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SIGTERM, as a service manager would send.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit 20 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn wait_until_up(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "not up after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,6 +1,6 @@
 //! Start-up, health, graceful shutdown, and the binary as separate processes.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use evtrack::config::Settings;
@@ -8,7 +8,8 @@ use evtrack::startup::{Application, Role};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Backend, RunningApp, TestEnv, backend_tests, ids_of, json_of, spawn_app, wait_stored,
+    Backend, RunningApp, Service, TestEnv, backend_tests, ids_of, json_of, spawn_app, wait_stored,
+    wait_until_up,
 };
 
 backend_tests!(health_and_readiness);
@@ -125,68 +126,6 @@ async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
     again.stop().await;
 }
 
-/// The binary, as separate OS processes.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_evtrack"));
-        cmd.args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "warn");
-        for var in [
-            "PORT",
-            "HOST",
-            "REDIS_URL",
-            "MONGO_URI",
-            "MONGO_DB",
-            "DATA_DIR",
-            "REDIS_PREFIX",
-            "STATS_TOKENS",
-            "PUBLIC_STATS",
-            "INGEST_SITES",
-            "STATS_CORS_ORIGINS",
-            "RATE_LIMIT",
-            "RATE_LIMIT_BURST",
-            "TRUSTED_PROXIES",
-            "LOG_FORMAT",
-        ] {
-            cmd.env_remove(var);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self(cmd.spawn().expect("spawn evtrack"))
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SIGTERM, as a service manager would send.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no exit 20 s after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
     let env = TestEnv::new(Backend::RedisMongo);
@@ -198,9 +137,9 @@ async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
         ("MONGO_URI", env.settings.mongo_uri.clone().unwrap()),
         ("MONGO_DB", env.settings.mongo_db.clone().unwrap()),
     ];
-    let api = Proc::spawn(&["api"], &vars);
-    let w1 = Proc::spawn(&["worker"], &vars);
-    let w2 = Proc::spawn(&["worker"], &vars);
+    let api = Service::spawn(&["api"], &vars);
+    let w1 = Service::spawn(&["worker"], &vars);
+    let w2 = Service::spawn(&["worker"], &vars);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -279,7 +218,7 @@ async fn embedded_acknowledged_events_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let port = crate::backends::free_port();
     let data = dir.path().join("data");
-    let mut proc = Proc::spawn(
+    let mut proc = Service::spawn(
         &[],
         &[
             ("PORT", port.to_string()),
@@ -318,11 +257,11 @@ async fn embedded_acknowledged_events_survive_kill_9() {
     // Kill while requests are still arriving.
     let second: Vec<_> = (200..400).map(send).collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    proc.0.kill().unwrap();
+    proc.child.kill().unwrap();
     for t in second {
         acknowledged.extend(t.await.unwrap());
     }
-    proc.0.wait().unwrap();
+    proc.child.wait().unwrap();
     let conn = rusqlite::Connection::open(data.join(evtrack::store::sqlite::FILE_NAME)).unwrap();
     let check: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -379,7 +318,9 @@ async fn the_binary_reads_dot_env_and_reports_bad_values_in_one_line() {
     for var in ["PORT", "HOST", "REDIS_URL", "MONGO_URI", "DATA_DIR"] {
         cmd.env_remove(var);
     }
-    let proc = Proc(cmd.spawn().unwrap());
+    let proc = Service {
+        child: cmd.spawn().unwrap(),
+    };
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while client
@@ -423,7 +364,7 @@ async fn tokens_and_bodies_never_reach_the_logs() {
     let token = "never-logged-token-0123456789";
     let secret_path = "/secret-path-in-a-body";
     for format in ["text", "json"] {
-        let mut proc = Proc::spawn(
+        let mut proc = Service::spawn(
             &[],
             &[
                 ("PORT", port.to_string()),
@@ -435,7 +376,7 @@ async fn tokens_and_bodies_never_reach_the_logs() {
             ],
         );
         // Read as it comes, so a full pipe never blocks the process.
-        let mut stderr = proc.0.stderr.take().unwrap();
+        let mut stderr = proc.child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut logs = String::new();
             std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
@@ -482,7 +423,7 @@ async fn sigterm_still_stops_the_service_when_its_log_reader_is_gone() {
     // must not kill the task that handles the signal.
     let dir = tempfile::tempdir().unwrap();
     let port = crate::backends::free_port();
-    let mut proc = Proc::spawn(
+    let mut proc = Service::spawn(
         &[],
         &[
             ("PORT", port.to_string()),
@@ -493,7 +434,7 @@ async fn sigterm_still_stops_the_service_when_its_log_reader_is_gone() {
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     wait_until_up(&client, &base).await;
-    drop(proc.0.stderr.take());
+    drop(proc.child.stderr.take());
     let event = json!({"site_id": "s", "event_type": "page_view"});
     let r = client
         .post(format!("{base}/event"))
@@ -503,12 +444,4 @@ async fn sigterm_still_stops_the_service_when_its_log_reader_is_gone() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert!(proc.terminate().success());
-}
-
-async fn wait_until_up(client: &reqwest::Client, base: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.get(format!("{base}/health")).send().await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "not up after 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

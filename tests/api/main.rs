@@ -3,6 +3,7 @@
 
 mod access;
 mod backends;
+mod faults;
 mod helpers;
 mod hostile;
 mod ingest;

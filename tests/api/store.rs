@@ -335,3 +335,28 @@ async fn sqlite_rows_keep_every_field() {
     let props: serde_json::Value = serde_json::from_str(&row.6).unwrap();
     assert_eq!(props, serde_json::json!({"plan": "pro", "n": 3}));
 }
+
+#[test]
+fn sqlite_opens_from_several_processes_at_once_on_a_new_file() {
+    // `evtrack api` and `evtrack worker` started together on one DATA_DIR:
+    // one creates the schema, the others wait for it instead of failing.
+    // (Separate connections lock the file as separate processes do.)
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, barrier) = (dir.path().to_owned(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SqliteStore::open(&dir)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for t in opened {
+            assert_eq!(t.join().unwrap(), Ok(()));
+        }
+    }
+}
