@@ -122,6 +122,11 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub worker_max_deliveries: u32,
 
+    /// Port on which `evtrack worker` serves `GET /metrics` and
+    /// `GET /health` (on HOST). Unset: the worker serves no HTTP.
+    #[arg(long, env = "METRICS_PORT", global = true)]
+    pub metrics_port: Option<u16>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -197,6 +202,7 @@ impl Default for Settings {
             worker_batch_size: DEFAULT_BATCH_SIZE,
             worker_claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             worker_max_deliveries: DEFAULT_MAX_DELIVERIES,
+            metrics_port: None,
             log_format: LogFormat::Text,
             stats_tokens: StatsTokens::default(),
             public_stats: false,

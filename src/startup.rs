@@ -123,24 +123,28 @@ impl Application {
             }
         };
         let queue_kind = if redis.is_some() { "redis" } else { "embedded" };
-        let listener = match &queue {
-            None => None,
-            Some(_) => Some(
-                TcpListener::bind((settings.host, settings.port))
-                    .await
-                    .map_err(|e| {
-                        StartupError::new(
-                            "PORT",
-                            format!("cannot listen on {}:{}: {e}", settings.host, settings.port),
-                        )
-                    })?,
-            ),
+        // The API listens on PORT; a worker alone on METRICS_PORT, if set.
+        let (setting, port) = match (&queue, settings.metrics_port) {
+            (Some(_), _) => ("PORT", Some(settings.port)),
+            (None, port) => ("METRICS_PORT", port),
         };
+        let listener =
+            match port {
+                None => None,
+                Some(port) => Some(TcpListener::bind((settings.host, port)).await.map_err(
+                    |e| {
+                        StartupError::new(
+                            setting,
+                            format!("cannot listen on {}:{port}: {e}", settings.host),
+                        )
+                    },
+                )?),
+            };
         let addr = match &listener {
             None => None,
             Some(l) => Some(
                 l.local_addr()
-                    .map_err(|e| StartupError::new("PORT", e.to_string()))?,
+                    .map_err(|e| StartupError::new(setting, e.to_string()))?,
             ),
         };
 
@@ -165,27 +169,38 @@ impl Application {
             ))),
             None => {}
         }
-        if let (Some(queue), Some(listener)) = (queue, listener) {
-            let limit = settings.client_limit().map(Arc::new);
-            if let Some(limit) = &limit {
-                tasks.push(tokio::spawn(forget_idle_clients(
-                    Arc::clone(limit),
+        match (queue, listener) {
+            (Some(queue), Some(listener)) => {
+                let limit = settings.client_limit().map(Arc::new);
+                if let Some(limit) = &limit {
+                    tasks.push(tokio::spawn(forget_idle_clients(
+                        Arc::clone(limit),
+                        shutdown.clone(),
+                    )));
+                }
+                let state = AppState {
+                    queue,
+                    store,
+                    access: Arc::new(settings.access()),
+                    metrics,
+                    limit,
+                };
+                let app = router(state, stats_origins);
+                let stop = shutdown.clone();
+                tasks.push(tokio::spawn(async move {
+                    crate::server::serve(listener, app, stop).await;
+                    api_done.cancel();
+                }));
+            }
+            (None, Some(listener)) => {
+                let app = crate::routes::metrics::worker_router(metrics);
+                tasks.push(tokio::spawn(crate::server::serve(
+                    listener,
+                    app,
                     shutdown.clone(),
                 )));
             }
-            let state = AppState {
-                queue,
-                store,
-                access: Arc::new(settings.access()),
-                metrics,
-                limit,
-            };
-            let app = router(state, stats_origins);
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                crate::server::serve(listener, app, stop).await;
-                api_done.cancel();
-            }));
+            _ => {}
         }
         Ok(Self {
             addr,

@@ -1,7 +1,11 @@
 //! `GET /metrics` (Prometheus text format) and the middleware that times
 //! every request by its matched route.
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use axum::Router;
+use axum::routing::get;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
@@ -9,9 +13,29 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use crate::metrics::HttpLabels;
+use crate::metrics::{HttpLabels, Metrics};
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What `evtrack worker` serves with `METRICS_PORT`: its own counters
+/// (stored, duplicate, dead-lettered, retried, store write time) and a
+/// liveness check. The queue depth gauges are read by `evtrack api`.
+pub fn worker_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(metrics): State<Arc<Metrics>>| async move {
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, CONTENT_TYPE)],
+                    metrics.encode(),
+                )
+            }),
+        )
+        .route("/health", get(super::health::health))
+        .fallback(|| async { super::ApiError::not_found() })
+        .with_state(metrics)
+}
 
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
     // Read at scrape time. A queue that does not answer leaves the last

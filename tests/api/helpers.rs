@@ -326,6 +326,7 @@ impl Service {
             "RATE_LIMIT",
             "RATE_LIMIT_BURST",
             "TRUSTED_PROXIES",
+            "METRICS_PORT",
             "LOG_FORMAT",
         ] {
             cmd.env_remove(var);

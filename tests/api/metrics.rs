@@ -6,7 +6,7 @@ use evtrack::startup::Role;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Backend, TestEnv, backend_tests, ids_of, json_of, metric, spawn_app, spawn_app_with,
+    Backend, RunningApp, TestEnv, backend_tests, ids_of, json_of, metric, spawn_app, spawn_app_with,
 };
 
 backend_tests!(counters_follow_the_events);
@@ -90,5 +90,42 @@ async fn queue_depth_and_age_show_what_waits_for_a_worker() {
     assert_eq!(metric(&text, "evtrack_queue_depth_events"), 3.0, "{text}");
     let age = metric(&text, "evtrack_queue_oldest_event_age_seconds");
     assert!((1.0..30.0).contains(&age), "{age}");
+    app.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_alone_serves_its_counts_on_metrics_port() {
+    let app = spawn_app_with(TestEnv::new(Backend::RedisSqlite), Role::Api).await;
+    let mut settings = app.env.settings.clone();
+    settings.metrics_port = Some(0);
+    let worker = RunningApp::start(settings.clone(), Role::Worker).await;
+    let base = worker.address.clone().expect("the worker listens");
+    let body = json_of(app.post_events(&json!([view(0), view(1)])).await, 202).await;
+    app.wait_stored(&ids_of(&body)).await;
+    let client = reqwest::Client::new();
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&text, "evtrack_events_stored_total"), 2.0, "{text}");
+    assert!(metric(&text, "evtrack_store_write_seconds_count") >= 1.0);
+    let health = client.get(format!("{base}/health")).send().await.unwrap();
+    json_of(health, 200).await;
+    let stats = client
+        .get(format!("{base}/stats?site_id=x"))
+        .send()
+        .await
+        .unwrap();
+    json_of(stats, 404).await;
+    worker.stop().await;
+    // Without METRICS_PORT the worker listens nowhere.
+    settings.metrics_port = None;
+    let quiet = RunningApp::start(settings, Role::Worker).await;
+    assert!(quiet.address.is_none());
+    quiet.stop().await;
     app.app.stop().await;
 }
