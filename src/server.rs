@@ -6,7 +6,8 @@
 //!   time (slowloris) cannot hold a connection. (Bodies have
 //!   their own limit in the ingest handlers.)
 //! - **Idle timeout**: a connection silent in both directions for
-//!   [`IDLE_TIMEOUT`] is closed, including one that never sent a byte.
+//!   [`IDLE_TIMEOUT`] while none of its requests is being answered is
+//!   closed, including one that never sent a byte.
 //! - **Connection cap**: at most [`MAX_CONNECTIONS`] open at once; beyond it a
 //!   new connection is closed at once instead of taking memory and a task.
 //! - **Graceful shutdown**: on `stop`, the listener closes, idle connections
@@ -14,6 +15,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -60,16 +62,26 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let io = IdleTimeout::new(stream, Arc::clone(&busy));
+        let app = app.clone();
         // Handlers find the peer's address as axum's `ConnectInfo`, as with
-        // `into_make_service_with_connect_info`.
-        let service = TowerToHyperService::new(app.clone().map_request(
+        // `into_make_service_with_connect_info`; `busy` counts the requests
+        // being answered, during which the connection is not idle.
+        let service = TowerToHyperService::new(tower::service_fn(
             move |mut request: axum::http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
-                request
+                let handling = Busy::start(&busy);
+                let answer = app.clone().oneshot(request);
+                async move {
+                    let response = answer.await;
+                    drop(handling);
+                    response
+                }
             },
         ));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(IdleTimeout::new(stream)), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -85,25 +97,45 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
     graceful.shutdown().await;
 }
 
-/// A connection on which nothing was read or written for this long is
-/// closed: a client that connects and stays silent, or keeps a keep-alive
-/// connection open without using it, gives its slot back. Longer than any
-/// request may take (bodies have 10 s, queue and store calls about 1 s).
+/// A connection on which nothing was read or written for this long, and no
+/// request is being answered, is closed: a client that connects and stays
+/// silent, or keeps a keep-alive connection open without using it, gives its
+/// slot back. A slow answer (stats over a large MongoDB collection) is not
+/// idleness: the clock restarts while a request is in a handler.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Marks one request of a connection as being answered, until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A stream whose reads fail with `TimedOut` once neither a read nor a write
-/// has made progress for [`IDLE_TIMEOUT`]. hyper's header timeout starts only
-/// with a request's first byte, so it does not cover silent connections.
+/// has made progress for [`IDLE_TIMEOUT`] while no request is being answered
+/// (`busy` is 0). hyper's header timeout starts only with a request's first
+/// byte, so it does not cover silent connections.
 struct IdleTimeout<T> {
     inner: T,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    busy: Arc<AtomicUsize>,
 }
 
 impl<T> IdleTimeout<T> {
-    fn new(inner: T) -> Self {
+    fn new(inner: T, busy: Arc<AtomicUsize>) -> Self {
         Self {
             inner,
             deadline: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+            busy,
         }
     }
 
@@ -126,12 +158,19 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<T> {
                 self.touch();
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection idle",
-                ))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                match self.deadline.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    // Answering a request: wait another period (the loop
+                    // polls the new deadline, so its wake-up is registered).
+                    Poll::Ready(()) if self.busy.load(Ordering::Relaxed) > 0 => self.touch(),
+                    Poll::Ready(()) => {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connection idle",
+                        )));
+                    }
+                }
             },
         }
     }
@@ -162,5 +201,37 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<T> 
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_times_out_unless_a_request_is_being_answered() {
+        let (client, server) = tokio::io::duplex(64);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let mut conn = IdleTimeout::new(server, Arc::clone(&busy));
+        let mut buf = [0u8; 8];
+
+        // A request in a handler for three idle periods: no timeout.
+        let handling = Busy::start(&busy);
+        let read = tokio::time::timeout(IDLE_TIMEOUT * 3, conn.read(&mut buf)).await;
+        assert!(read.is_err(), "the read must still be waiting: {read:?}");
+        drop(handling);
+
+        // Traffic restarts the clock.
+        let mut client = client;
+        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 1);
+
+        // Then nothing, and no request: closed after one idle period.
+        let started = tokio::time::Instant::now();
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), IDLE_TIMEOUT);
     }
 }
