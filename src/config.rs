@@ -24,6 +24,11 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 /// per event falls as the batch grows (see "Profiles" in bench/README.md).
 pub const DEFAULT_BATCH_SIZE: usize = 5_000;
 pub const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
+pub const DEFAULT_STATS_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_STATS_TIMEOUT: Duration = Duration::from_millis(DEFAULT_STATS_TIMEOUT_MS);
+pub const DEFAULT_WORKER_STALL_MS: u64 = 60_000;
+pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 10_000;
+pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 #[derive(Debug, Parser)]
@@ -122,6 +127,32 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub worker_max_deliveries: u32,
 
+    /// Milliseconds a stats query may run; past it the query is stopped
+    /// (MongoDB: `maxTimeMS`; SQLite: interrupted) and the answer is 503
+    /// `query_timeout` with Retry-After.
+    #[arg(long, env = "STATS_TIMEOUT_MS", default_value_t = DEFAULT_STATS_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=600_000), global = true)]
+    pub stats_timeout_ms: u64,
+
+    /// Milliseconds without a completed poll (queue read, batch stored)
+    /// after which a process running a worker answers 503 on `/health`.
+    #[arg(long, env = "WORKER_STALL_MS", default_value_t = DEFAULT_WORKER_STALL_MS,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub worker_stall_ms: u64,
+
+    /// Most HTTP requests being answered at once; beyond it 503 `overloaded`.
+    #[arg(long, env = "MAX_REQUESTS_IN_FLIGHT", default_value_t = DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize), global = true)]
+    pub max_requests_in_flight: usize,
+
+    /// Most bytes of ingest bodies being read or held at once, across all
+    /// connections (each request reserves its declared length, or its
+    /// route's limit); beyond it 503 `overloaded`.
+    #[arg(long, env = "MAX_BODY_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+          value_parser = clap::value_parser!(u64).range(5 * 1024 * 1024..=(1u64 << 40)).map(|n| n as usize),
+          global = true)]
+    pub max_body_bytes_in_flight: usize,
+
     /// Port on which `evtrack worker` serves `GET /metrics` and
     /// `GET /health` (on HOST). Unset: the worker serves no HTTP.
     #[arg(long, env = "METRICS_PORT", global = true)]
@@ -202,6 +233,10 @@ impl Default for Settings {
             worker_batch_size: DEFAULT_BATCH_SIZE,
             worker_claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             worker_max_deliveries: DEFAULT_MAX_DELIVERIES,
+            stats_timeout_ms: DEFAULT_STATS_TIMEOUT_MS,
+            worker_stall_ms: DEFAULT_WORKER_STALL_MS,
+            max_requests_in_flight: DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            max_body_bytes_in_flight: DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
             metrics_port: None,
             log_format: LogFormat::Text,
             stats_tokens: StatsTokens::default(),
@@ -256,6 +291,14 @@ impl Settings {
             proxies: self.trusted_proxies.clone(),
             rate: RateLimit::new(rate, burst),
         })
+    }
+
+    pub fn stats_timeout(&self) -> Duration {
+        Duration::from_millis(self.stats_timeout_ms)
+    }
+
+    pub fn worker_stall(&self) -> Duration {
+        Duration::from_millis(self.worker_stall_ms)
     }
 
     pub fn consumer(&self) -> ConsumerConfig {

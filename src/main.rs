@@ -62,7 +62,15 @@ async fn main() -> ExitCode {
     });
     let shutdown = app.shutdown_token();
     tokio::select! {
-        _ = app.run_until_stopped() => ExitCode::SUCCESS,
+        stopped = app.run_until_stopped() => match stopped {
+            Ok(()) => ExitCode::SUCCESS,
+            // A part of the process died: exit non-zero so that the service
+            // manager restarts it, rather than live on without that part.
+            Err(e) => {
+                eprintln!("evtrack: {e}");
+                ExitCode::FAILURE
+            }
+        },
         // A client that never finishes its request must not keep the process
         // alive forever. Events not yet acknowledged are not lost: their
         // clients were not told 202 (embedded) or they stay in Redis.

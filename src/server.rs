@@ -10,6 +10,8 @@
 //!   closed, including one that never sent a byte.
 //! - **Connection cap**: at most [`MAX_CONNECTIONS`] open at once; beyond it a
 //!   new connection is closed at once instead of taking memory and a task.
+//! - **HTTP/1 only**: cleartext HTTP/2 is refused (see [`serve`]), so the
+//!   limits above are the only ones a client meets.
 //! - **Graceful shutdown**: on `stop`, the listener closes, idle connections
 //!   close, and requests in flight are finished.
 
@@ -35,7 +37,12 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 10_000;
 
 pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only. Behind TLS a reverse proxy speaks HTTP/2 to browsers and
+    // HTTP/1.1 to evtrack; browsers never send cleartext HTTP/2. Accepting
+    // h2c (prior knowledge) would need its own header and idle limits (a
+    // stream's headers can trickle in over a connection kept busy by pings),
+    // so it is refused: such a connection is answered as HTTP/1 and closed.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())

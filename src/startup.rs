@@ -9,12 +9,14 @@
 //! acknowledges the batch in hand, then exits; entries it still holds stay
 //! pending in Redis for another worker.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -23,11 +25,11 @@ use crate::queue::Queue;
 use crate::queue::embedded;
 use crate::queue::redis::{RedisConsumer, RedisQueue};
 use crate::ratelimit::ClientLimit;
-use crate::routes::{AppState, router};
+use crate::routes::{AppState, InFlight, router};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
-use crate::store::sqlite::SqliteStore;
-use crate::worker;
+use crate::store::sqlite::{Durability, SqliteOptions, SqliteStore};
+use crate::worker::{self, Liveness};
 
 /// Enqueue calls that may wait for the embedded writer before `queue_full`.
 const EMBEDDED_QUEUE_CAPACITY: usize = 10_000;
@@ -64,10 +66,67 @@ impl StartupError {
     }
 }
 
+/// A task the process needs ended on its own (before shutdown was asked
+/// for), or panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("the {task} task {how}")]
+pub struct TaskFailed {
+    pub task: &'static str,
+    pub how: String,
+}
+
+/// The tasks the process needs, watched together: when one ends before
+/// shutdown was asked for, or panics, the others are told to stop (through
+/// the shutdown token) and the process reports the failure, instead of
+/// living on with a part missing (a server with no worker draining, or the
+/// reverse).
+pub struct Tasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+    shutdown: CancellationToken,
+}
+
+impl Tasks {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+            shutdown,
+        }
+    }
+
+    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits until every task has ended. The first failure cancels the
+    /// shutdown token (the others stop gracefully) and is returned.
+    pub async fn wait(mut self) -> Result<(), TaskFailed> {
+        let mut failure = None;
+        while let Some(ended) = self.set.join_next_with_id().await {
+            let (id, how) = match ended {
+                Ok((id, ())) if self.shutdown.is_cancelled() => {
+                    self.names.remove(&id);
+                    continue;
+                }
+                Ok((id, ())) => (id, "ended on its own".to_owned()),
+                Err(e) if e.is_panic() => (e.id(), "panicked".to_owned()),
+                Err(e) => (e.id(), format!("failed: {e}")),
+            };
+            let task = self.names.remove(&id).unwrap_or("unnamed");
+            tracing::error!(task, how, "a task the process needs stopped; shutting down");
+            self.shutdown.cancel();
+            failure.get_or_insert(TaskFailed { task, how });
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
 pub struct Application {
     addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
     queue_kind: &'static str,
     store_kind: &'static str,
 }
@@ -85,12 +144,29 @@ impl Application {
         if role != Role::Worker {
             check_exposure(&settings)?;
         }
+        if redis.is_none() && settings.mongo_uri().is_some() {
+            // The embedded queue answers each request after its events are
+            // committed together; MongoDB cannot commit a batch as one unit
+            // without a replica set's transactions, so a request could be
+            // partly stored yet answered 503 (and counted twice on retry).
+            return Err(StartupError::new(
+                "MONGO_URI",
+                "the MongoDB store needs the Redis queue: set REDIS_URL too \
+                 (or unset MONGO_URI for the embedded SQLite store)",
+            ));
+        }
         let stats_origins = crate::routes::stats_cors(&settings.stats_cors_origins)
             .map_err(|e| StartupError::new("STATS_CORS_ORIGINS", e))?;
         // Everything that can fail is connected or bound first; tasks are
         // spawned only once start-up can no longer fail, so a failed start
         // leaves nothing running.
-        let store = open_store(&settings).await?;
+        // Behind Redis, the worker deletes entries once the store has them:
+        // the store's commit must then be on disk, not in the OS's cache.
+        let durability = match redis {
+            Some(_) => Durability::Disk,
+            None => Durability::Process,
+        };
+        let store = open_store(&settings, durability).await?;
         let store_kind = store.kind();
         let shutdown = CancellationToken::new();
         let api_done = CancellationToken::new();
@@ -149,34 +225,45 @@ impl Application {
         };
 
         let metrics = Arc::new(Metrics::new());
-        let mut tasks = Vec::new();
-        match worker {
+        let mut tasks = Tasks::new(shutdown.clone());
+        let liveness = worker
+            .is_some()
+            .then(|| Arc::new(Liveness::new(settings.worker_stall())));
+        match (worker, &liveness) {
             // Not tied to `shutdown`: it stops when the API is done and the
             // channel is drained (see the module docs).
-            Some(Worker::Embedded(consumer)) => tasks.push(tokio::spawn(worker::run(
-                consumer,
-                Arc::clone(&store),
-                settings.worker(),
-                Arc::clone(&metrics),
-                CancellationToken::new(),
-            ))),
-            Some(Worker::Redis(consumer)) => tasks.push(tokio::spawn(worker::run(
-                consumer,
-                Arc::clone(&store),
-                settings.worker(),
-                Arc::clone(&metrics),
-                shutdown.clone(),
-            ))),
-            None => {}
+            (Some(Worker::Embedded(consumer)), Some(liveness)) => tasks.spawn(
+                "worker",
+                worker::run(
+                    consumer,
+                    Arc::clone(&store),
+                    settings.worker(),
+                    Arc::clone(&metrics),
+                    Arc::clone(liveness),
+                    CancellationToken::new(),
+                ),
+            ),
+            (Some(Worker::Redis(consumer)), Some(liveness)) => tasks.spawn(
+                "worker",
+                worker::run(
+                    consumer,
+                    Arc::clone(&store),
+                    settings.worker(),
+                    Arc::clone(&metrics),
+                    Arc::clone(liveness),
+                    shutdown.clone(),
+                ),
+            ),
+            _ => {}
         }
         match (queue, listener) {
             (Some(queue), Some(listener)) => {
                 let limit = settings.client_limit().map(Arc::new);
                 if let Some(limit) = &limit {
-                    tasks.push(tokio::spawn(forget_idle_clients(
-                        Arc::clone(limit),
-                        shutdown.clone(),
-                    )));
+                    tasks.spawn(
+                        "rate limiter",
+                        forget_idle_clients(Arc::clone(limit), shutdown.clone()),
+                    );
                 }
                 let state = AppState {
                     queue,
@@ -184,21 +271,28 @@ impl Application {
                     access: Arc::new(settings.access()),
                     metrics,
                     limit,
+                    liveness,
+                    limits: Arc::new(InFlight::new(
+                        settings.max_requests_in_flight,
+                        settings.max_body_bytes_in_flight,
+                    )),
+                    stats_timeout: settings.stats_timeout(),
                 };
                 let app = router(state, stats_origins);
                 let stop = shutdown.clone();
-                tasks.push(tokio::spawn(async move {
+                tasks.spawn("server", async move {
+                    // Also when the server panics: the embedded writer waits
+                    // for this before it drains and stops.
+                    let _api_done = api_done.drop_guard();
                     crate::server::serve(listener, app, stop).await;
-                    api_done.cancel();
-                }));
+                });
             }
             (None, Some(listener)) => {
-                let app = crate::routes::metrics::worker_router(metrics);
-                tasks.push(tokio::spawn(crate::server::serve(
-                    listener,
-                    app,
-                    shutdown.clone(),
-                )));
+                let app = crate::routes::metrics::worker_router(metrics, liveness);
+                tasks.spawn(
+                    "metrics server",
+                    crate::server::serve(listener, app, shutdown.clone()),
+                );
             }
             _ => {}
         }
@@ -229,13 +323,11 @@ impl Application {
         self.shutdown.clone()
     }
 
-    /// Waits until every task has ended (after the shutdown token fired).
-    pub async fn run_until_stopped(self) {
-        for task in self.tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "task failed");
-            }
-        }
+    /// Waits until every task has ended: after the shutdown token fired, or
+    /// after a task the process needs stopped on its own or panicked (then
+    /// the others are stopped, and the failure returned).
+    pub async fn run_until_stopped(self) -> Result<(), TaskFailed> {
+        self.tasks.wait().await
     }
 }
 
@@ -278,17 +370,28 @@ fn check_exposure(settings: &Settings) -> Result<(), StartupError> {
     Ok(())
 }
 
-async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+async fn open_store(
+    settings: &Settings,
+    durability: Durability,
+) -> Result<Arc<dyn Store>, StartupError> {
     match settings.mongo_uri() {
         Some(uri) => {
-            let store = MongoStore::connect(uri, settings.mongo_db.as_deref())
-                .await
-                .map_err(|e| StartupError::new("MONGO_URI", e))?;
+            let store = MongoStore::connect_with(
+                uri,
+                settings.mongo_db.as_deref(),
+                settings.stats_timeout(),
+            )
+            .await
+            .map_err(|e| StartupError::new("MONGO_URI", e))?;
             Ok(Arc::new(store))
         }
         None => {
             let dir = settings.data_dir.clone();
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            let options = SqliteOptions {
+                durability,
+                query_timeout: settings.stats_timeout(),
+            };
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, options))
                 .await
                 .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?
                 .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
@@ -299,7 +402,7 @@ async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError>
 
 /// `evtrack rebuild-aggregates`: recomputes derived data from the raw events.
 pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupError> {
-    let store = open_store(settings).await?;
+    let store = open_store(settings, Durability::Disk).await?;
     let rebuilt = store
         .rebuild_aggregates()
         .await

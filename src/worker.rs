@@ -9,13 +9,15 @@
 //! redelivery harmless (at-least-once delivery, exactly-once storage).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::queue::{Consumer, Delivery, QueueError};
-use crate::store::{Store, StoreError};
+use crate::store::{InsertOutcome, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -90,24 +92,26 @@ pub async fn process_batch<C: Consumer>(
             .filter_map(|d| d.event.as_ref().ok().cloned())
             .collect();
         let started = Instant::now();
-        let inserted = store.insert(&events).await;
+        let inserted = write_keeping_alive(consumer, store, &events, &good).await;
         outcome.store_time = Some(started.elapsed());
         match inserted {
             Err(e) => {
                 outcome.retry = good;
                 outcome.store_error = Some(e);
             }
-            Ok(report) => {
-                outcome.duplicates = report.duplicates;
-                let mut failed = report.failed.into_iter().peekable();
+            Ok(outcomes) => {
                 let mut stored = Vec::with_capacity(good.len());
-                for (i, mut d) in good.into_iter().enumerate() {
-                    match failed.next_if(|(idx, _)| *idx == i) {
-                        None => stored.push(d),
-                        Some((_, reason)) if d.attempts >= config.max_attempts => {
+                for (mut d, result) in good.into_iter().zip(outcomes) {
+                    match result {
+                        InsertOutcome::Inserted => stored.push(d),
+                        InsertOutcome::Duplicate => {
+                            outcome.duplicates += 1;
+                            stored.push(d);
+                        }
+                        InsertOutcome::Failed(reason) if d.attempts >= config.max_attempts => {
                             dead.push((d, reason))
                         }
-                        Some((_, reason)) => {
+                        InsertOutcome::Failed(reason) => {
                             tracing::warn!(attempts = d.attempts, %reason, "store refused an event; will retry");
                             d.attempts += 1;
                             outcome.retry.push(d);
@@ -135,17 +139,93 @@ pub async fn process_batch<C: Consumer>(
     outcome
 }
 
+/// Writes `events` (those of `deliveries`) to the store. While the write
+/// runs, the queue is told now and then that the entries are still being
+/// worked on ([`Consumer::keep_alive`]), so that a slow write is not taken
+/// for a dead worker whatever the claim timeout. Checks that the store kept
+/// its contract of one outcome per event.
+async fn write_keeping_alive<C: Consumer>(
+    consumer: &mut C,
+    store: &dyn Store,
+    events: &[Event],
+    deliveries: &[Delivery<C::Tag>],
+) -> Result<Vec<InsertOutcome>, StoreError> {
+    let write = store.insert(events);
+    tokio::pin!(write);
+    let result = match consumer.keep_alive_every() {
+        None => write.await,
+        Some(every) => {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    result = &mut write => break result,
+                    _ = tick.tick() => consumer.keep_alive(deliveries).await,
+                }
+            }
+        }
+    };
+    match result {
+        Ok(outcomes) if outcomes.len() != events.len() => Err(StoreError::Unavailable(format!(
+            "the store answered {} outcomes for {} events",
+            outcomes.len(),
+            events.len()
+        ))),
+        other => other,
+    }
+}
+
+/// When the worker last completed a poll, for `/health`: a worker that
+/// cannot read its queue or write its store stops beating, and once it has
+/// not beaten for the stall bound the process reports itself unhealthy, so a
+/// supervisor notices a process that looks alive but moves nothing.
+#[derive(Debug)]
+pub struct Liveness {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started` of the last beat.
+    last_ms: AtomicU64,
+    stall: Duration,
+}
+
+impl Liveness {
+    pub fn new(stall: Duration) -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            stall,
+        }
+    }
+
+    /// A poll completed: the queue answered, and whatever it handed out was
+    /// settled with the store.
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat, when that is longer than the bound.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
+        (since > self.stall).then_some(since)
+    }
+}
+
 /// Runs until `shutdown` fires (the batch in hand is finished first) or the
-/// queue closes.
+/// queue closes. Beats `liveness` after each completed poll.
 pub async fn run<C: Consumer>(
     mut consumer: C,
     store: Arc<dyn Store>,
     config: WorkerConfig,
     metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
     let mut retry: Vec<Delivery<C::Tag>> = Vec::new();
+    liveness.beat();
     loop {
         let batch = if !retry.is_empty() {
             std::mem::take(&mut retry)
@@ -156,6 +236,9 @@ pub async fn run<C: Consumer>(
             match consumer.fetch(config.batch_size).await {
                 Ok(batch) => {
                     backoff.reset();
+                    if batch.is_empty() {
+                        liveness.beat();
+                    }
                     batch
                 }
                 Err(QueueError::Closed) => break,
@@ -180,6 +263,8 @@ pub async fn run<C: Consumer>(
         );
         if let Some(e) = &outcome.queue_error {
             tracing::warn!(error = %e, "cannot settle entries with the queue; they will be redelivered");
+        } else if outcome.store_error.is_none() {
+            liveness.beat();
         }
         if outcome.retry.is_empty() {
             backoff.reset();
@@ -202,6 +287,7 @@ pub async fn run<C: Consumer>(
             break;
         }
     }
+    consumer.close().await;
     tracing::info!("worker stopped");
 }
 

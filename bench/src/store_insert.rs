@@ -41,9 +41,10 @@ pub async fn run(args: StoreInsertArgs) -> anyhow::Result<()> {
     while done < args.events {
         let events = gen_.take(batch.min(args.events - done));
         let t = Instant::now();
-        let report = store.insert(&events).await.context("insert")?;
+        let outcomes = store.insert(&events).await.context("insert")?;
         in_store += t.elapsed().as_secs_f64();
-        anyhow::ensure!(report.inserted == events.len(), "not all inserted");
+        let inserted = evtrack::store::InsertCounts::of(&outcomes).inserted;
+        anyhow::ensure!(inserted == events.len(), "not all inserted");
         done += events.len();
     }
     let db = std::fs::metadata(dir.join(evtrack::store::sqlite::FILE_NAME))

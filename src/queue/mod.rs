@@ -95,4 +95,19 @@ pub trait Consumer: Send + 'static {
         deliveries: Vec<Delivery<Self::Tag>>,
         reason: &str,
     ) -> Vec<Delivery<Self::Tag>>;
+
+    /// How often [`Consumer::keep_alive`] must be called while the worker
+    /// holds entries (during a store write); `None` when the queue never
+    /// hands a held entry to anyone else.
+    fn keep_alive_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// These entries are still being worked on: another worker must not take
+    /// them over as if this one had died. Best effort.
+    async fn keep_alive(&mut self, _deliveries: &[Delivery<Self::Tag>]) {}
+
+    /// The worker is stopping for good, holding no entries: leave the queue
+    /// tidy (a Redis consumer leaves its group). Best effort.
+    async fn close(&mut self) {}
 }

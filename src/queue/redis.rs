@@ -482,22 +482,36 @@ impl Consumer for RedisConsumer {
     ) -> Vec<Delivery<EntryTag>> {
         // Keep them: they stay pending in Redis (safe if this worker dies) and
         // this worker retries them itself, so an outage of the store does not
-        // count as failed deliveries and dead-letter good events. XCLAIM with
-        // JUSTID resets their idle time without counting a delivery, so other
-        // workers do not take over entries this worker is still retrying.
-        if !deliveries.is_empty() {
-            let mut cmd = redis::cmd("XCLAIM");
-            cmd.arg(&self.keys.stream).arg(GROUP).arg(&self.name).arg(0);
-            for d in &deliveries {
-                cmd.arg(&d.tag.id);
-            }
-            cmd.arg("JUSTID");
-            if let Err(e) = cmd.query_async::<Vec<String>>(&mut self.conn).await {
-                // Not fatal: at worst another worker claims them, and the
-                // store absorbs the duplicate.
-                tracing::warn!(error = %e, "cannot refresh pending entries");
-            }
-        }
+        // count as failed deliveries and dead-letter good events.
+        self.keep_alive(&deliveries).await;
         deliveries
+    }
+
+    fn keep_alive_every(&self) -> Option<Duration> {
+        // Three refreshes per claim period: one late or lost refresh still
+        // leaves the entries well inside it.
+        Some(self.config.claim_idle / 3)
+    }
+
+    async fn keep_alive(&mut self, deliveries: &[Delivery<EntryTag>]) {
+        // XCLAIM by the owner, with JUSTID, resets the entries' idle time
+        // without counting a delivery: other workers, which claim only
+        // entries idle for `claim_idle`, leave them alone while this worker
+        // is alive and busy with them (a store write slower than the claim
+        // timeout, or retries through a store outage).
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.keys.stream).arg(GROUP).arg(&self.name).arg(0);
+        for d in deliveries {
+            cmd.arg(&d.tag.id);
+        }
+        cmd.arg("JUSTID");
+        if let Err(e) = cmd.query_async::<Vec<String>>(&mut self.conn).await {
+            // Not fatal: at worst another worker claims them, and the store
+            // absorbs the duplicate.
+            tracing::warn!(error = %e, "cannot refresh pending entries");
+        }
     }
 }

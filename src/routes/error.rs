@@ -49,6 +49,15 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
     }
 
+    /// Too many requests or body bytes in flight across all connections.
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the service is answering as many requests as it can; retry later",
+        )
+    }
+
     pub fn method_not_allowed() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -136,11 +145,21 @@ impl From<QueueError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::warn!(error = %e, "store error");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the store is unavailable; retry later",
-        )
+        match e {
+            StoreError::Timeout(limit) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "query_timeout",
+                format!(
+                    "the query took longer than {} ms and was stopped; retry later",
+                    limit.as_millis()
+                ),
+            ),
+            StoreError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the store is unavailable; retry later",
+            ),
+        }
     }
 }
 

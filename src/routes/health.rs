@@ -1,4 +1,5 @@
-//! `GET /health` (the process runs) and `GET /ready` (its backends answer).
+//! `GET /health` (the process runs, and its worker, if it has one, makes
+//! progress) and `GET /ready` (its backends answer).
 
 use std::time::Duration;
 
@@ -6,15 +7,45 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::AppState;
 use super::error::RETRY_AFTER_SECS;
+use crate::worker::Liveness;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"success": true, "status": "ok"}))
+/// 200 while the process runs; 503 `worker_stalled` when this process runs a
+/// worker that has not completed a poll within `WORKER_STALL_MS` (it cannot
+/// read the queue or store what it read), so that a supervisor restarts or
+/// flags a process that looks alive but moves nothing.
+pub fn health_of(liveness: Option<&Liveness>) -> Response {
+    match liveness.and_then(Liveness::stalled_for) {
+        None => Json(json!({"success": true, "status": "ok"})).into_response(),
+        Some(since) => {
+            let body = json!({
+                "success": false,
+                "status": "unhealthy",
+                "error": {
+                    "code": "worker_stalled",
+                    "message": format!(
+                        "the worker has not completed a poll for {} s (queue or store failing)",
+                        since.as_secs()
+                    ),
+                },
+            });
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+                Json(body),
+            )
+                .into_response()
+        }
+    }
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    health_of(state.liveness.as_deref())
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {

@@ -1,8 +1,14 @@
 //! `POST /event` and `POST /events`: validate, queue, answer.
 //!
 //! Bodies are read with a hard size limit before any parsing, so an oversized
-//! request costs at most the limit in memory. Nothing is queued from a request
-//! unless all of its accepted events are queued together.
+//! request costs at most the limit in memory, and that room is reserved from
+//! a budget shared by all connections first (`MAX_BODY_BYTES_IN_FLIGHT`). A
+//! batch is split into its items without building them (borrowed slices of
+//! the body), the count is checked before any item is parsed, and items are
+//! then parsed one at a time, each at most [`MAX_EVENT_BYTES`]: a request
+//! costs the body plus one item's parse, whatever the body holds. Nothing is
+//! queued from a request unless all of its accepted events are queued
+//! together.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +22,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{ApiError, AppState};
 use crate::event::{Event, now_ms, parse_event};
@@ -62,7 +69,31 @@ fn body_kind(headers: &HeaderMap, ndjson_allowed: bool) -> Result<BodyKind, ApiE
 /// handler (and graceful shutdown) forever.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+/// The room a request's body may take: what it declares (hyper never reads
+/// past a declared `Content-Length`), else the route's limit.
+fn body_room(headers: &HeaderMap, limit: usize) -> usize {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(limit, |n| n.min(limit))
+}
+
+/// Reserves the body's room from the shared budget, then reads it.
+async fn read_body(
+    state: &AppState,
+    request: Request,
+    limit: usize,
+) -> Result<(bytes::Bytes, OwnedSemaphorePermit), ApiError> {
+    let room = body_room(request.headers(), limit);
+    let permit = state.limits.reserve_body(room)?;
+    // One byte beyond a declared length is never read: hyper ends the body
+    // at `Content-Length`, so `room` bounds what is held.
+    let bytes = read_limited(request.into_body(), limit).await?;
+    Ok((bytes, permit))
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect());
     let Ok(result) = read.await else {
         return Err(ApiError::new(
@@ -181,6 +212,134 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
 
 const RATE_LIMITED: &str = "rate_limited";
 
+fn too_many_events() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_many_events",
+        format!("a batch holds at most {MAX_BATCH_EVENTS} events"),
+    )
+}
+
+/// One item of a batch, not yet parsed: a slice of the body.
+enum Item<'a> {
+    /// An element of a JSON array (already known to be well-formed JSON).
+    Json(&'a serde_json::value::RawValue),
+    /// A non-blank NDJSON line.
+    Line(&'a [u8]),
+}
+
+/// Splits a batch body into its items without building them, and refuses
+/// more than [`MAX_BATCH_EVENTS`] as soon as the next one is seen.
+fn split_batch<'a>(
+    bytes: &'a [u8],
+    kind: BodyKind,
+    tally: &mut Tally,
+) -> Result<Vec<Item<'a>>, ApiError> {
+    match kind {
+        BodyKind::Json => {
+            // A first look at the top level alone: an array, or what else.
+            let first = bytes
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .copied()
+                .unwrap_or(b' ');
+            if first != b'[' {
+                // Not an array: say whether it is JSON at all.
+                return Err(
+                    match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                        Ok(_) => ApiError::bad_request(
+                            "invalid_batch",
+                            "a batch must be a JSON array of events (or NDJSON, one event per line)",
+                        ),
+                        Err(e) => invalid_json(&e),
+                    },
+                );
+            }
+            match serde_json::from_slice::<Capped<'a>>(bytes) {
+                Ok(Capped(items)) => {
+                    tally.received = items.len() as u64;
+                    Ok(items.into_iter().map(Item::Json).collect())
+                }
+                Err(e) if e.to_string().starts_with(TOO_MANY) => {
+                    tally.received = (MAX_BATCH_EVENTS + 1) as u64;
+                    Err(too_many_events())
+                }
+                Err(e) => Err(invalid_json(&e)),
+            }
+        }
+        // One event per non-blank line; a bad line is one rejected item, not
+        // a rejected batch.
+        BodyKind::Ndjson => {
+            let mut items = Vec::new();
+            for line in bytes.split(|b| *b == b'\n') {
+                if line.trim_ascii().is_empty() {
+                    continue;
+                }
+                if items.len() == MAX_BATCH_EVENTS {
+                    tally.received = (MAX_BATCH_EVENTS + 1) as u64;
+                    return Err(too_many_events());
+                }
+                items.push(Item::Line(line));
+            }
+            tally.received = items.len() as u64;
+            Ok(items)
+        }
+    }
+}
+
+/// Parses one item into JSON, refusing one larger than a single event may be.
+fn parse_item(item: Item<'_>) -> Result<Value, ApiError> {
+    let len = match &item {
+        Item::Json(raw) => raw.get().len(),
+        Item::Line(line) => line.len(),
+    };
+    if len > MAX_EVENT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "event_too_large",
+            format!("an event must be at most {MAX_EVENT_BYTES} bytes"),
+        ));
+    }
+    match item {
+        Item::Json(raw) => serde_json::from_str(raw.get()).map_err(|e| invalid_json(&e)),
+        Item::Line(line) => serde_json::from_slice(line).map_err(|e| invalid_json(&e)),
+    }
+}
+
+/// The message that marks a [`Capped`] array cut short.
+const TOO_MANY: &str = "evtrack: too many items";
+
+/// A JSON array of at most [`MAX_BATCH_EVENTS`] elements, each kept as a
+/// borrowed slice of the input. Reading stops at the element after the last
+/// allowed one, so a body of millions of tiny elements costs nothing more.
+struct Capped<'a>(Vec<&'a serde_json::value::RawValue>);
+
+impl<'de> serde::Deserialize<'de> for Capped<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Capped<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON array of events")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+                    if items.len() == MAX_BATCH_EVENTS {
+                        return Err(serde::de::Error::custom(TOO_MANY));
+                    }
+                    items.push(item);
+                }
+                Ok(Capped(items))
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
 pub async fn post_event(
     State(state): State<AppState>,
     request: Request,
@@ -208,7 +367,7 @@ async fn accept_event(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let kind = body_kind(request.headers(), false)?;
     debug_assert_eq!(kind, BodyKind::Json);
-    let bytes = read_body(request.into_body(), MAX_EVENT_BYTES).await?;
+    let (bytes, _room) = read_body(state, request, MAX_EVENT_BYTES).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid_json(&e))?;
     tally.received = 1;
     let event = parse_event(value, now_ms())?;
@@ -228,34 +387,8 @@ async fn accept_events(
     tally: &mut Tally,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let kind = body_kind(request.headers(), true)?;
-    let bytes = read_body(request.into_body(), MAX_BATCH_BYTES).await?;
-    let items: Vec<Result<Value, ApiError>> = match kind {
-        BodyKind::Json => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Array(items)) => items.into_iter().map(Ok).collect(),
-            Ok(_) => {
-                return Err(ApiError::bad_request(
-                    "invalid_batch",
-                    "a batch must be a JSON array of events (or NDJSON, one event per line)",
-                ));
-            }
-            Err(e) => return Err(invalid_json(&e)),
-        },
-        // One event per non-blank line; a bad line is one rejected item, not
-        // a rejected batch.
-        BodyKind::Ndjson => bytes
-            .split(|b| *b == b'\n')
-            .filter(|line| !line.trim_ascii().is_empty())
-            .map(|line| serde_json::from_slice(line).map_err(|e| invalid_json(&e)))
-            .collect(),
-    };
-    tally.received = items.len() as u64;
-    if items.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!("a batch holds at most {MAX_BATCH_EVENTS} events"),
-        ));
-    }
+    let (bytes, _room) = read_body(state, request, MAX_BATCH_BYTES).await?;
+    let items = split_batch(&bytes, kind, tally)?;
     if items.is_empty() {
         return Err(ApiError::bad_request(
             "empty_batch",
@@ -267,7 +400,7 @@ async fn accept_events(
     let mut rejected = Vec::new();
     let mut not_allowed = 0;
     for (index, item) in items.into_iter().enumerate() {
-        let parsed = item.and_then(|v| {
+        let parsed = parse_item(item).and_then(|v| {
             let event = parse_event(v, now)?;
             check_site(state, &event)?;
             Ok(event)

@@ -8,23 +8,24 @@ use axum::Router;
 use axum::routing::get;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::metrics::{HttpLabels, Metrics};
+use crate::worker::Liveness;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What `evtrack worker` serves with `METRICS_PORT`: its own counters
 /// (stored, duplicate, dead-lettered, retried, store write time) and a
 /// liveness check. The queue depth gauges are read by `evtrack api`.
-pub fn worker_router(metrics: Arc<Metrics>) -> Router {
+pub fn worker_router(metrics: Arc<Metrics>, liveness: Option<Arc<Liveness>>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(metrics): State<Arc<Metrics>>| async move {
+            get(move || async move {
                 (
                     StatusCode::OK,
                     [(header::CONTENT_TYPE, CONTENT_TYPE)],
@@ -32,9 +33,11 @@ pub fn worker_router(metrics: Arc<Metrics>) -> Router {
                 )
             }),
         )
-        .route("/health", get(super::health::health))
+        .route(
+            "/health",
+            get(move || async move { super::health::health_of(liveness.as_deref()) }),
+        )
         .fallback(|| async { super::ApiError::not_found() })
-        .with_state(metrics)
 }
 
 pub async fn get_metrics(State(state): State<AppState>) -> Response {
@@ -57,11 +60,27 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The `method` label: the methods evtrack answers, and `other` for the rest.
+/// HTTP lets a client invent any method token (`M0X`, `M1X`, …); each would
+/// otherwise add a series that lives as long as the process.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 /// Observes each request's latency, labelled by method, matched route (or
 /// `unmatched`) and status.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -72,7 +91,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .metrics
         .http_request_seconds
         .get_or_create(&HttpLabels {
-            method,
+            method: method.to_owned(),
             route,
             status: response.status().as_u16(),
         })

@@ -17,8 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
@@ -29,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::ratelimit::ClientLimit;
 use crate::store::Store;
+use crate::worker::Liveness;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -39,6 +44,57 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `RATE_LIMIT` on ingestion; `None`: no limit.
     pub limit: Option<Arc<ClientLimit>>,
+    /// The worker of this process, when it runs one (for `/health`).
+    pub liveness: Option<Arc<Liveness>>,
+    /// Requests and body bytes in flight across all connections.
+    pub limits: Arc<InFlight>,
+    /// How long a stats query may take (`STATS_TIMEOUT_MS`).
+    pub stats_timeout: Duration,
+}
+
+/// Global bounds on what clients hold at once, whatever the number of
+/// connections: requests being answered (`MAX_REQUESTS_IN_FLIGHT`) and
+/// ingest body bytes being read or parsed (`MAX_BODY_BYTES_IN_FLIGHT`).
+/// Beyond either, a request is answered 503 `overloaded` at once, before it
+/// costs anything more.
+pub struct InFlight {
+    requests: Arc<Semaphore>,
+    body_bytes: Arc<Semaphore>,
+}
+
+impl InFlight {
+    pub fn new(requests: usize, body_bytes: usize) -> Self {
+        Self {
+            requests: Arc::new(Semaphore::new(requests.min(Semaphore::MAX_PERMITS))),
+            body_bytes: Arc::new(Semaphore::new(body_bytes.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// Reserves room for a body of at most `bytes`, held until dropped.
+    pub fn reserve_body(&self, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        let n = u32::try_from(bytes).map_err(|_| ApiError::overloaded())?;
+        Arc::clone(&self.body_bytes)
+            .try_acquire_many_owned(n)
+            .map_err(|_| ApiError::overloaded())
+    }
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::new(
+            crate::config::DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            crate::config::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+        )
+    }
+}
+
+/// Counts the request against `MAX_REQUESTS_IN_FLIGHT` until its answer is
+/// built; 503 `overloaded` beyond it.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match Arc::clone(&state.limits.requests).try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ApiError::overloaded().into_response(),
+    }
 }
 
 /// How long a browser may cache a preflight answer.
@@ -123,9 +179,14 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         ),
     };
     let stats = Router::new().route("/stats", stats_route);
-    Router::new()
+    // Health, readiness and metrics stay outside the request bound: they
+    // cost little, and an overloaded process must still say how it is.
+    let bounded = Router::new()
         .merge(ingest)
         .merge(stats)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admit));
+    Router::new()
+        .merge(bounded)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::get_metrics))

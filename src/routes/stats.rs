@@ -11,6 +11,11 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 use crate::stats::{DEFAULT_EVENT_TYPE, DEFAULT_LIMIT, MAX_LIMIT, StatsQuery};
+use crate::store::StoreError;
+
+/// How much longer than `STATS_TIMEOUT_MS` a stats request may wait for a
+/// store that does not stop its query itself (a server that went silent).
+const STATS_TIMEOUT_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Reads and checks the query parameters; `today` is the default date.
 pub fn parse_query(
@@ -93,7 +98,13 @@ pub async fn get_stats(
     if let Some(i) = token {
         tokens.authorize(i, &query.site_id)?;
     }
-    let stats = state.store.stats(&query).await?;
+    // The store stops its own query at the limit (SQLite interrupt, MongoDB
+    // maxTimeMS); this bound, a little later, also covers a backend that
+    // does not answer at all.
+    let bound = state.stats_timeout + STATS_TIMEOUT_SLACK;
+    let stats = tokio::time::timeout(bound, state.store.stats(&query))
+        .await
+        .map_err(|_| StoreError::Timeout(state.stats_timeout))??;
     Ok(Json(json!({"success": true, "stats": stats})))
 }
 

@@ -1,10 +1,19 @@
 //! The MongoDB store, faithful to the original schema so existing tools read it:
 //! collection `events`, documents
-//! `{_id, site_id, event_type, path, userid, timestamp: Date, createdAt: Date, props}`.
+//! `{_id, event_id, site_id, event_type, path, userid, timestamp: Date, createdAt: Date, props}`.
+//!
+//! An event's identity is (`site_id`, `event_id`), so `_id` joins the two with
+//! U+001F (the ASCII unit separator) between them: neither a site id nor an
+//! event id may contain a control character, so the join is unambiguous, and
+//! uniqueness costs no index beyond `_id`'s own. (Documents stored before
+//! evtrack 0.1's identity change have the bare event id as `_id` and no
+//! `event_id`; they stay readable and counted.)
 //!
 //! Inserts are unordered `insertMany` batches. A duplicate `_id` (E11000) means
 //! the event was stored by an earlier delivery and counts as stored; any other
 //! per-document error is reported back so the worker retries that event.
+//! Stats queries carry a server-side time limit (`maxTimeMS`): a slow query
+//! is stopped by the server rather than left running after its client gave up.
 
 use std::time::Duration;
 
@@ -15,7 +24,7 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 
-use super::{InsertReport, Store, StoreError};
+use super::{InsertOutcome, Store, StoreError};
 use crate::event::Event;
 use crate::stats::{PathStats, Stats, StatsQuery};
 
@@ -23,11 +32,22 @@ pub const COLLECTION: &str = "events";
 pub const DEFAULT_DATABASE: &str = "evtrack";
 const STATS_INDEX: &str = "evtrack_stats";
 const DUPLICATE_KEY: i32 = 11000;
+/// The server's code for an operation stopped by `maxTimeMS`.
+const MAX_TIME_EXPIRED: i32 = 50;
+/// Between site id and event id in `_id`.
+pub const ID_SEPARATOR: char = '\u{1f}';
+
+/// The `_id` of an event: site and event id, joined unambiguously.
+pub fn document_id(site_id: &str, event_id: &str) -> String {
+    format!("{site_id}{ID_SEPARATOR}{event_id}")
+}
 
 #[derive(Clone)]
 pub struct MongoStore {
     db: Database,
     events: Collection<Document>,
+    /// `maxTimeMS` of the stats queries.
+    query_timeout: Duration,
 }
 
 impl MongoStore {
@@ -35,6 +55,15 @@ impl MongoStore {
     /// (idempotently: creating an existing identical index is a no-op).
     /// `database` overrides the one named in the URI; the default is `evtrack`.
     pub async fn connect(uri: &str, database: Option<&str>) -> Result<Self, String> {
+        Self::connect_with(uri, database, crate::config::DEFAULT_STATS_TIMEOUT).await
+    }
+
+    /// As [`Self::connect`], with the time limit of reads (`maxTimeMS`).
+    pub async fn connect_with(
+        uri: &str,
+        database: Option<&str>,
+        query_timeout: Duration,
+    ) -> Result<Self, String> {
         let mut options = ClientOptions::parse(uri)
             .await
             .map_err(|e| format!("invalid connection string: {e}"))?;
@@ -68,7 +97,11 @@ impl MongoStore {
             .create_index(index)
             .await
             .map_err(|e| format!("cannot create indexes in database `{name}`: {e}"))?;
-        Ok(Self { db, events })
+        Ok(Self {
+            db,
+            events,
+            query_timeout,
+        })
     }
 
     /// The stats pipeline's `$match` stage for one site-day.
@@ -126,7 +159,8 @@ fn is_user(expr: &str) -> Document {
 /// The document stored for an event (the original schema plus `props`).
 pub fn to_document(e: &Event) -> Result<Document, String> {
     let mut d = doc! {
-        "_id": &e.id,
+        "_id": document_id(&e.site_id, &e.id),
+        "event_id": &e.id,
         "site_id": &e.site_id,
         "event_type": &e.event_type,
     };
@@ -149,6 +183,17 @@ fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(format!("mongodb: {e}"))
 }
 
+impl MongoStore {
+    /// A read's error: its time limit, or the server's trouble.
+    fn read_error(&self, e: mongodb::error::Error) -> StoreError {
+        if matches!(&*e.kind, ErrorKind::Command(c) if c.code == MAX_TIME_EXPIRED) {
+            StoreError::Timeout(self.query_timeout)
+        } else {
+            unavailable(e)
+        }
+    }
+}
+
 fn as_u64(doc: &Document, key: &str) -> u64 {
     match doc.get(key) {
         Some(Bson::Int32(n)) => (*n).max(0) as u64,
@@ -160,8 +205,8 @@ fn as_u64(doc: &Document, key: &str) -> u64 {
 
 #[async_trait]
 impl Store for MongoStore {
-    async fn insert(&self, events: &[Event]) -> Result<InsertReport, StoreError> {
-        let mut report = InsertReport::default();
+    async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
+        let mut outcomes = Vec::with_capacity(events.len());
         let mut docs = Vec::with_capacity(events.len());
         // Positions in `docs` → positions in `events` (a document that cannot
         // be built is reported as failed and never sent).
@@ -171,49 +216,48 @@ impl Store for MongoStore {
                 Ok(d) => {
                     docs.push(d);
                     positions.push(i);
+                    outcomes.push(InsertOutcome::Inserted);
                 }
-                Err(err) => report.failed.push((i, err)),
+                Err(err) => outcomes.push(InsertOutcome::Failed(err)),
             }
         }
         if docs.is_empty() {
-            return Ok(report);
+            return Ok(outcomes);
         }
-        let sent = docs.len();
         match self.events.insert_many(docs).ordered(false).await {
-            Ok(_) => report.inserted = sent,
+            Ok(_) => {}
             Err(err) => match *err.kind {
                 ErrorKind::InsertMany(ref failure) => {
                     if let Some(wce) = &failure.write_concern_error {
-                        // The writes may or may not be durable: retry them all
-                        // (idempotent), never acknowledge on a doubt.
+                        // The writes were applied but may not be durable:
+                        // retry them all (idempotent), never acknowledge on a
+                        // doubt.
                         return Err(StoreError::Unavailable(format!(
                             "mongodb write concern error: {}",
                             wce.message
                         )));
                     }
-                    let errors = failure.write_errors.as_deref().unwrap_or_default();
-                    for we in errors {
+                    for we in failure.write_errors.as_deref().unwrap_or_default() {
                         let Some(&pos) = positions.get(we.index) else {
                             return Err(StoreError::Unavailable(format!(
                                 "mongodb reported a write error for unknown index {}",
                                 we.index
                             )));
                         };
-                        if we.code == DUPLICATE_KEY {
-                            report.duplicates += 1;
+                        outcomes[pos] = if we.code == DUPLICATE_KEY {
+                            InsertOutcome::Duplicate
                         } else {
-                            report
-                                .failed
-                                .push((pos, format!("mongodb error {}: {}", we.code, we.message)));
-                        }
+                            InsertOutcome::Failed(format!(
+                                "mongodb error {}: {}",
+                                we.code, we.message
+                            ))
+                        };
                     }
-                    report.inserted = sent - errors.len();
                 }
                 _ => return Err(unavailable(err)),
             },
         }
-        report.failed.sort_unstable_by_key(|f| f.0);
-        Ok(report)
+        Ok(outcomes)
     }
 
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
@@ -221,20 +265,22 @@ impl Store for MongoStore {
             .events
             .aggregate(Self::totals_pipeline(query))
             .allow_disk_use(true)
+            .max_time(self.query_timeout)
             .await
-            .map_err(unavailable)?
+            .map_err(|e| self.read_error(e))?
             .try_next()
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.read_error(e))?;
         let (total, users) = totals.map_or((0, 0), |d| (as_u64(&d, "total"), as_u64(&d, "users")));
         let mut paths = Vec::new();
         let mut cursor = self
             .events
             .aggregate(Self::paths_pipeline(query))
             .allow_disk_use(true)
+            .max_time(self.query_timeout)
             .await
-            .map_err(unavailable)?;
-        while let Some(row) = cursor.try_next().await.map_err(unavailable)? {
+            .map_err(|e| self.read_error(e))?;
+        while let Some(row) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
             let Ok(path) = row.get_str("_id") else {
                 continue;
             };
@@ -255,12 +301,13 @@ impl Store for MongoStore {
             .map_err(unavailable)
     }
 
-    async fn count_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
+    async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError> {
         let mut n = 0;
         for chunk in ids.chunks(10_000) {
+            let keys: Vec<String> = chunk.iter().map(|id| document_id(site_id, id)).collect();
             n += self
                 .events
-                .count_documents(doc! {"_id": {"$in": chunk}})
+                .count_documents(doc! {"_id": {"$in": keys}})
                 .await
                 .map_err(unavailable)?;
         }

@@ -14,18 +14,23 @@
 //! are kept exact by one row per (day, user) and per (day, path, user), and
 //! [`SqliteStore::rebuild_aggregates`] recomputes everything from the raw events.
 //!
-//! Durability: `synchronous=NORMAL` in WAL mode makes a commit survive the
-//! process being killed (`kill -9`); only a power loss or OS crash can lose the
-//! last commits. `synchronous=FULL` would fsync every commit.
+//! Durability ([`Durability`]): `synchronous=NORMAL` in WAL mode makes a
+//! commit survive the process being killed (`kill -9`), but a power loss or
+//! OS crash can lose the last commits, which sat in the OS's cache. That is
+//! the embedded mode's choice, said so in the README. Behind a Redis queue the
+//! worker deletes entries from Redis once the store has them, so there every
+//! commit is synced to disk first (`synchronous=FULL`): nothing acknowledged to
+//! Redis lives only in the OS cache.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::{InsertReport, Store, StoreError};
+use super::{InsertOutcome, Store, StoreError};
 use crate::event::Event;
 use crate::stats::{PathStats, Stats, StatsQuery, counted_path, counted_user, day_number};
 
@@ -36,7 +41,7 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
 /// have run. Never edit a released entry: append a new one.
-const MIGRATIONS: &[&str] = &[
+pub const MIGRATIONS: &[&str] = &[
     // 1: raw events keyed by event id (the idempotency key; WITHOUT ROWID
     // keeps one b-tree instead of a table plus a unique index), and the daily
     // aggregates. `day` is the UTC day number, `ts` div 86,400,000.
@@ -70,6 +75,24 @@ const MIGRATIONS: &[&str] = &[
         userid TEXT NOT NULL,
         PRIMARY KEY (site_id, event_type, day, path, userid)
     ) WITHOUT ROWID;",
+    // 2: an event's identity is (site_id, id): two sites may use the same
+    // event id (and one site must not be able to pre-claim another's ids).
+    // SQLite cannot change a primary key in place: copy into a new table.
+    "CREATE TABLE events_v2 (
+        site_id    TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        path       TEXT,
+        userid     TEXT,
+        ts         INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        props      TEXT,
+        PRIMARY KEY (site_id, id)
+    ) WITHOUT ROWID;
+    INSERT INTO events_v2 (site_id, id, event_type, path, userid, ts, created_at, props)
+        SELECT site_id, id, event_type, path, userid, ts, created_at, props FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_v2 RENAME TO events;",
 ];
 
 /// Recomputes every aggregate from the raw events.
@@ -155,12 +178,42 @@ impl<'a> Deltas<'a> {
     }
 }
 
+/// When a commit is on disk. See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=NORMAL`: survives a process kill, not an OS crash.
+    #[default]
+    Process,
+    /// `synchronous=FULL`: every commit is synced to disk before it returns.
+    Disk,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    pub durability: Durability,
+    /// A stats query running longer than this is interrupted.
+    pub query_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            query_timeout: crate::config::DEFAULT_STATS_TIMEOUT,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
     // std Mutex, not tokio's: the lock is only ever taken inside
     // `spawn_blocking`, never held across an `.await`.
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    /// Stops the reader's running statement (a query past its time limit).
+    interrupt: Arc<rusqlite::InterruptHandle>,
+    query_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,14 +221,27 @@ pub struct SqliteStore {
 pub struct OpenError(String);
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database in `dir` and runs migrations.
+    /// Opens (creating if needed) the database in `dir` and runs migrations,
+    /// with the default options.
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with(dir, SqliteOptions::default())
+    }
+
+    /// Opens (creating if needed) the database in `dir` and runs migrations.
+    pub fn open_with(dir: &Path, options: SqliteOptions) -> Result<Self, OpenError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| OpenError(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let fail = |e: rusqlite::Error| OpenError(format!("cannot open {}: {e}", path.display()));
         let mut writer = Connection::open(&path).map_err(fail)?;
         configure(&writer).map_err(fail)?;
+        let synchronous = match options.durability {
+            Durability::Process => "NORMAL",
+            Durability::Disk => "FULL",
+        };
+        writer
+            .pragma_update(None, "synchronous", synchronous)
+            .map_err(fail)?;
         // The aggregate tables take inserts at random places (users, paths):
         // a page cache of 32 MiB instead of SQLite's 2 MiB keeps their hot
         // pages in memory instead of re-reading them from the OS per batch.
@@ -196,8 +262,26 @@ impl SqliteStore {
         configure(&reader).map_err(fail)?;
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
+            interrupt: Arc::new(reader.get_interrupt_handle()),
             reader: Arc::new(Mutex::new(reader)),
+            query_timeout: options.query_timeout,
         })
+    }
+
+    /// Runs a read on the reader connection within the query time limit.
+    /// Past it the running statement is interrupted (SQLite stops it at its
+    /// next step) and the caller gets [`StoreError::Timeout`] at once.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.query_timeout, Self::with_conn(&self.reader, f)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.interrupt.interrupt();
+                Err(StoreError::Timeout(self.query_timeout))
+            }
+        }
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -237,6 +321,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
             result => break result?,
         }
     }
+    // Readers write nothing; the writer sets its own level (see `open_with`).
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(())
 }
@@ -263,18 +348,18 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, events: &[Event]) -> Result<InsertReport, StoreError> {
+    async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
         let events = events.to_vec();
         Self::with_conn(&self.writer, move |conn| {
             // One transaction per batch: the events and their aggregates are
             // stored together or not at all.
             let tx = conn.transaction()?;
-            let mut report = InsertReport::default();
+            let mut outcomes = Vec::with_capacity(events.len());
             let mut deltas = Deltas::default();
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO events (id, site_id, event_type, path, userid, ts, created_at, props)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (site_id, id) DO NOTHING",
                 )?;
                 for e in &events {
                     let props = e.props.as_ref().map(|p| serde_json::Value::Object(p.clone()).to_string());
@@ -289,24 +374,24 @@ impl Store for SqliteStore {
                         props
                     ])?;
                     if n == 1 {
-                        report.inserted += 1;
+                        outcomes.push(InsertOutcome::Inserted);
                         // Only new events count: a redelivery changes nothing.
                         deltas.add(e);
                     } else {
-                        report.duplicates += 1;
+                        outcomes.push(InsertOutcome::Duplicate);
                     }
                 }
             }
             deltas.apply(&tx)?;
             tx.commit()?;
-            Ok(report)
+            Ok(outcomes)
         })
         .await
     }
 
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
         let q = query.clone();
-        Self::with_conn(&self.reader, move |conn| {
+        self.read(move |conn| {
             let day = q.day_number();
             // Both statements read one snapshot so the totals and the paths agree.
             let tx = conn.transaction()?;
@@ -357,13 +442,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn count_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
+    async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
+        let site_id = site_id.to_owned();
         Self::with_conn(&self.reader, move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT 1 FROM events WHERE id = ?1")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT 1 FROM events WHERE site_id = ?1 AND id = ?2")?;
             let mut n = 0;
             for id in &ids {
-                if stmt.query_row([id], |_| Ok(())).optional()?.is_some() {
+                if stmt
+                    .query_row([&site_id, id], |_| Ok(()))
+                    .optional()?
+                    .is_some()
+                {
                     n += 1;
                 }
             }

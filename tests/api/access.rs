@@ -45,12 +45,11 @@ async fn stats_as(app: &TestApp, site: &str, authorization: Option<&str>) -> req
 async fn stats_tokens_are_checked_and_scoped(backend: Backend) {
     let tokens = format!("{TOKEN_A}=site-a, {TOKEN_AC}=site-a|site-c {TOKEN_ALL}=*");
     let app = app_with(backend, |s| s.stats_tokens = tokens.parse().unwrap()).await;
-    let mut ids = Vec::new();
     for site in ["site-a", "site-b"] {
         let body = json_of(app.post_event(&view(site)).await, 202).await;
-        ids.push(body["id"].as_str().unwrap().to_owned());
+        app.wait_stored(site, &[body["id"].as_str().unwrap().to_owned()])
+            .await;
     }
-    app.wait_stored(&ids).await;
 
     // No token: 401 with a bearer challenge, whatever the parameters.
     for query in ["site-a", "site-b"] {
@@ -140,10 +139,11 @@ async fn ingest_allow_list_refuses_other_sites(backend: Backend) {
         .await;
     assert_error(&json_of(r, 400).await, "no_valid_events", None);
 
-    app.wait_stored(&ids).await;
+    app.wait_stored("site-a", &ids[..1]).await;
+    app.wait_stored("site-b", &ids[1..]).await;
     // Nothing of the refused sites reached the store.
     let one = json_of(app.post_event(&view("site-a")).await, 202).await;
-    app.wait_stored(&[one["id"].as_str().unwrap().to_owned()])
+    app.wait_stored("site-a", &[one["id"].as_str().unwrap().to_owned()])
         .await;
     assert_eq!(app.store.count_all().await.unwrap(), 3);
     app.app.stop().await;
@@ -338,7 +338,7 @@ async fn ingest_is_rate_limited_per_client() {
     assert!(preflight.status().is_success(), "{}", preflight.status());
     assert_eq!(app.get("/health").await.status(), 200);
 
-    app.wait_stored(&ids).await;
+    app.wait_stored("site-a", &ids).await;
     let metrics = app.metrics().await;
     let series = r#"evtrack_events_rejected_total{reason="rate_limited"}"#;
     assert_eq!(crate::helpers::metric(&metrics, series), 3.0);

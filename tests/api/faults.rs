@@ -94,7 +94,7 @@ async fn assert_stored_exactly_once(store: &dyn Store, ids: &[String], within: D
     // stand-in.
     let mut by_id = 0;
     for slice in ids.chunks(1_000) {
-        by_id += store.count_ids(slice).await.unwrap();
+        by_id += store.count_ids("faults", slice).await.unwrap();
     }
     assert_eq!(by_id, ids.len() as u64);
     assert_eq!(total_views(store).await, ids.len() as u64);

@@ -119,7 +119,7 @@ impl TestEnv {
 pub struct RunningApp {
     pub address: Option<String>,
     shutdown: CancellationToken,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Result<(), evtrack::startup::TaskFailed>>>,
 }
 
 impl RunningApp {
@@ -144,7 +144,8 @@ impl RunningApp {
             tokio::time::timeout(Duration::from_secs(30), h)
                 .await
                 .expect("application stops within 30 s")
-                .expect("application task");
+                .expect("application task")
+                .expect("every part of the application ran until shutdown");
         }
     }
 }
@@ -235,15 +236,15 @@ impl TestApp {
 
     /// Waits until the store holds all these ids (the worker is asynchronous
     /// in Redis mode), failing after 20 s.
-    pub async fn wait_stored(&self, ids: &[String]) {
-        wait_stored(&*self.store, ids).await
+    pub async fn wait_stored(&self, site_id: &str, ids: &[String]) {
+        wait_stored(&*self.store, site_id, ids).await
     }
 }
 
-pub async fn wait_stored(store: &dyn Store, ids: &[String]) {
+pub async fn wait_stored(store: &dyn Store, site_id: &str, ids: &[String]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let n = store.count_ids(ids).await.expect("count");
+        let n = store.count_ids(site_id, ids).await.expect("count");
         if n == ids.len() as u64 {
             return;
         }
@@ -327,6 +328,12 @@ impl Service {
             "RATE_LIMIT_BURST",
             "TRUSTED_PROXIES",
             "METRICS_PORT",
+            "STATS_TIMEOUT_MS",
+            "WORKER_STALL_MS",
+            "MAX_REQUESTS_IN_FLIGHT",
+            "MAX_BODY_BYTES_IN_FLIGHT",
+            "QUEUE_MAX_BYTES",
+            "DEAD_LETTER_MAX_LEN",
             "LOG_FORMAT",
         ] {
             cmd.env_remove(var);

@@ -9,6 +9,7 @@ backend_tests!(
     every_field_rule_is_enforced_and_nothing_bad_is_stored,
     body_format_errors_have_their_codes,
     a_retried_event_id_is_stored_once,
+    one_sites_event_id_does_not_hide_another_sites_event,
     batches_accept_good_events_and_report_bad_ones,
     ndjson_batches_work,
     batch_limits_are_enforced,
@@ -29,7 +30,7 @@ async fn the_design_example_is_accepted_and_stored(backend: Backend) {
         uuid::Uuid::parse_str(&id).is_ok(),
         "server ids are UUIDs: {id}"
     );
-    app.wait_stored(std::slice::from_ref(&id)).await;
+    app.wait_stored("site-001", std::slice::from_ref(&id)).await;
     let stats = app.stats("site_id=site-001&date=2025-11-23").await;
     assert_eq!(
         stats,
@@ -44,7 +45,7 @@ async fn the_design_example_is_accepted_and_stored(backend: Backend) {
         .post_raw("/event", "text/plain;charset=UTF-8", beacon.to_string())
         .await;
     let id = json_of(r, 202).await["id"].as_str().unwrap().to_owned();
-    app.wait_stored(&[id]).await;
+    app.wait_stored("site-001", &[id]).await;
     let stats = app
         .stats("site_id=site-001&date=2025-11-23&event_type=signup")
         .await;
@@ -165,7 +166,7 @@ async fn every_field_rule_is_enforced_and_nothing_bad_is_stored(backend: Backend
         .as_str()
         .unwrap()
         .to_owned();
-    app.wait_stored(&[id]).await;
+    app.wait_stored(&"s".repeat(100), &[id]).await;
     assert_eq!(
         app.store.count_all().await.unwrap(),
         1,
@@ -222,12 +223,39 @@ async fn a_retried_event_id_is_stored_once(backend: Backend) {
     // The same id inside one batch, and across batches.
     let r = json_of(app.post_events(&json!([e.clone(), e.clone()])).await, 202).await;
     assert_eq!(r["ids"], json!(["client-retry-1", "client-retry-1"]));
-    app.wait_stored(&["client-retry-1".to_owned()]).await;
+    app.wait_stored("site-001", &["client-retry-1".to_owned()])
+        .await;
     // Let the worker catch up with every copy before counting.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(app.store.count_all().await.unwrap(), 1);
     let stats = app.stats("site_id=site-001&date=2025-11-23").await;
     assert_eq!(stats["total_views"], 1);
+    app.app.stop().await;
+}
+
+/// Ingestion is open to every site, so event ids are per site: a site that
+/// sends another site's (predictable) ids first must not make that site's
+/// events vanish.
+async fn one_sites_event_id_does_not_hide_another_sites_event(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let order = |site: &str, path: &str| {
+        json!({"site_id": site, "event_type": "page_view", "path": path, "userid": "buyer",
+               "timestamp": "2025-11-23T10:00:00Z", "event_id": "order-1"})
+    };
+    json_of(app.post_event(&order("shop-a", "/a")).await, 202).await;
+    json_of(app.post_event(&order("shop-b", "/b")).await, 202).await;
+    // And again, in one batch with a retry of each.
+    let batch = json!([order("shop-b", "/b"), order("shop-a", "/a")]);
+    json_of(app.post_events(&batch).await, 202).await;
+    for site in ["shop-a", "shop-b"] {
+        app.wait_stored(site, &["order-1".to_owned()]).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for (site, path) in [("shop-a", "/a"), ("shop-b", "/b")] {
+        let stats = app.stats(&format!("site_id={site}&date=2025-11-23")).await;
+        assert_eq!(stats["total_views"], 1, "{site}: {stats}");
+        assert_eq!(stats["top_paths"][0]["path"], path, "{site}: {stats}");
+    }
     app.app.stop().await;
 }
 
@@ -252,7 +280,7 @@ async fn batches_accept_good_events_and_report_bad_ones(backend: Backend) {
     assert_eq!(rejected[0]["error"]["field"], "event_type");
     assert_eq!(rejected[1]["error"]["code"], "unknown_field");
     assert_eq!(rejected[2]["error"]["code"], "invalid_event");
-    app.wait_stored(&ids).await;
+    app.wait_stored("site-b", &ids).await;
     let stats = app.stats("site_id=site-b&date=2025-11-23").await;
     assert_eq!(
         (
@@ -286,7 +314,7 @@ async fn ndjson_batches_work(backend: Backend) {
     assert_eq!(body["rejected"][0]["index"], 2);
     assert_eq!(body["rejected"][0]["error"]["code"], "invalid_json");
     let ids: Vec<String> = ids_of(&body);
-    app.wait_stored(&ids).await;
+    app.wait_stored("nd", &ids).await;
     let stats = app.stats("site_id=nd&date=2025-11-23").await;
     assert_eq!(
         stats["top_paths"],

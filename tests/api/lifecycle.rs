@@ -115,14 +115,14 @@ async fn shutdown_stores_every_acknowledged_event_and_data_survives_restart() {
     }
     let store = env.store().await;
     assert_eq!(
-        store.count_ids(&acknowledged).await.unwrap(),
+        store.count_ids("shut", &acknowledged).await.unwrap(),
         acknowledged.len() as u64
     );
     drop(store);
     // Start again on the same data directory: everything is still there.
     let again = RunningApp::start(env.settings.clone(), Role::All).await;
     let store = env.store().await;
-    wait_stored(&*store, &acknowledged).await;
+    wait_stored(&*store, "shut", &acknowledged).await;
     again.stop().await;
 }
 
@@ -178,7 +178,7 @@ async fn api_and_two_workers_as_processes_on_redis_and_mongodb() {
     let body = json_of(r, 202).await;
     ids.extend(ids_of(&body));
     let store = env.store().await;
-    wait_stored(&*store, &ids).await;
+    wait_stored(&*store, "site-001", &ids).await;
     assert_eq!(store.count_all().await.unwrap(), 301);
     let r = client
         .get(format!("{base}/stats?site_id=site-001&date=2025-11-23"))
@@ -271,7 +271,7 @@ async fn embedded_acknowledged_events_survive_kill_9() {
     let store = evtrack::store::sqlite::SqliteStore::open(&data).unwrap();
     use evtrack::store::Store;
     assert_eq!(
-        store.count_ids(&acknowledged).await.unwrap(),
+        store.count_ids("k9", &acknowledged).await.unwrap(),
         acknowledged.len() as u64
     );
 }

@@ -25,7 +25,7 @@ async fn counters_follow_the_events(backend: Backend) {
     let batch = json!([view(1), {"event_type": "x"}, view(2)]);
     ids.extend(ids_of(&json_of(app.post_events(&batch).await, 202).await));
     json_of(app.get("/no-such-route").await, 404).await;
-    app.wait_stored(&ids).await;
+    app.wait_stored("metrics", &ids).await;
 
     // The worker records a batch right after acknowledging it: poll briefly.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -101,7 +101,7 @@ async fn a_worker_alone_serves_its_counts_on_metrics_port() {
     let worker = RunningApp::start(settings.clone(), Role::Worker).await;
     let base = worker.address.clone().expect("the worker listens");
     let body = json_of(app.post_events(&json!([view(0), view(1)])).await, 202).await;
-    app.wait_stored(&ids_of(&body)).await;
+    app.wait_stored("metrics", &ids_of(&body)).await;
     let client = reqwest::Client::new();
     let text = client
         .get(format!("{base}/metrics"))

@@ -37,7 +37,7 @@ async fn two_workers_drain_one_queue_exactly_once() {
         let body = json_of(api.post_events(&Value::Array(batch)).await, 202).await;
         ids.extend(ids_of(&body));
     }
-    api.wait_stored(&ids).await;
+    api.wait_stored("drain", &ids).await;
     assert_eq!(
         api.store.count_all().await.unwrap(),
         3000,
@@ -151,7 +151,7 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
         .await
         .unwrap();
     let body = json_of(app.post_event(&view(1)).await, 202).await;
-    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()])
+    app.wait_stored("drain", &[body["id"].as_str().unwrap().to_owned()])
         .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -251,7 +251,7 @@ async fn redis_down_means_a_quick_503_and_recovery_without_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    app.wait_stored(&[id]).await;
+    app.wait_stored("drain", &[id]).await;
     json_of(app.get("/ready").await, 200).await;
     app.app.stop().await;
 }
@@ -265,7 +265,7 @@ async fn rediss_with_a_password_works() {
     assert!(redis.url.starts_with("rediss://:"));
     let app = spawn_app_with(env, Role::All).await;
     let body = json_of(app.post_event(&view(3)).await, 202).await;
-    app.wait_stored(&[body["id"].as_str().unwrap().to_owned()])
+    app.wait_stored("drain", &[body["id"].as_str().unwrap().to_owned()])
         .await;
     let ready = json_of(app.get("/ready").await, 200).await;
     assert_eq!(ready["checks"]["queue"]["backend"], "redis");
@@ -308,7 +308,7 @@ async fn store_outage_keeps_events_pending_until_it_returns() {
     assert!(r.headers().contains_key("retry-after"));
     assert_error(&json_of(r, 503).await, "store_unavailable", None);
     app.env.mongo.as_mut().unwrap().restart();
-    wait_stored(&*app.store, &ids).await;
+    wait_stored(&*app.store, "drain", &ids).await;
     let dead: u64 = conn.xlen(app.env.dead_key()).await.unwrap();
     assert_eq!(dead, 0, "an outage does not dead-letter events");
     app.app.stop().await;

@@ -15,10 +15,13 @@ fn view(path: &str, user: &str, at: &str) -> Value {
 }
 
 async fn post_all(app: &crate::helpers::TestApp, events: Vec<Value>) {
-    let body = json_of(app.post_events(&Value::Array(events)).await, 202).await;
+    let body = json_of(app.post_events(&Value::Array(events.clone())).await, 202).await;
     assert_eq!(body["rejected"], json!([]));
     let ids: Vec<String> = ids_of(&body);
-    app.wait_stored(&ids).await;
+    for (event, id) in events.iter().zip(&ids) {
+        let site = event["site_id"].as_str().unwrap();
+        app.wait_stored(site, std::slice::from_ref(id)).await;
+    }
 }
 
 async fn the_design_documents_sample_response(backend: Backend) {

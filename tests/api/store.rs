@@ -6,9 +6,9 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use evtrack::event::Event;
 use evtrack::stats::{StatsQuery, aggregate};
-use evtrack::store::Store;
 use evtrack::store::mongo::MongoStore;
 use evtrack::store::sqlite::SqliteStore;
+use evtrack::store::{InsertOutcome, Store};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -59,6 +59,7 @@ macro_rules! store_tests {
 
 store_tests!(
     inserts_are_idempotent,
+    the_same_event_id_on_two_sites_is_two_events,
     stats_match_the_reference_on_random_data,
     empty_and_checks
 );
@@ -97,6 +98,7 @@ fn query(site: &str, limit: u32) -> StatsQuery {
 }
 
 async fn inserts_are_idempotent(s: Subject) {
+    use InsertOutcome::{Duplicate, Inserted};
     let t = day_start();
     let mut props = serde_json::Map::new();
     props.insert("plan".into(), serde_json::json!("pro"));
@@ -104,28 +106,60 @@ async fn inserts_are_idempotent(s: Subject) {
     let mut with_props = event("a", "s", Some("/x"), Some("u"), t);
     with_props.props = Some(props);
     let batch = vec![with_props, event("b", "s", None, None, t + 1)];
-    let r = s.store.insert(&batch).await.unwrap();
-    assert_eq!((r.inserted, r.duplicates, r.failed.len()), (2, 0, 0));
-    // A redelivered batch, partly new.
+    assert_eq!(s.store.insert(&batch).await.unwrap(), [Inserted, Inserted]);
+    // A redelivered batch, partly new: one outcome per event, in order.
     let again = vec![
         batch[1].clone(),
         event("c", "s", Some("/y"), Some("v"), t + 2),
         batch[0].clone(),
     ];
-    let r = s.store.insert(&again).await.unwrap();
-    assert_eq!((r.inserted, r.duplicates, r.failed.len()), (1, 2, 0));
+    assert_eq!(
+        s.store.insert(&again).await.unwrap(),
+        [Duplicate, Inserted, Duplicate]
+    );
     // The same id twice in one batch.
     let twice = vec![
         event("d", "s", None, None, t),
         event("d", "s", None, None, t),
     ];
-    let r = s.store.insert(&twice).await.unwrap();
-    assert_eq!((r.inserted, r.duplicates), (1, 1));
+    assert_eq!(s.store.insert(&twice).await.unwrap(), [Inserted, Duplicate]);
     assert_eq!(s.store.count_all().await.unwrap(), 4);
     let ids = ["a", "b", "c", "d", "zz"].map(String::from);
-    assert_eq!(s.store.count_ids(&ids).await.unwrap(), 4);
+    assert_eq!(s.store.count_ids("s", &ids).await.unwrap(), 4);
     let stats = s.store.stats(&query("s", 10)).await.unwrap();
     assert_eq!((stats.total_views, stats.unique_users), (4, 2));
+}
+
+/// An event's identity is (site, event id): one site's ids cannot hide
+/// another site's events, in one batch or across batches.
+async fn the_same_event_id_on_two_sites_is_two_events(s: Subject) {
+    use InsertOutcome::{Duplicate, Inserted};
+    let t = day_start();
+    let first = vec![event("order-1", "shop-a", Some("/buy"), Some("u1"), t)];
+    assert_eq!(s.store.insert(&first).await.unwrap(), [Inserted]);
+    let mixed = vec![
+        event("order-1", "shop-b", Some("/buy"), Some("u2"), t + 1),
+        event("order-1", "shop-a", Some("/buy"), Some("u1"), t),
+        event("order-2", "shop-b", Some("/buy"), Some("u2"), t + 2),
+        event("order-2", "shop-a", Some("/buy"), Some("u3"), t + 3),
+        event("order-2", "shop-b", Some("/buy"), Some("u2"), t + 2),
+    ];
+    assert_eq!(
+        s.store.insert(&mixed).await.unwrap(),
+        [Inserted, Duplicate, Inserted, Inserted, Duplicate]
+    );
+    let ids = ["order-1", "order-2"].map(String::from);
+    assert_eq!(s.store.count_ids("shop-a", &ids).await.unwrap(), 2);
+    assert_eq!(s.store.count_ids("shop-b", &ids).await.unwrap(), 2);
+    assert_eq!(s.store.count_all().await.unwrap(), 4);
+    for (site, users) in [("shop-a", 2), ("shop-b", 1)] {
+        let stats = s.store.stats(&query(site, 10)).await.unwrap();
+        assert_eq!(
+            (stats.total_views, stats.unique_users),
+            (2, users),
+            "{site}"
+        );
+    }
 }
 
 async fn stats_match_the_reference_on_random_data(s: Subject) {
@@ -228,8 +262,9 @@ async fn mongo_has_no_aggregates_to_rebuild() {
 }
 
 /// MongoDB documents keep the original schema, so existing tools read them:
-/// `_id`, real BSON dates, absent fields left out; the database named in the
-/// URI is used when MONGO_DB is not set.
+/// real BSON dates, absent fields left out, plus `event_id`, with `_id` the
+/// site and event id joined by U+001F; the database named in the URI is used
+/// when MONGO_DB is not set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_documents_follow_the_original_schema() {
     use mongodb::bson::{Bson, Document, doc};
@@ -250,10 +285,11 @@ async fn mongo_documents_follow_the_original_schema() {
     let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
     let events = client.database(&db).collection::<Document>("events");
     let d = events
-        .find_one(doc! {"_id": "full"})
+        .find_one(doc! {"_id": "s\u{1f}full"})
         .await
         .unwrap()
         .expect("stored in the URI's database");
+    assert_eq!(d.get_str("event_id").unwrap(), "full");
     assert_eq!(d.get_str("site_id").unwrap(), "s");
     assert_eq!(d.get_str("event_type").unwrap(), "page_view");
     assert_eq!(d.get_str("path").unwrap(), "/x");
@@ -270,7 +306,7 @@ async fn mongo_documents_follow_the_original_schema() {
     assert_eq!(props.get("ok"), Some(&Bson::Boolean(true)));
     assert_eq!(props.get("z"), Some(&Bson::Null));
     let d = events
-        .find_one(doc! {"_id": "bare"})
+        .find_one(doc! {"site_id": "s", "event_id": "bare"})
         .await
         .unwrap()
         .unwrap();
@@ -359,4 +395,49 @@ fn sqlite_opens_from_several_processes_at_once_on_a_new_file() {
             assert_eq!(t.join().unwrap(), Ok(()));
         }
     }
+}
+
+/// A file written before event identity became (site, id) migrates on open:
+/// its events stay, and from then on another site may use the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_files_keyed_by_event_id_alone_migrate() {
+    use InsertOutcome::{Duplicate, Inserted};
+    let dir = tempfile::tempdir().unwrap();
+    let t = day_start();
+    {
+        let conn =
+            rusqlite::Connection::open(dir.path().join(evtrack::store::sqlite::FILE_NAME)).unwrap();
+        conn.execute_batch(evtrack::store::sqlite::MIGRATIONS[0])
+            .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO events (id, site_id, event_type, path, userid, ts, created_at)
+                 VALUES (?1, ?2, 'page_view', '/buy', ?3, ?4, ?4)",
+            )
+            .unwrap();
+        for (id, site, user) in [
+            ("order-1", "shop-a", "u1"),
+            ("order-2", "shop-a", "u2"),
+            ("order-3", "shop-b", "u3"),
+        ] {
+            insert
+                .execute(rusqlite::params![id, site, user, t])
+                .unwrap();
+        }
+    }
+    let store = SqliteStore::open(dir.path()).expect("the old file opens and migrates");
+    assert!(store.rebuild_aggregates().await.unwrap());
+    let ids = ["order-1", "order-2", "order-3"].map(String::from);
+    assert_eq!(store.count_ids("shop-a", &ids).await.unwrap(), 2);
+    assert_eq!(store.count_ids("shop-b", &ids).await.unwrap(), 1);
+    let more = vec![
+        event("order-1", "shop-b", Some("/buy"), Some("u4"), t),
+        event("order-1", "shop-a", Some("/buy"), Some("u1"), t),
+    ];
+    assert_eq!(store.insert(&more).await.unwrap(), [Inserted, Duplicate]);
+    let stats = store.stats(&query("shop-b", 10)).await.unwrap();
+    assert_eq!((stats.total_views, stats.unique_users), (2, 2));
+    let stats = store.stats(&query("shop-a", 10)).await.unwrap();
+    assert_eq!((stats.total_views, stats.unique_users), (2, 2));
 }
