@@ -14,9 +14,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
-ensure_commands redis-server wrk
+ensure_commands redis-server wrk strace
 ensure_secantusdb
 ensure_schemathesis
+
+# DATA_DIR's default is ./data: a database committed there would be what
+# `cargo run --release` starts on in a fresh clone.
+if git rev-parse --git-dir >/dev/null 2>&1 && [ -n "$(git ls-files -- data)" ]; then
+    echo "error: files under data/ are committed (git rm --cached them):" >&2
+    git ls-files -- data >&2
+    exit 1
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -42,9 +42,8 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
     // h2c (prior knowledge) would need its own header and idle limits (a
     // stream's headers can trickle in over a connection kept busy by pings),
     // so it is refused: such a connection is answered as HTTP/1 and closed.
-    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
     let graceful = GracefulShutdown::new();
@@ -87,9 +86,7 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
                 }
             },
         ));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // Errors here are the client's (reset, timeout, bad request

@@ -420,3 +420,66 @@ pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupEr
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for `tasks`, failing the test if that takes more than a minute.
+    async fn wait(tasks: Tasks) -> Result<(), TaskFailed> {
+        tokio::time::timeout(Duration::from_secs(60), tasks.wait())
+            .await
+            .expect("every task ended")
+    }
+
+    /// A part that stops on shutdown, as the server and the worker do.
+    fn until_shutdown(shutdown: &CancellationToken) -> impl Future<Output = ()> + use<> {
+        let shutdown = shutdown.clone();
+        async move { shutdown.cancelled().await }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_panics_stops_the_others_and_is_reported() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::new(shutdown.clone());
+        tasks.spawn("server", until_shutdown(&shutdown));
+        tasks.spawn("worker", async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            panic!("the worker's store call panicked");
+        });
+        let failed = wait(tasks).await.expect_err("a failure is reported");
+        assert_eq!((failed.task, failed.how.as_str()), ("worker", "panicked"));
+        assert!(shutdown.is_cancelled(), "the server was told to stop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_ends_on_its_own_stops_the_others_and_is_reported() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::new(shutdown.clone());
+        tasks.spawn("worker", until_shutdown(&shutdown));
+        tasks.spawn("server", async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let failed = wait(tasks).await.expect_err("a failure is reported");
+        assert_eq!(failed.task, "server");
+        assert_eq!(
+            failed.to_string(),
+            "the server task ended on its own",
+            "the line the binary prints before exiting non-zero"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_that_end_after_shutdown_was_asked_for_are_fine() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = Tasks::new(shutdown.clone());
+        tasks.spawn("server", until_shutdown(&shutdown));
+        tasks.spawn("worker", until_shutdown(&shutdown));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop.cancel();
+        });
+        assert!(wait(tasks).await.is_ok());
+    }
+}

@@ -331,3 +331,108 @@ impl Backoff {
         self.failures = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `process_batch` with in-memory stand-ins: the settling logic alone.
+    //! The real queues and stores are exercised in `tests/api/`.
+    use super::*;
+    use crate::stats::{Stats, StatsQuery};
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    /// Answers each insert with the outcomes it is given.
+    struct Scripted(Mutex<Vec<Vec<InsertOutcome>>>);
+
+    #[async_trait]
+    impl Store for Scripted {
+        async fn insert(&self, _events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
+            Ok(self.0.lock().unwrap().remove(0))
+        }
+        async fn stats(&self, _q: &StatsQuery) -> Result<Stats, StoreError> {
+            unreachable!()
+        }
+        async fn check(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn count_ids(&self, _s: &str, _ids: &[String]) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn count_all(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn kind(&self) -> &'static str {
+            "scripted"
+        }
+    }
+
+    /// Records what was acknowledged and dead-lettered, by tag.
+    #[derive(Default)]
+    struct Recorder {
+        acked: Vec<u32>,
+        dead: Vec<u32>,
+    }
+
+    #[async_trait]
+    impl Consumer for Recorder {
+        type Tag = u32;
+        async fn fetch(&mut self, _max: usize) -> Result<Vec<Delivery<u32>>, QueueError> {
+            Ok(Vec::new())
+        }
+        async fn ack(&mut self, d: Vec<Delivery<u32>>) -> Result<(), QueueError> {
+            self.acked.extend(d.iter().map(|d| d.tag));
+            Ok(())
+        }
+        async fn dead_letter(&mut self, d: Vec<(Delivery<u32>, String)>) -> Result<(), QueueError> {
+            self.dead.extend(d.iter().map(|(d, _)| d.tag));
+            Ok(())
+        }
+        async fn release(&mut self, d: Vec<Delivery<u32>>, _r: &str) -> Vec<Delivery<u32>> {
+            d
+        }
+    }
+
+    fn batch(n: u32) -> Vec<Delivery<u32>> {
+        (0..n)
+            .map(|tag| Delivery {
+                event: crate::event::parse_event(
+                    serde_json::json!({"site_id": "s", "event_type": "t"}),
+                    0,
+                )
+                .map_err(|e| e.message),
+                attempts: 1,
+                tag,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn each_outcome_settles_the_event_at_its_position() {
+        use InsertOutcome::{Duplicate, Failed, Inserted};
+        let store = Scripted(Mutex::new(vec![vec![
+            Failed("conflict".into()),
+            Inserted,
+            Failed("conflict".into()),
+            Duplicate,
+        ]]));
+        let mut consumer = Recorder::default();
+        let config = WorkerConfig::default();
+        let outcome = process_batch(&mut consumer, &store, batch(4), &config).await;
+        assert_eq!(consumer.acked, [1, 3]);
+        let retried: Vec<u32> = outcome.retry.iter().map(|d| d.tag).collect();
+        assert_eq!(retried, [0, 2]);
+        assert_eq!((outcome.stored, outcome.duplicates), (2, 1));
+        assert!(outcome.retry.iter().all(|d| d.attempts == 2));
+    }
+
+    #[tokio::test]
+    async fn a_store_answering_the_wrong_number_of_outcomes_settles_nothing() {
+        let store = Scripted(Mutex::new(vec![vec![InsertOutcome::Inserted]]));
+        let mut consumer = Recorder::default();
+        let config = WorkerConfig::default();
+        let outcome = process_batch(&mut consumer, &store, batch(3), &config).await;
+        assert!(consumer.acked.is_empty() && consumer.dead.is_empty());
+        assert_eq!(outcome.retry.len(), 3);
+        assert!(outcome.store_error.is_some());
+    }
+}

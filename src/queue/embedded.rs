@@ -6,10 +6,18 @@
 //! whatever has piled up while the previous commit ran, so under load many
 //! requests share one transaction (group commit) and latency stays at about
 //! one commit.
+//!
+//! Every wait is bounded, and the answer stays true: a request the writer
+//! has not taken within [`MAX_WAIT`] is withdrawn (the writer will skip it)
+//! and answered `Full`, so nothing of it is stored; a request the writer has
+//! taken is part of a commit already running, and is answered when that
+//! commit ends, or `StoreUnavailable` after [`MAX_COMMIT_WAIT`] (a stalled
+//! disk), in which case the commit may still land: the README tells clients
+//! to send an `event_id` so that a retry cannot count twice.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -22,7 +30,18 @@ use crate::event::Event;
 /// How long a request may wait for the writer to start on it. Past that the
 /// writer is behind (or the disk is stalled) and the client is better told
 /// 503 than kept waiting: the API must not hang for more than about a second.
-const MAX_WAIT: Duration = Duration::from_secs(1);
+pub const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a request waits for the commit that holds it, once the writer
+/// has taken it.
+pub const MAX_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a request stands with the writer; moves once, from `WAITING`.
+const WAITING: u8 = 0;
+/// The writer has it in a batch: it is committed or refused with the batch.
+const TAKEN: u8 = 1;
+/// Its client stopped waiting before the writer took it: the writer skips it.
+const WITHDRAWN: u8 = 2;
 
 /// What is waiting, for [`Queue::depth`]: shared by both sides.
 #[derive(Debug, Default)]
@@ -47,6 +66,8 @@ impl Backlog {
 /// The reply to one `enqueue` call, shared by that call's events.
 #[derive(Debug)]
 pub struct Waiter {
+    /// `WAITING`, `TAKEN` or `WITHDRAWN`.
+    state: AtomicU8,
     remaining: AtomicUsize,
     reply: Mutex<Option<oneshot::Sender<Result<(), QueueError>>>>,
     events: u64,
@@ -63,6 +84,13 @@ impl Waiter {
             // The handler may have gone (client disconnected): nothing to do.
             let _ = tx.send(result);
         }
+    }
+
+    /// Moves from `WAITING` to `to`; false when another side moved it first.
+    fn settle(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     fn one_done(&self) {
@@ -121,6 +149,7 @@ impl Queue for EmbeddedQueue {
         let (reply, done) = oneshot::channel();
         let n = events.len() as u64;
         let waiter = Arc::new(Waiter {
+            state: AtomicU8::new(WAITING),
             remaining: AtomicUsize::new(events.len()),
             reply: Mutex::new(Some(reply)),
             events: n,
@@ -132,7 +161,7 @@ impl Queue for EmbeddedQueue {
         self.tx
             .try_send(Item {
                 events,
-                waiter,
+                waiter: Arc::clone(&waiter),
                 enqueued: Instant::now(),
             })
             .inspect_err(|_| {
@@ -144,7 +173,24 @@ impl Queue for EmbeddedQueue {
             })?;
         // The writer always replies (ack, dead-letter or release); a dropped
         // reply means the writer is gone.
-        done.await.unwrap_or(Err(QueueError::Closed))
+        let mut done = done;
+        if let Ok(reply) = tokio::time::timeout(MAX_WAIT, &mut done).await {
+            return reply.unwrap_or(Err(QueueError::Closed));
+        }
+        if waiter.settle(WITHDRAWN) {
+            // The writer has not taken it and now never will: not stored.
+            waiter.finish(Err(QueueError::Full));
+            return Err(QueueError::Full);
+        }
+        // Taken: its commit is running. Its outcome is the answer, within
+        // a bound.
+        match tokio::time::timeout(MAX_COMMIT_WAIT, done).await {
+            Ok(reply) => reply.unwrap_or(Err(QueueError::Closed)),
+            Err(_) => Err(QueueError::StoreUnavailable(format!(
+                "the store did not commit within {} s",
+                (MAX_WAIT + MAX_COMMIT_WAIT).as_secs()
+            ))),
+        }
     }
 
     async fn check(&self) -> Result<(), QueueError> {
@@ -176,12 +222,11 @@ impl Queue for EmbeddedQueue {
 impl EmbeddedConsumer {
     /// Adds one request's events to the batch, whole: a request is never
     /// split across commits, so it is stored all at once or not at all and
-    /// its answer (202 or 503) is true of every event in it. A request that
-    /// waited past its deadline is answered 503 and skipped: nothing of it
-    /// is stored, and the client, told so within the bound, retries.
+    /// its answer (202 or 503) is true of every event in it. A request
+    /// withdrawn by its client (it waited past [`MAX_WAIT`]) was answered 503
+    /// and is skipped: nothing of it is stored.
     fn take_into(item: Item, out: &mut Vec<Delivery<Arc<Waiter>>>) {
-        if item.enqueued.elapsed() > MAX_WAIT {
-            item.waiter.finish(Err(QueueError::Full));
+        if !item.waiter.settle(TAKEN) {
             return;
         }
         out.extend(item.events.into_iter().map(|e| Delivery {

@@ -129,3 +129,207 @@ async fn huge_bodies_and_numbers_are_refused_and_nothing_is_stored() {
     assert_eq!(app.store.count_all().await.unwrap(), 0);
     app.app.stop().await;
 }
+
+/// HTTP lets a client invent methods; each must not become a metrics series
+/// that lives as long as the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let app = spawn_app(Backend::EmbeddedSqlite).await;
+    for i in 0..400 {
+        let method = reqwest::Method::from_bytes(format!("M{i}X").as_bytes()).unwrap();
+        let r = app
+            .client
+            .request(method, format!("{}/event", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405);
+    }
+    let text = app.metrics().await;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("evtrack_http_request_duration_seconds_count"))
+        .collect();
+    assert!(
+        series.len() <= 3,
+        "one series per known method, route and status: {series:#?}"
+    );
+    assert!(
+        text.contains(r#"evtrack_http_request_duration_seconds_count{method="other",route="/event",status="405"} 400"#),
+        "{series:#?}"
+    );
+    assert!(text.len() < 20_000, "/metrics is {} bytes", text.len());
+    app.app.stop().await;
+}
+
+/// Peak resident memory of a process (`VmHWM`), from `/proc` (Linux).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib / 1024.0
+}
+
+/// Batches of millions of junk items are refused after the 1,001st without
+/// parsing the rest: eight at once, each at the 5 MiB limit, cost the
+/// service little more than their bodies (they once cost about 900 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_batches_at_the_size_limit_cost_little_more_than_their_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::backends::free_port();
+    let service = crate::helpers::Service::spawn_quiet(
+        &[],
+        &[
+            ("PORT", port.to_string()),
+            ("DATA_DIR", dir.path().display().to_string()),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    crate::helpers::wait_until_up(&client, &base).await;
+    let before = peak_rss_mib(service.child.id());
+    let limit = evtrack::routes::ingest::MAX_BATCH_BYTES;
+    let ndjson = "x\n".repeat(limit / 2);
+    let array = format!("[{}1]", "1,".repeat(limit / 2 - 2));
+    assert!(ndjson.len() <= limit && array.len() <= limit);
+    for (content_type, body) in [
+        ("application/x-ndjson", ndjson),
+        ("application/json", array),
+    ] {
+        let sends: Vec<_> = (0..8)
+            .map(|_| {
+                client
+                    .post(format!("{base}/events"))
+                    .header("Content-Type", content_type)
+                    .body(body.clone())
+                    .send()
+            })
+            .collect();
+        for r in futures::future::join_all(sends).await {
+            assert_error(&json_of(r.unwrap(), 413).await, "too_many_events", None);
+        }
+    }
+    let grown = peak_rss_mib(service.child.id()) - before;
+    eprintln!("peak RSS grew by {grown:.0} MiB");
+    // The bodies alone are 8 × 5 MiB, read while a copy of each is made.
+    assert!(grown < 150.0, "peak RSS grew by {grown:.0} MiB");
+}
+
+/// Requests and body bytes in flight are bounded across connections: beyond
+/// either, 503 `overloaded` with Retry-After at once, while health checks
+/// still answer; room comes back when the holder is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_body_bytes_in_flight_are_bounded() {
+    let mut env = crate::helpers::TestEnv::new(Backend::EmbeddedSqlite);
+    env.settings.max_body_bytes_in_flight = evtrack::routes::ingest::MAX_BATCH_BYTES;
+    env.settings.max_requests_in_flight = 2;
+    let app = crate::helpers::spawn_app_with(env, evtrack::startup::Role::All).await;
+    let small = json!([{"site_id": "busy", "event_type": "page_view"}]);
+    let slow_request = |head: String| {
+        let address = host_port(&app);
+        async move {
+            let mut conn = TcpStream::connect(address).await.unwrap();
+            conn.write_all(head.as_bytes()).await.unwrap();
+            conn
+        }
+    };
+
+    // Two clients send small events slowly: they hold both request slots,
+    // and a third request is refused whatever it asks.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        slow.push(
+            slow_request("POST /event HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".into())
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = app.get("/stats?site_id=busy").await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_error(&json_of(r, 503).await, "overloaded", None);
+    answers_promptly(&app).await;
+    slow.clear();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // One client declares a batch at the size limit and sends it slowly: it
+    // holds all the body room, and even a small batch is refused.
+    slow.push(
+        slow_request(format!(
+            "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n[",
+            evtrack::routes::ingest::MAX_BATCH_BYTES
+        ))
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = app.post_events(&small).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_error(&json_of(r, 503).await, "overloaded", None);
+    answers_promptly(&app).await;
+
+    // The holder goes away: room again.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = app.post_events(&small).await;
+        if r.status() == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", r.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.app.stop().await;
+}
+
+/// Cleartext HTTP/2 (prior knowledge) is not spoken: it would need limits
+/// of its own. The connection gets an HTTP/1 answer or is closed, never an
+/// HTTP/2 SETTINGS frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_http2_is_refused() {
+    let app = spawn_app(Backend::EmbeddedSqlite).await;
+    let mut conn = TcpStream::connect(host_port(&app)).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame, as a client sends after the preface.
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply.starts_with(b"HTTP/1.1 "),
+        "answered as HTTP/2: {:?}",
+        &reply[..reply.len().min(32)]
+    );
+    answers_promptly(&app).await;
+    app.app.stop().await;
+}
+
+/// A stats query past `STATS_TIMEOUT_MS` is stopped and answered 503
+/// `query_timeout` with Retry-After, promptly (MongoDB: `maxTimeMS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stats_query_past_its_time_limit_is_answered_503() {
+    let mut env = crate::helpers::TestEnv::new(Backend::RedisMongo);
+    env.settings.stats_timeout_ms = 50;
+    let app = crate::helpers::spawn_app_with(env, evtrack::startup::Role::All).await;
+    // Enough events that the stand-in's scan takes well over 50 ms.
+    let events: Vec<_> = (0..3_000)
+        .map(|i| {
+            evtrack::event::parse_event(
+                json!({"site_id": "slow", "event_type": "page_view", "path": format!("/{}", i % 50),
+                       "userid": format!("u{i}"), "timestamp": "2025-11-23T12:00:00Z"}),
+                evtrack::event::now_ms(),
+            )
+            .unwrap()
+        })
+        .collect();
+    app.store.insert(&events).await.unwrap();
+    let started = Instant::now();
+    let r = app.get("/stats?site_id=slow&date=2025-11-23").await;
+    let elapsed = started.elapsed();
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_error(&json_of(r, 503).await, "query_timeout", None);
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    app.app.stop().await;
+}

@@ -61,7 +61,22 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
         ..env.settings.clone()
     };
     expect(nonsense, Role::All, "REDIS_URL").await;
+    // The embedded queue in front of MongoDB is refused before anything is
+    // connected: a request could be partly stored yet answered 503.
+    let embedded_mongo = Settings {
+        mongo_uri: Some("mongodb://127.0.0.1:1/".into()),
+        ..env.settings.clone()
+    };
+    let err = Application::build(embedded_mongo, Role::All)
+        .await
+        .err()
+        .expect("embedded queue + MongoDB is refused");
+    assert_eq!(err.setting, "MONGO_URI");
+    assert!(err.message.contains("REDIS_URL"), "{err}");
+    // With Redis, MongoDB settings are checked by connecting.
+    let redis = crate::backends::RedisServer::start();
     let mongo = Settings {
+        redis_url: Some(redis.url.clone()),
         mongo_uri: Some(format!(
             "mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=300",
             crate::backends::free_port()
@@ -70,6 +85,7 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
     };
     expect(mongo, Role::All, "MONGO_URI").await;
     let bad_uri = Settings {
+        redis_url: Some(redis.url.clone()),
         mongo_uri: Some("mysql://nope".into()),
         ..env.settings.clone()
     };
@@ -81,6 +97,155 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
         ..env.settings.clone()
     };
     expect(data_dir, Role::All, "DATA_DIR").await;
+}
+
+/// A worker that cannot store what it reads (MongoDB gone for good) stops
+/// completing polls, and `/health` says so once `WORKER_STALL_MS` has passed,
+/// in the all-in-one process and in `evtrack worker` (METRICS_PORT); the API
+/// alone, which runs no worker, stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_503_when_the_worker_stops_completing_polls() {
+    let mut env = TestEnv::new(Backend::RedisMongo);
+    env.settings.worker_stall_ms = 1_000;
+    let mut worker_settings = env.settings.clone();
+    worker_settings.metrics_port = Some(0);
+    let app = crate::helpers::spawn_app_with(env, Role::All).await;
+    let worker = RunningApp::start(worker_settings, Role::Worker).await;
+    let worker_base = worker.address.clone().expect("METRICS_PORT serves");
+    let api = RunningApp::start(app.env.settings.clone(), Role::Api).await;
+    let api_base = api.address.clone().expect("the API listens");
+    let client = reqwest::Client::new();
+    let health = |base: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(format!("{base}/health")).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let first = json_of(
+        app.post_event(&json!({"site_id": "h", "event_type": "page_view"}))
+            .await,
+        202,
+    )
+    .await;
+    app.wait_stored("h", &[first["id"].as_str().unwrap().to_owned()])
+        .await;
+    // Idle for longer than the bound, but polling: healthy.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(health(app.address.clone()).await.0, 200);
+    assert_eq!(health(worker_base.clone()).await.0, 200);
+
+    let mut env = app.env;
+    env.mongo.as_mut().expect("mongo").stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for base in [app.address.clone(), worker_base.clone()] {
+        loop {
+            // Events keep coming (into Redis), so that each of the two
+            // workers is handed some it cannot store.
+            let r = client
+                .post(format!("{api_base}/event"))
+                .json(&json!({"site_id": "h", "event_type": "page_view"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "ingestion goes on into Redis");
+            let (status, body) = health(base.clone()).await;
+            if status == 503 {
+                assert_eq!(body["error"]["code"], "worker_stalled", "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{base} still healthy: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        health(api_base).await.0,
+        200,
+        "the API alone runs no worker"
+    );
+    api.stop().await;
+    worker.stop().await;
+    app.app.stop().await;
+}
+
+/// Counts the sync calls (`fsync`, `fdatasync`) an strace log holds so far.
+fn syncs_in(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .count()
+}
+
+/// Redis + SQLite: the worker deletes stream entries once the store has
+/// them, so the store's commit must be on disk by then, not in the OS's
+/// cache (an OS crash or power loss would lose what Redis no longer holds).
+/// Seen from outside, with strace: storing a batch costs the worker process
+/// a sync call, made before the stream is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mode_syncs_each_sqlite_commit_to_disk_before_acknowledging() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new(Backend::RedisSqlite);
+    let log = env.dir.path().join("strace.log");
+    let port = crate::backends::free_port();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_evtrack"))
+        .arg("worker")
+        .env("REDIS_URL", env.settings.redis_url.clone().unwrap())
+        .env("REDIS_PREFIX", &env.settings.redis_prefix)
+        .env("DATA_DIR", &env.settings.data_dir)
+        .env("METRICS_PORT", port.to_string())
+        .env("RUST_LOG", "warn")
+        .env_remove("MONGO_URI")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut worker = crate::helpers::Service {
+        child: cmd
+            .spawn()
+            .expect("strace (scripts/test.sh installs it) runs the worker"),
+    };
+    let client = reqwest::Client::new();
+    wait_until_up(&client, &format!("http://127.0.0.1:{port}")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = syncs_in(&log);
+
+    let queue = evtrack::queue::redis::RedisQueue::connect(&env.settings.redis().unwrap())
+        .await
+        .unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| {
+            evtrack::event::parse_event(
+                json!({"site_id": "sync", "event_type": "page_view", "event_id": format!("s{i}")}),
+                evtrack::event::now_ms(),
+            )
+            .unwrap()
+        })
+        .collect();
+    use evtrack::queue::Queue;
+    queue.enqueue(events).await.unwrap();
+    let mut redis = env.redis_conn().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while redis.xlen::<_, u64>(env.stream_key()).await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The entries were deleted after the commit returned: its sync is
+    // already in the log.
+    let after = syncs_in(&log);
+    assert!(
+        after > before,
+        "no fsync/fdatasync for the stored batch ({before} before, {after} after)"
+    );
+    let store = env.store().await;
+    let ids: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    assert_eq!(store.count_ids("sync", &ids).await.unwrap(), 10);
+    let _ = worker.child.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,3 +14,4 @@ mod queue;
 mod redis_queue;
 mod stats;
 mod store;
+mod worker;

@@ -132,6 +132,44 @@ async fn embedded_requests_not_started_within_a_second_are_refused_not_stored() 
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// A writer that never comes (stuck on a stalled disk): the request is
+/// still answered within the bound, and withdrawn, so a writer that comes
+/// back later does not store what its client was told was refused.
+#[tokio::test(start_paused = true)]
+async fn embedded_enqueue_is_answered_within_a_second_when_the_writer_never_takes_it() {
+    let (queue, mut consumer) = embedded::channel(100, CancellationToken::new());
+    let started = tokio::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(60), queue.enqueue(events(3))).await;
+    assert_eq!(answer, Ok(Err(evtrack::queue::QueueError::Full)));
+    assert_eq!(started.elapsed(), embedded::MAX_WAIT);
+    let batch = consumer.fetch(10).await.unwrap();
+    assert!(batch.is_empty(), "a withdrawn request is not stored");
+    assert_eq!(queue.depth().await.unwrap().events, 0);
+}
+
+/// A commit that never ends: the request the writer took is answered
+/// within the commit bound, not held forever.
+#[tokio::test(start_paused = true)]
+async fn embedded_enqueue_is_answered_within_the_bound_when_its_commit_stalls() {
+    let (queue, mut consumer) = embedded::channel(100, CancellationToken::new());
+    let started = tokio::time::Instant::now();
+    let producer = tokio::spawn(async move { queue.enqueue(events(2)).await });
+    let held = fetch_n(&mut consumer, 2).await;
+    let answer = tokio::time::timeout(Duration::from_secs(60), producer)
+        .await
+        .expect("answered within a minute")
+        .unwrap();
+    assert!(
+        matches!(answer, Err(evtrack::queue::QueueError::StoreUnavailable(_))),
+        "{answer:?}"
+    );
+    assert_eq!(
+        started.elapsed(),
+        embedded::MAX_WAIT + embedded::MAX_COMMIT_WAIT
+    );
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_queue_closes_after_the_api_is_done() {
     let done = CancellationToken::new();

@@ -1,0 +1,138 @@
+//! The worker against a real Redis stream and a real SQLite store, driven
+//! through `worker::run` with a store that writes slowly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use evtrack::event::{Event, now_ms, parse_event};
+use evtrack::metrics::Metrics;
+use evtrack::queue::Queue;
+use evtrack::queue::redis::{RedisConsumer, RedisQueue};
+use evtrack::stats::{Stats, StatsQuery};
+use evtrack::store::sqlite::SqliteStore;
+use evtrack::store::{InsertOutcome, Store, StoreError};
+use evtrack::worker::{self, Liveness, WorkerConfig};
+use redis::AsyncCommands;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{Backend, TestEnv};
+
+/// A real store whose writes take `delay` longer: a busy disk, a slow
+/// MongoDB, a batch larger than usual.
+struct SlowWrites {
+    inner: SqliteStore,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Store for SlowWrites {
+    async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.insert(events).await
+    }
+    async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
+        self.inner.stats(query).await
+    }
+    async fn check(&self) -> Result<(), StoreError> {
+        self.inner.check().await
+    }
+    async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError> {
+        self.inner.count_ids(site_id, ids).await
+    }
+    async fn count_all(&self) -> Result<u64, StoreError> {
+        self.inner.count_all().await
+    }
+    fn kind(&self) -> &'static str {
+        "slow sqlite"
+    }
+}
+
+/// A claim timeout far below the store's write time: the worker writing a
+/// batch keeps its entries alive, so the other worker does not take them as
+/// a dead worker's, they are not delivered over and over, and no good event
+/// ends up dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_slower_than_the_claim_timeout_dead_letter_nothing() {
+    const N: usize = 300;
+    let mut env = TestEnv::new(Backend::RedisSqlite);
+    env.settings.worker_claim_idle_ms = 300;
+    let redis = env.settings.redis().unwrap();
+    let store = Arc::new(SlowWrites {
+        inner: SqliteStore::open(&env.settings.data_dir).unwrap(),
+        delay: Duration::from_millis(1_500),
+    });
+    // A claim counts as a delivery: one claim of a batch that is still being
+    // written would dead-letter it.
+    let config = WorkerConfig {
+        batch_size: 100,
+        max_attempts: 1,
+    };
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let consumer = RedisConsumer::connect(&redis, env.settings.consumer())
+            .await
+            .unwrap();
+        workers.push(tokio::spawn(worker::run(
+            consumer,
+            Arc::clone(&store) as Arc<dyn Store>,
+            config.clone(),
+            Arc::clone(&metrics),
+            Arc::new(Liveness::new(Duration::from_secs(60))),
+            shutdown.clone(),
+        )));
+    }
+    let queue = RedisQueue::connect(&redis).await.unwrap();
+    let now = now_ms();
+    let events: Vec<Event> = (0..N)
+        .map(|i| {
+            parse_event(
+                json!({"site_id": "slow", "event_type": "page_view", "event_id": format!("e{i}"),
+                       "path": format!("/{}", i % 7), "userid": format!("u{}", i % 11),
+                       "timestamp": "2025-11-23T12:00:00Z"}),
+                now,
+            )
+            .unwrap()
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        queue.enqueue(chunk.to_vec()).await.unwrap();
+    }
+
+    let mut conn = env.redis_conn().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while conn.xlen::<_, u64>(env.stream_key()).await.unwrap() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not drained in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dead: u64 = conn.xlen(env.dead_key()).await.unwrap();
+    assert_eq!(dead, 0, "good events were dead-lettered");
+    let ids: Vec<String> = (0..N).map(|i| format!("e{i}")).collect();
+    assert_eq!(store.count_ids("slow", &ids).await.unwrap(), N as u64);
+    let query = StatsQuery {
+        site_id: "slow".into(),
+        date: NaiveDate::from_ymd_opt(2025, 11, 23).unwrap(),
+        event_type: "page_view".into(),
+        limit: 10,
+    };
+    let stats = store.stats(&query).await.unwrap();
+    assert_eq!(stats, evtrack::stats::aggregate(&events, &query));
+    // Each batch was written once: no worker took over another's batch.
+    let text = metrics.encode();
+    assert_eq!(
+        crate::helpers::metric(&text, "evtrack_events_duplicate_total"),
+        0.0,
+        "{text}"
+    );
+    shutdown.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+}
