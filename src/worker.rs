@@ -283,12 +283,47 @@ pub async fn run<C: Consumer>(
         retry = consumer.release(outcome.retry, &reason).await;
         // On shutdown, entries still held stay pending in the queue (Redis)
         // for another worker; nothing is acknowledged.
-        if backoff.wait(&shutdown).await.is_err() {
+        if wait_keeping_alive(&mut consumer, &retry, &mut backoff, &shutdown)
+            .await
+            .is_err()
+        {
             break;
         }
     }
     consumer.close().await;
     tracing::info!("worker stopped");
+}
+
+/// Waits out the backoff before retrying the entries the worker holds,
+/// telling the queue along the way that they are still being worked on: a
+/// backoff may be longer than the claim timeout, and a live worker's entries
+/// must not be taken for a dead one's (each claim counts as a delivery, and
+/// enough of them would dead-letter good events during a store outage).
+async fn wait_keeping_alive<C: Consumer>(
+    consumer: &mut C,
+    held: &[Delivery<C::Tag>],
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> Result<(), ()> {
+    let total = backoff.next_delay();
+    let step = consumer
+        .keep_alive_every()
+        .filter(|_| !held.is_empty())
+        .unwrap_or(total);
+    let deadline = tokio::time::Instant::now() + total;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(step.min(left)) => {}
+            _ = shutdown.cancelled() => return Err(()),
+        }
+        if tokio::time::Instant::now() < deadline {
+            consumer.keep_alive(held).await;
+        }
+    }
 }
 
 fn record<T>(metrics: &Metrics, outcome: &BatchOutcome<T>) {
@@ -304,9 +339,9 @@ fn record<T>(metrics: &Metrics, outcome: &BatchOutcome<T>) {
     }
 }
 
-/// Longest wait between retries. Short next to the claim timeout (30 s by
-/// default), so that the entries a worker keeps retrying are refreshed (see
-/// `Consumer::release`) long before another worker would claim them.
+/// Longest wait between retries. The entries a worker keeps retrying are
+/// refreshed during the wait (see [`wait_keeping_alive`]), whatever the claim
+/// timeout.
 const MAX_BACKOFF_MS: u64 = 2_000;
 
 /// Exponential backoff from 100 ms to `MAX_BACKOFF_MS`, cut short by shutdown.
@@ -316,13 +351,18 @@ struct Backoff {
 }
 
 impl Backoff {
-    async fn wait(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
+    /// The next wait, longer after each failure.
+    fn next_delay(&mut self) -> Duration {
         let ms = 100u64
             .saturating_mul(1 << self.failures.min(6))
             .min(MAX_BACKOFF_MS);
         self.failures += 1;
+        Duration::from_millis(ms)
+    }
+
+    async fn wait(&mut self, shutdown: &CancellationToken) -> Result<(), ()> {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+            _ = tokio::time::sleep(self.next_delay()) => Ok(()),
             _ = shutdown.cancelled() => Err(()),
         }
     }

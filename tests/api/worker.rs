@@ -20,17 +20,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Backend, TestEnv};
 
-/// A real store whose writes take `delay` longer: a busy disk, a slow
-/// MongoDB, a batch larger than usual.
+/// A real store whose writes take `delay` longer (a busy disk, a slow
+/// MongoDB, a batch larger than usual), and fail until `down_until` (an
+/// outage).
 struct SlowWrites {
     inner: SqliteStore,
     delay: Duration,
+    down_until: tokio::time::Instant,
 }
 
 #[async_trait]
 impl Store for SlowWrites {
     async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
         tokio::time::sleep(self.delay).await;
+        if tokio::time::Instant::now() < self.down_until {
+            return Err(StoreError::Unavailable("down for the test".into()));
+        }
         self.inner.insert(events).await
     }
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
@@ -56,13 +61,25 @@ impl Store for SlowWrites {
 /// ends up dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_slower_than_the_claim_timeout_dead_letter_nothing() {
+    two_workers_under_a_short_claim_timeout(Duration::from_millis(1_500), Duration::ZERO).await;
+}
+
+/// The same through a store outage of several seconds: between retries the
+/// worker waits longer than the claim timeout, and still keeps its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_claim_timeout_dead_letters_nothing() {
+    two_workers_under_a_short_claim_timeout(Duration::ZERO, Duration::from_secs(4)).await;
+}
+
+async fn two_workers_under_a_short_claim_timeout(delay: Duration, outage: Duration) {
     const N: usize = 300;
     let mut env = TestEnv::new(Backend::RedisSqlite);
     env.settings.worker_claim_idle_ms = 300;
     let redis = env.settings.redis().unwrap();
     let store = Arc::new(SlowWrites {
         inner: SqliteStore::open(&env.settings.data_dir).unwrap(),
-        delay: Duration::from_millis(1_500),
+        delay,
+        down_until: tokio::time::Instant::now() + outage,
     });
     // A claim counts as a delivery: one claim of a batch that is still being
     // written would dead-letter it.
@@ -124,7 +141,7 @@ async fn writes_slower_than_the_claim_timeout_dead_letter_nothing() {
     };
     let stats = store.stats(&query).await.unwrap();
     assert_eq!(stats, evtrack::stats::aggregate(&events, &query));
-    // Each batch was written once: no worker took over another's batch.
+    // No worker took over another's batch.
     let text = metrics.encode();
     assert_eq!(
         crate::helpers::metric(&text, "evtrack_events_duplicate_total"),
