@@ -267,7 +267,9 @@ async fn mongo_baseline(ctx: &mut Ctx, n: usize) -> anyhow::Result<Baseline> {
 }
 
 /// rusqlite: one transaction per batch of 500 into evtrack's schema (created
-/// by `SqliteStore::open`), same pragmas (WAL, synchronous=NORMAL).
+/// by `SqliteStore::open`), same pragmas as the Redis-mode worker it is
+/// compared with (WAL, synchronous=FULL: each commit synced before the
+/// worker acknowledges).
 async fn sqlite_baseline(ctx: &mut Ctx, n: usize) -> anyhow::Result<Baseline> {
     let dir = ctx.dir("drain-sqlite-baseline")?;
     drop(evtrack::store::sqlite::SqliteStore::open(&dir)?);
@@ -285,7 +287,7 @@ async fn sqlite_baseline(ctx: &mut Ctx, n: usize) -> anyhow::Result<Baseline> {
     let seconds = spent.as_secs_f64();
     Ok(Baseline {
         description: format!(
-            "rusqlite: INSERT … ON CONFLICT DO NOTHING, one transaction per {batch}, WAL, synchronous=NORMAL, same schema"
+            "rusqlite: INSERT … ON CONFLICT DO NOTHING, one transaction per {batch}, WAL, synchronous=FULL, same schema"
         ),
         events: n,
         batch,
@@ -302,7 +304,7 @@ fn sqlite_insert(
 ) -> anyhow::Result<Duration> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
     let mut spent = Duration::ZERO;
     let mut left = n;
     while left > 0 {
@@ -314,7 +316,7 @@ fn sqlite_insert(
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO events (id, site_id, event_type, path, userid, ts, created_at, props)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL) ON CONFLICT (id) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL) ON CONFLICT (site_id, id) DO NOTHING",
             )?;
             for e in &chunk {
                 stmt.execute(rusqlite::params![
