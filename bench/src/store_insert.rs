@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use evtrack::store::Store;
-use evtrack::store::sqlite::SqliteStore;
+use evtrack::store::sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::data::DayEvents;
 
@@ -28,12 +28,24 @@ pub struct StoreInsertArgs {
     /// Directory of the database (default: a temporary one, removed after).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Sync every commit to disk (`synchronous=FULL`), as the store is opened
+    /// behind the Redis queue; default: as in embedded mode (`NORMAL`).
+    #[arg(long)]
+    durable: bool,
 }
 
 pub async fn run(args: StoreInsertArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir().context("temporary directory")?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
-    let store = SqliteStore::open(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let options = SqliteOptions {
+        durability: if args.durable {
+            Durability::Disk
+        } else {
+            Durability::Process
+        },
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open_with(&dir, options).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut gen_ = DayEvents::new(1, args.users, args.paths, "si-");
     let batch = args.batch.max(1);
     let (mut done, mut in_store) = (0, 0.0);
