@@ -18,6 +18,17 @@ pub const DEFAULT_PORT: u16 = 3000;
 pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const DEFAULT_REDIS_PREFIX: &str = "evtrack:";
 pub const DEFAULT_QUEUE_MAX_LEN: u64 = 1_000_000;
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// The smallest `QUEUE_MAX_BYTES`. The limit refuses a request whole, so a
+/// request larger than the limit could never be accepted and its client would
+/// retry a `queue_full` for ever. The largest request the API takes is a
+/// `MAX_BATCH_BYTES` body, a little more once its events are serialized (ids
+/// and receive times are added: at most a few hundred KiB for 1,000 events),
+/// so the limit must leave room for that in an empty queue.
+pub const MIN_QUEUE_MAX_BYTES: u64 = 8 * 1024 * 1024;
+const _: () =
+    assert!(MIN_QUEUE_MAX_BYTES >= crate::routes::ingest::MAX_BATCH_BYTES as u64 + 2 * 1024 * 1024);
+pub const DEFAULT_DEAD_LETTER_MAX_LEN: u64 = 100_000;
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Large batches matter most for SQLite: a batch's random inserts into the
 /// aggregate tables dirty pages that are written once per commit, so the cost
@@ -98,6 +109,19 @@ pub struct Settings {
     /// 503 `queue_full`.
     #[arg(long, env = "QUEUE_MAX_LEN", default_value_t = DEFAULT_QUEUE_MAX_LEN, global = true)]
     pub queue_max_len: u64,
+
+    /// Most bytes of event payload (the events' JSON) waiting in the Redis
+    /// stream; a request that would go beyond it is refused whole with 503
+    /// `queue_full`. Counts payload, not Redis memory, which needs more.
+    #[arg(long, env = "QUEUE_MAX_BYTES", default_value_t = DEFAULT_QUEUE_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(MIN_QUEUE_MAX_BYTES..), global = true)]
+    pub queue_max_bytes: u64,
+
+    /// Most entries kept in the Redis dead-letter stream; the oldest are
+    /// dropped (and counted in `evtrack_dead_letters_trimmed_total`).
+    #[arg(long, env = "DEAD_LETTER_MAX_LEN", default_value_t = DEFAULT_DEAD_LETTER_MAX_LEN,
+          value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub dead_letter_max_len: u64,
 
     /// MongoDB connection string. Unset: the embedded SQLite store.
     #[arg(long, env = "MONGO_URI", global = true)]
@@ -227,6 +251,8 @@ impl Default for Settings {
             redis_ca_cert: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             queue_max_len: DEFAULT_QUEUE_MAX_LEN,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
+            dead_letter_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
             mongo_uri: None,
             mongo_db: None,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
@@ -259,6 +285,7 @@ impl Settings {
             ca_cert: self.redis_ca_cert.clone(),
             prefix: self.redis_prefix.clone(),
             max_len: self.queue_max_len,
+            max_bytes: self.queue_max_bytes,
         })
     }
 
@@ -304,6 +331,7 @@ impl Settings {
     pub fn consumer(&self) -> ConsumerConfig {
         ConsumerConfig {
             claim_idle: Duration::from_millis(self.worker_claim_idle_ms),
+            dead_letter_max_len: self.dead_letter_max_len,
         }
     }
 }
@@ -326,6 +354,12 @@ mod tests {
         }
         assert_eq!(parsed.redis_prefix, default.redis_prefix);
         assert_eq!(parsed.queue_max_len, default.queue_max_len);
+        if std::env::var_os("QUEUE_MAX_BYTES").is_none() {
+            assert_eq!(parsed.queue_max_bytes, default.queue_max_bytes);
+        }
+        if std::env::var_os("DEAD_LETTER_MAX_LEN").is_none() {
+            assert_eq!(parsed.dead_letter_max_len, default.dead_letter_max_len);
+        }
         assert_eq!(parsed.worker_batch_size, default.worker_batch_size);
         assert_eq!(parsed.worker_claim_idle_ms, default.worker_claim_idle_ms);
         assert_eq!(cli.command, None);
@@ -346,6 +380,12 @@ mod tests {
         assert_eq!(cli.settings.port, 9);
         assert!(cli.settings.redis().is_some());
         assert!(Cli::try_parse_from(["evtrack", "--worker-batch-size", "0"]).is_err());
+        let min = MIN_QUEUE_MAX_BYTES.to_string();
+        let cli = Cli::try_parse_from(["evtrack", "--queue-max-bytes", &min]).unwrap();
+        assert_eq!(cli.settings.queue_max_bytes, MIN_QUEUE_MAX_BYTES);
+        let below = (MIN_QUEUE_MAX_BYTES - 1).to_string();
+        assert!(Cli::try_parse_from(["evtrack", "--queue-max-bytes", &below]).is_err());
+        assert!(Cli::try_parse_from(["evtrack", "--dead-letter-max-len", "0"]).is_err());
         let s = Settings {
             redis_url: Some(" ".into()),
             ..Settings::default()

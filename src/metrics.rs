@@ -28,7 +28,9 @@ pub const EVENTS_STORED: &str = "events_stored";
 pub const EVENTS_DUPLICATE: &str = "events_duplicate";
 pub const EVENTS_DEAD_LETTERED: &str = "events_dead_lettered";
 pub const EVENTS_RETRIED: &str = "events_retried";
+pub const DEAD_LETTERS_TRIMMED: &str = "dead_letters_trimmed";
 pub const QUEUE_DEPTH: &str = "queue_depth_events";
+pub const QUEUE_DEPTH_BYTES: &str = "queue_depth_bytes";
 pub const QUEUE_OLDEST_AGE: &str = "queue_oldest_event_age_seconds";
 pub const STORE_WRITE_SECONDS: &str = "store_write_seconds";
 pub const HTTP_REQUEST_SECONDS: &str = "http_request_duration_seconds";
@@ -68,7 +70,13 @@ pub struct Metrics {
     pub events_dead_lettered: Counter,
     /// Events the worker will try again after a store failure.
     pub events_retried: Counter,
+    /// Old dead letters dropped to keep the dead-letter stream within
+    /// `DEAD_LETTER_MAX_LEN`.
+    pub dead_letters_trimmed: Counter,
     pub queue_depth: Gauge,
+    /// Payload bytes waiting in the Redis stream (what `QUEUE_MAX_BYTES`
+    /// bounds); stays 0 with the embedded queue.
+    pub queue_depth_bytes: Gauge,
     pub queue_oldest_age: Gauge<f64, AtomicU64>,
     pub store_write_seconds: Histogram,
     pub http_request_seconds: Family<HttpLabels, Histogram>,
@@ -91,7 +99,9 @@ impl Metrics {
             events_duplicate: Counter::default(),
             events_dead_lettered: Counter::default(),
             events_retried: Counter::default(),
+            dead_letters_trimmed: Counter::default(),
             queue_depth: Gauge::default(),
+            queue_depth_bytes: Gauge::default(),
             queue_oldest_age: Gauge::default(),
             store_write_seconds: latency_buckets(),
             http_request_seconds: Family::new_with_constructor(latency_buckets),
@@ -134,9 +144,19 @@ impl Metrics {
             m.events_retried.clone(),
         );
         r.register(
+            DEAD_LETTERS_TRIMMED,
+            "Oldest entries dropped from the dead-letter stream to keep it within DEAD_LETTER_MAX_LEN",
+            m.dead_letters_trimmed.clone(),
+        );
+        r.register(
             QUEUE_DEPTH,
             "Events waiting in the queue (not yet stored), when scraped",
             m.queue_depth.clone(),
+        );
+        r.register(
+            QUEUE_DEPTH_BYTES,
+            "Payload bytes waiting in the Redis stream (bounded by QUEUE_MAX_BYTES), when scraped",
+            m.queue_depth_bytes.clone(),
         );
         r.register(
             QUEUE_OLDEST_AGE,
@@ -209,6 +229,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE evtrack_queue_depth_events gauge"));
+        assert!(text.contains("# TYPE evtrack_queue_depth_bytes gauge"));
+        assert!(
+            text.contains("evtrack_dead_letters_trimmed_total 0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

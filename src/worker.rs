@@ -46,6 +46,8 @@ pub struct BatchOutcome<T> {
     /// How long the store write took, when there was one.
     pub store_time: Option<Duration>,
     pub dead_lettered: usize,
+    /// Older dead letters the queue dropped to make room for these.
+    pub dead_letters_trimmed: u64,
     /// Not stored; to be tried again.
     pub retry: Vec<Delivery<T>>,
     /// Set when the store failed as a whole (every entry is in `retry`).
@@ -82,6 +84,7 @@ pub async fn process_batch<C: Consumer>(
         duplicates: 0,
         store_time: None,
         dead_lettered: 0,
+        dead_letters_trimmed: 0,
         retry: Vec::new(),
         store_error: None,
         queue_error: None,
@@ -130,10 +133,13 @@ pub async fn process_batch<C: Consumer>(
         for (_, reason) in &dead {
             tracing::warn!(%reason, "dead-lettering an entry");
         }
-        if let Err(e) = consumer.dead_letter(dead).await {
-            // Not acknowledged: the entries stay pending and come back.
-            outcome.dead_lettered = 0;
-            outcome.queue_error = Some(e);
+        match consumer.dead_letter(dead).await {
+            Ok(trimmed) => outcome.dead_letters_trimmed = trimmed,
+            Err(e) => {
+                // Not acknowledged: the entries stay pending and come back.
+                outcome.dead_lettered = 0;
+                outcome.queue_error = Some(e);
+            }
         }
     }
     outcome
@@ -333,6 +339,9 @@ fn record<T>(metrics: &Metrics, outcome: &BatchOutcome<T>) {
     metrics
         .events_dead_lettered
         .inc_by(outcome.dead_lettered as u64);
+    metrics
+        .dead_letters_trimmed
+        .inc_by(outcome.dead_letters_trimmed);
     metrics.events_retried.inc_by(outcome.retry.len() as u64);
     if let Some(t) = outcome.store_time {
         metrics.store_write_seconds.observe(t.as_secs_f64());

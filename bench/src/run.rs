@@ -124,6 +124,8 @@ const EVTRACK_ENV: &[&str] = &[
     "REDIS_CA_CERT",
     "REDIS_PREFIX",
     "QUEUE_MAX_LEN",
+    "QUEUE_MAX_BYTES",
+    "DEAD_LETTER_MAX_LEN",
     "MONGO_URI",
     "MONGO_DB",
     "DATA_DIR",

@@ -210,6 +210,7 @@ impl Queue for EmbeddedQueue {
             .unwrap_or_else(|p| p.into_inner());
         Ok(Depth {
             events,
+            bytes: None,
             oldest_age: since.filter(|_| events > 0).map(|t| t.elapsed()),
         })
     }
@@ -277,13 +278,13 @@ impl Consumer for EmbeddedConsumer {
     async fn dead_letter(
         &mut self,
         deliveries: Vec<(Delivery<Self::Tag>, String)>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<u64, QueueError> {
         // There is no stream to set entries aside in: the client is told.
         self.backlog.set_in_flight(None);
         for (d, reason) in deliveries {
             d.tag.finish(Err(QueueError::StoreUnavailable(reason)));
         }
-        Ok(())
+        Ok(0)
     }
 
     async fn release(

@@ -52,6 +52,8 @@ pub trait Queue: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Depth {
     pub events: u64,
+    /// Payload bytes of those events, when the queue keeps count (Redis).
+    pub bytes: Option<u64>,
     /// How long the oldest of them has waited; `None` when there is none.
     pub oldest_age: Option<std::time::Duration>,
 }
@@ -81,10 +83,12 @@ pub trait Consumer: Send + 'static {
     async fn ack(&mut self, deliveries: Vec<Delivery<Self::Tag>>) -> Result<(), QueueError>;
 
     /// These entries can never be stored: move them aside with a reason.
+    /// Returns how many of the oldest entries set aside earlier were dropped
+    /// to keep the dead letters within their bound.
     async fn dead_letter(
         &mut self,
         deliveries: Vec<(Delivery<Self::Tag>, String)>,
-    ) -> Result<(), QueueError>;
+    ) -> Result<u64, QueueError>;
 
     /// The store is unavailable. Returns the entries the worker should keep
     /// and retry itself; entries not returned went back to their producer.

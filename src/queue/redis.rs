@@ -7,16 +7,30 @@
 //! worker leaves pending longer than `claim_idle` are claimed (XCLAIM) by
 //! another worker; an entry handed out more than `WORKER_MAX_DELIVERIES` times, or
 //! one that is not a valid event, goes to the dead-letter stream
-//! (`<prefix>dead`) so that one bad entry cannot stall the queue.
+//! (`<prefix>dead`) so that one bad entry cannot stall the queue. That
+//! stream keeps the newest `DEAD_LETTER_MAX_LEN` entries.
+//!
+//! Besides the entry count (`QUEUE_MAX_LEN`), the payload bytes waiting are
+//! bounded (`QUEUE_MAX_BYTES`): Redis holds the whole queue in memory, and
+//! events differ in size by a factor of a thousand, so a count alone does not
+//! bound it. `<prefix>bytes` counts them, kept in step with the stream by the
+//! scripts that add and remove entries.
+//!
+//! Workers leave the group when they stop with nothing pending, and remove
+//! consumers left behind by workers that died, once those have nothing
+//! pending either: each consumer left in the group is listed by XINFO and
+//! looked at by every claim pass for as long as the group lives.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
-    StreamClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply, StreamReadReply,
+    StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
+    StreamRangeReply, StreamReadReply,
 };
 use redis::{Client, RedisError, Script, Value};
 
@@ -27,26 +41,96 @@ pub const GROUP: &str = "workers";
 /// The field of a stream entry that holds the event as JSON.
 pub const FIELD: &str = "e";
 
-/// Adds events only if the stream stays within its limit, atomically: a check
-/// and an add in two round trips would let concurrent API processes overshoot.
+/// Adds events only if the stream stays within both its limits, atomically:
+/// a check and an add in two round trips would let concurrent API processes
+/// overshoot. KEYS: the stream, the byte counter. ARGV: most entries, most
+/// payload bytes, then one event's JSON each. Answers -1 (too many entries),
+/// -2 (too many bytes), or the length before the add.
+///
+/// An empty stream holds no bytes, whatever the counter says: a counter left
+/// behind by a stream that went away without it (deleted or evicted alone)
+/// would otherwise keep the queue full for ever. So the counter starts again
+/// from zero then.
 const ENQUEUE_SCRIPT: &str = r"
 local len = redis.call('XLEN', KEYS[1])
-if len + #ARGV - 1 > tonumber(ARGV[1]) then return -1 end
-for i = 2, #ARGV do redis.call('XADD', KEYS[1], '*', 'e', ARGV[i]) end
+if len + #ARGV - 2 > tonumber(ARGV[1]) then return -1 end
+local used = 0
+if len == 0 then
+  redis.call('DEL', KEYS[2])
+else
+  used = tonumber(redis.call('GET', KEYS[2])) or 0
+end
+local size = 0
+for i = 3, #ARGV do size = size + #ARGV[i] end
+if used + size > tonumber(ARGV[2]) then return -2 end
+for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', 'e', ARGV[i]) end
+redis.call('INCRBY', KEYS[2], size)
 return len
 ";
+
+/// Acknowledges and deletes entries, and takes their payload bytes off the
+/// counter. KEYS: the stream, the byte counter. ARGV: the group, then the id
+/// and payload size of each entry. Answers the bytes freed.
+///
+/// XDEL answers 1 only for an entry that was still there, and only those
+/// bytes are taken off: when two workers settle the same entry (one claimed
+/// it from the other, thought dead), the second frees nothing. The counter
+/// stops at zero: entries it never counted (written by hand, or queued by a
+/// version without it) may be deleted too; it is exact again once the stream
+/// has been empty (see ENQUEUE_SCRIPT). One XACK per entry: a single one
+/// with every id would need `unpack`, which fails beyond ~8,000 values.
+const SETTLE_SCRIPT: &str = r"
+local freed = 0
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    freed = freed + tonumber(ARGV[i + 1])
+  end
+end
+if freed > 0 then
+  local left = (tonumber(redis.call('GET', KEYS[2])) or 0) - freed
+  if left > 0 then
+    redis.call('SET', KEYS[2], string.format('%d', left))
+  else
+    redis.call('DEL', KEYS[2])
+  end
+end
+return freed
+";
+
+/// Removes a consumer from the group, unless entries are pending with it.
+/// KEYS: the stream. ARGV: the group, the consumer. Answers 1 when the
+/// consumer is gone (or was never there), 0 when it stays.
+///
+/// XGROUP DELCONSUMER drops the consumer's pending entries from the group:
+/// they would stay in the stream but never be delivered or claimed again, so
+/// never stored. Checking first in a separate round trip would race with a
+/// read handing the consumer new entries in between; in one script it cannot.
+const LEAVE_SCRIPT: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
+/// Shared by every consumer: a script's hash is computed once.
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_SCRIPT));
+static LEAVE: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE_SCRIPT));
 
 /// The API must answer within a second even when Redis does not.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a worker's read blocks waiting for entries; bounds how long a
 /// worker takes to notice shutdown.
 const BLOCK: Duration = Duration::from_millis(1000);
+/// How long a stopping worker waits to leave the consumer group.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Names of the keys, all under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub stream: String,
     pub dead: String,
+    /// Payload bytes of the entries in `stream` (a string holding a number).
+    pub bytes: String,
 }
 
 impl Keys {
@@ -54,6 +138,7 @@ impl Keys {
         Self {
             stream: format!("{prefix}events"),
             dead: format!("{prefix}dead"),
+            bytes: format!("{prefix}bytes"),
         }
     }
 }
@@ -66,7 +151,10 @@ pub struct RedisConfig {
     /// with a private CA); `None` uses the usual public roots.
     pub ca_cert: Option<std::path::PathBuf>,
     pub prefix: String,
+    /// Most entries in the stream.
     pub max_len: u64,
+    /// Most payload bytes (the events' JSON) in the stream.
+    pub max_bytes: u64,
 }
 
 pub fn client(config: &RedisConfig) -> Result<Client, String> {
@@ -129,6 +217,7 @@ pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Keys,
     max_len: u64,
+    max_bytes: u64,
     script: Script,
 }
 
@@ -146,6 +235,7 @@ impl RedisQueue {
             conn,
             keys,
             max_len: config.max_len,
+            max_bytes: config.max_bytes,
             script: Script::new(ENQUEUE_SCRIPT),
         })
     }
@@ -158,7 +248,10 @@ impl Queue for RedisQueue {
             return Ok(());
         }
         let mut invocation = self.script.key(&self.keys.stream);
-        invocation.arg(self.max_len);
+        invocation
+            .key(&self.keys.bytes)
+            .arg(self.max_len)
+            .arg(self.max_bytes);
         for e in &events {
             let json =
                 serde_json::to_vec(e).map_err(|err| QueueError::Unavailable(err.to_string()))?;
@@ -201,9 +294,11 @@ impl Queue for RedisQueue {
             .arg("-")
             .arg("+")
             .arg("COUNT")
-            .arg(1);
-        let call = pipe.query_async::<(u64, StreamRangeReply)>(&mut conn);
-        let (events, first) = match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
+            .arg(1)
+            .cmd("GET")
+            .arg(&self.keys.bytes);
+        let call = pipe.query_async::<(u64, StreamRangeReply, Option<u64>)>(&mut conn);
+        let (events, first, bytes) = match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
             Err(_) => {
                 return Err(QueueError::Unavailable(
                     "redis did not answer within 1 s".into(),
@@ -216,7 +311,14 @@ impl Queue for RedisQueue {
             .first()
             .and_then(|e| e.id.split('-').next()?.parse::<i64>().ok())
             .map(|ms| Duration::from_millis((event::now_ms() - ms).max(0) as u64));
-        Ok(Depth { events, oldest_age })
+        // An empty stream holds no bytes, even before the next enqueue has
+        // reset a counter left behind (see ENQUEUE_SCRIPT).
+        let bytes = if events == 0 { 0 } else { bytes.unwrap_or(0) };
+        Ok(Depth {
+            events,
+            bytes: Some(bytes),
+            oldest_age,
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -228,6 +330,9 @@ impl Queue for RedisQueue {
 #[derive(Debug)]
 pub struct EntryTag {
     pub id: String,
+    /// Bytes of the entry's event field, as counted in `<prefix>bytes` when
+    /// it was queued: what settling it frees.
+    size: usize,
     /// The entry's fields as read, kept only when they are not a valid event
     /// (they go to the dead-letter stream unchanged).
     raw: Option<Vec<(String, Vec<u8>)>>,
@@ -238,6 +343,8 @@ pub struct EntryTag {
 pub struct ConsumerConfig {
     /// How long an entry may stay pending with a worker before another claims it.
     pub claim_idle: Duration,
+    /// Most entries kept in the dead-letter stream.
+    pub dead_letter_max_len: u64,
 }
 
 /// The worker's side. It owns a connection of its own: its reads block for up
@@ -262,6 +369,16 @@ impl RedisConsumer {
         ensure_group(&mut conn, &keys)
             .await
             .map_err(|e| e.to_string())?;
+        // Loaded now rather than on first use (EVALSHA, NOSCRIPT, load, and
+        // again): the first acknowledgement takes one round trip like the
+        // others. After a Redis restart empties its script cache, the
+        // invocations load them again themselves.
+        for script in [&*SETTLE, &*LEAVE] {
+            script
+                .load_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let name = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
         Ok(Self {
             conn,
@@ -324,12 +441,79 @@ impl RedisConsumer {
             // Looking for stale entries every quarter of the idle time keeps a
             // dead worker's entries waiting at most 1.25 × claim_idle.
             self.next_claim = Instant::now() + self.config.claim_idle / 4;
+            // Before claiming: a consumer whose entries this pass is about to
+            // take over still has them pending now, so it stays; it goes on a
+            // later pass, once everything it held has been taken over (which
+            // may take several passes, `max` entries each).
+            if let Err(e) = self.forget_idle_consumers().await {
+                // Tidying only; the claim below meets a missing group too
+                // and handles it.
+                if e.code() != Some("NOGROUP") {
+                    tracing::warn!(error = %e, "cannot remove idle consumers from the group");
+                }
+            }
             let claimed = self.claim_stale(max).await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
         }
         self.read_new(max).await
+    }
+
+    /// How long a consumer with nothing pending may go unheard of before
+    /// another worker removes it from the group: twice the time after which
+    /// its entries would have been taken from it as from a dead worker (a
+    /// minute with the default `WORKER_CLAIM_IDLE_MS`).
+    ///
+    /// A live worker may be removed too: Redis 7.0 resets a consumer's idle
+    /// time when it is handed entries or claims some, not when a read finds
+    /// nothing, so a worker on an empty queue looks idle. That is harmless:
+    /// it has nothing pending (checked in the same step as the removal, see
+    /// LEAVE_SCRIPT), and its next read that gets entries makes it a consumer
+    /// again. Tying the bound to the claim timeout keeps the two in
+    /// proportion, and lets tests with a short claim timeout see it.
+    fn forget_after(&self) -> Duration {
+        self.config.claim_idle * 2
+    }
+
+    /// Removes `consumer` from the group if it has nothing pending; true
+    /// when it is no longer in the group.
+    async fn leave_group(&mut self, consumer: &str) -> Result<bool, RedisError> {
+        let left: i64 = LEAVE
+            .key(&self.keys.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(left == 1)
+    }
+
+    /// Removes consumers left behind by workers that stopped without leaving
+    /// (killed, crashed, lost their connection): those with nothing pending
+    /// that have been idle longer than [`Self::forget_after`].
+    async fn forget_idle_consumers(&mut self) -> Result<(), RedisError> {
+        let bound = self.forget_after().as_millis();
+        let info: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .query_async(&mut self.conn)
+            .await?;
+        for c in info.consumers {
+            // The pending count here only saves a round trip: it may be
+            // stale by now, and LEAVE_SCRIPT checks again.
+            if c.pending > 0 || (c.idle as u128) <= bound || c.name == self.name {
+                continue;
+            }
+            if self.leave_group(&c.name).await? {
+                tracing::info!(
+                    consumer = %c.name,
+                    idle_ms = c.idle,
+                    "removed an idle consumer with nothing pending from the group"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn read_new(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
@@ -357,6 +541,10 @@ impl RedisConsumer {
 
 /// Reads an entry as an event, keeping the raw fields when that fails.
 fn to_delivery(entry: StreamId, attempts: u32) -> Delivery<EntryTag> {
+    let size = match entry.map.get(FIELD) {
+        Some(Value::BulkString(bytes)) => bytes.len(),
+        _ => 0,
+    };
     let parsed = match entry.map.get(FIELD) {
         Some(Value::BulkString(bytes)) => serde_json::from_slice::<Event>(bytes)
             .map_err(|e| format!("not a valid event: {e}"))
@@ -383,7 +571,11 @@ fn to_delivery(entry: StreamId, attempts: u32) -> Delivery<EntryTag> {
     Delivery {
         event: parsed,
         attempts,
-        tag: EntryTag { id: entry.id, raw },
+        tag: EntryTag {
+            id: entry.id,
+            size,
+            raw,
+        },
     }
 }
 
@@ -411,30 +603,28 @@ impl Consumer for RedisConsumer {
         if deliveries.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = deliveries.iter().map(|d| d.tag.id.as_str()).collect();
-        redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&self.keys.stream)
-            .arg(GROUP)
-            .arg(&ids)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&self.keys.stream)
-            .arg(&ids)
-            .ignore()
-            .exec_async(&mut self.conn)
+        let mut invocation = SETTLE.key(&self.keys.stream);
+        invocation.key(&self.keys.bytes).arg(GROUP);
+        for d in &deliveries {
+            invocation.arg(&d.tag.id).arg(d.tag.size);
+        }
+        invocation
+            .invoke_async::<u64>(&mut self.conn)
             .await
+            .map(|_| ())
             .map_err(unavailable)
     }
 
     async fn dead_letter(
         &mut self,
         deliveries: Vec<(Delivery<EntryTag>, String)>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<u64, QueueError> {
         if deliveries.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        // One transaction (MULTI/EXEC): no other client runs between the
+        // copies to the dead-letter stream, its trim, and the removal from
+        // the queue.
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (d, reason) in &deliveries {
@@ -462,17 +652,33 @@ impl Consumer for RedisConsumer {
                 (Err(_), None) => {}
             }
             cmd.ignore();
-            pipe.cmd("XACK")
-                .arg(&self.keys.stream)
-                .arg(GROUP)
-                .arg(&d.tag.id)
-                .ignore();
-            pipe.cmd("XDEL")
-                .arg(&self.keys.stream)
-                .arg(&d.tag.id)
-                .ignore();
         }
-        pipe.exec_async(&mut self.conn).await.map_err(unavailable)
+        // Exact (`=`, not `~`), after the adds: the newest entries are kept,
+        // and the answer is the number dropped, which the metric counts.
+        pipe.cmd("XTRIM")
+            .arg(&self.keys.dead)
+            .arg("MAXLEN")
+            .arg("=")
+            .arg(self.config.dead_letter_max_len);
+        // EVAL, not EVALSHA: inside a transaction a script missing from the
+        // server's cache (after a restart) could not be loaded and retried
+        // without the adds above running twice.
+        let cmd = pipe
+            .cmd("EVAL")
+            .arg(SETTLE_SCRIPT)
+            .arg(2)
+            .arg(&self.keys.stream)
+            .arg(&self.keys.bytes)
+            .arg(GROUP);
+        for (d, _) in &deliveries {
+            cmd.arg(&d.tag.id).arg(d.tag.size);
+        }
+        cmd.ignore();
+        let (trimmed,): (u64,) = pipe
+            .query_async(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(trimmed)
     }
 
     async fn release(
@@ -512,6 +718,24 @@ impl Consumer for RedisConsumer {
             // Not fatal: at worst another worker claims them, and the store
             // absorbs the duplicate.
             tracing::warn!(error = %e, "cannot refresh pending entries");
+        }
+    }
+
+    async fn close(&mut self) {
+        // Leave the group, unless entries are still pending with this
+        // consumer (the worker stopped while retrying a store outage): then
+        // it stays, so that another worker can claim them, and goes later
+        // (see `forget_idle_consumers`). Bounded: shutdown must not wait on
+        // a Redis that does not answer.
+        let name = self.name.clone();
+        match tokio::time::timeout(LEAVE_TIMEOUT, self.leave_group(&name)).await {
+            Ok(Ok(true)) => tracing::debug!(consumer = %name, "left the consumer group"),
+            Ok(Ok(false)) => tracing::info!(
+                consumer = %name,
+                "entries are pending with this worker: it stays in the group for another worker to claim them"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot leave the consumer group"),
+            Err(_) => tracing::warn!("cannot leave the consumer group: redis did not answer"),
         }
     }
 }

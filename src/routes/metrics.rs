@@ -47,6 +47,9 @@ pub async fn get_metrics(State(state): State<AppState>) -> Response {
         Ok(depth) => {
             let m = &state.metrics;
             m.queue_depth.set(depth.events as i64);
+            if let Some(bytes) = depth.bytes {
+                m.queue_depth_bytes.set(bytes as i64);
+            }
             m.queue_oldest_age
                 .set(depth.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         }

@@ -191,9 +191,13 @@ pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
         ca_cert: None,
         prefix: format!("q-{}:", uuid::Uuid::now_v7().simple()),
         max_len,
+        max_bytes: evtrack::config::DEFAULT_QUEUE_MAX_BYTES,
     }
 }
 
 pub fn consumer_config(claim_idle: Duration) -> ConsumerConfig {
-    ConsumerConfig { claim_idle }
+    ConsumerConfig {
+        claim_idle,
+        dead_letter_max_len: evtrack::config::DEFAULT_DEAD_LETTER_MAX_LEN,
+    }
 }
