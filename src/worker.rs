@@ -432,9 +432,12 @@ mod tests {
             self.acked.extend(d.iter().map(|d| d.tag));
             Ok(())
         }
-        async fn dead_letter(&mut self, d: Vec<(Delivery<u32>, String)>) -> Result<(), QueueError> {
+        async fn dead_letter(
+            &mut self,
+            d: Vec<(Delivery<u32>, String)>,
+        ) -> Result<u64, QueueError> {
             self.dead.extend(d.iter().map(|(d, _)| d.tag));
-            Ok(())
+            Ok(0)
         }
         async fn release(&mut self, d: Vec<Delivery<u32>>, _r: &str) -> Vec<Delivery<u32>> {
             d
