@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -93,29 +93,66 @@ async fn read_body(
     Ok((bytes, permit))
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect());
-    let Ok(result) = read.await else {
-        return Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the body did not arrive within {} s",
-                BODY_TIMEOUT.as_secs()
-            ),
-        ));
-    };
-    match result {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+/// After refusing a body as too large, how much more of it is read and
+/// thrown away, and for how long, so that the client, still sending, gets to
+/// read the 413 instead of a reset connection (what nginx calls a lingering
+/// close). Bounded: memory is not used, and a client sending for ever is cut
+/// off.
+const DISCARD_BYTES: usize = 16 * 1024 * 1024;
+const DISCARD_TIME: Duration = Duration::from_secs(1);
+
+async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("the body must be at most {limit} bytes"),
-        )),
-        Err(_) => Err(ApiError::bad_request(
-            "invalid_body",
-            "the request body could not be read",
-        )),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the body did not arrive within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the request body could not be read",
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > limit {
+            drop(buf);
+            discard(body, data.len()).await;
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&data);
+    }
+}
+
+/// Reads and drops what is left of a refused body, within
+/// [`DISCARD_BYTES`] and [`DISCARD_TIME`].
+async fn discard(mut body: Body, mut seen: usize) {
+    let deadline = tokio::time::Instant::now() + DISCARD_TIME;
+    while seen <= DISCARD_BYTES {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
     }
 }
 
