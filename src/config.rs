@@ -160,8 +160,9 @@ pub struct Settings {
 
     /// Milliseconds without a completed poll (queue read, batch stored)
     /// after which a process running a worker answers 503 on `/health`.
+    /// At least 5,000: an idle worker completes a poll about every second.
     #[arg(long, env = "WORKER_STALL_MS", default_value_t = DEFAULT_WORKER_STALL_MS,
-          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+          value_parser = clap::value_parser!(u64).range(5_000..), global = true)]
     pub worker_stall_ms: u64,
 
     /// Most HTTP requests being answered at once; beyond it 503 `overloaded`.
@@ -170,8 +171,7 @@ pub struct Settings {
     pub max_requests_in_flight: usize,
 
     /// Most bytes of ingest bodies being read or held at once, across all
-    /// connections (each request reserves its declared length, or its
-    /// route's limit); beyond it 503 `overloaded`.
+    /// connections (counted as they arrive); beyond it 503 `overloaded`.
     #[arg(long, env = "MAX_BODY_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
           value_parser = clap::value_parser!(u64).range(5 * 1024 * 1024..=(1u64 << 40)).map(|n| n as usize),
           global = true)]

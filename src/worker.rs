@@ -148,15 +148,26 @@ pub async fn process_batch<C: Consumer>(
 /// Writes `events` (those of `deliveries`) to the store. While the write
 /// runs, the queue is told now and then that the entries are still being
 /// worked on ([`Consumer::keep_alive`]), so that a slow write is not taken
-/// for a dead worker whatever the claim timeout. Checks that the store kept
-/// its contract of one outcome per event.
+/// for a dead worker whatever the claim timeout. A write is given up after
+/// [`MAX_STORE_WRITE`] (a hung connection must not hold its entries for
+/// ever) and counts as a store failure. Checks that the store kept its
+/// contract of one outcome per event.
 async fn write_keeping_alive<C: Consumer>(
     consumer: &mut C,
     store: &dyn Store,
     events: &[Event],
     deliveries: &[Delivery<C::Tag>],
 ) -> Result<Vec<InsertOutcome>, StoreError> {
-    let write = store.insert(events);
+    let write = async {
+        tokio::time::timeout(MAX_STORE_WRITE, store.insert(events))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "the store did not finish a write within {} s",
+                    MAX_STORE_WRITE.as_secs()
+                )))
+            })
+    };
     tokio::pin!(write);
     let result = match consumer.keep_alive_every() {
         None => write.await,
@@ -180,6 +191,10 @@ async fn write_keeping_alive<C: Consumer>(
         other => other,
     }
 }
+
+/// Longest a store write may take before the worker gives up on it and
+/// retries (the store is idempotent); far above any healthy batch write.
+pub const MAX_STORE_WRITE: Duration = Duration::from_secs(120);
 
 /// When the worker last completed a poll, for `/health`: a worker that
 /// cannot read its queue or write its store stops beating, and once it has
@@ -231,6 +246,11 @@ pub async fn run<C: Consumer>(
 ) {
     let mut backoff = Backoff::default();
     let mut retry: Vec<Delivery<C::Tag>> = Vec::new();
+    // Whether the last store write failed. An empty poll is not progress
+    // while it did: with the embedded queue the failed request's client is
+    // answered 503 and nothing is held for retry, so the loop goes back to
+    // polling, and sparse traffic would otherwise look healthy throughout.
+    let mut store_failing = false;
     liveness.beat();
     loop {
         let batch = if !retry.is_empty() {
@@ -242,7 +262,7 @@ pub async fn run<C: Consumer>(
             match consumer.fetch(config.batch_size).await {
                 Ok(batch) => {
                     backoff.reset();
-                    if batch.is_empty() {
+                    if batch.is_empty() && !store_failing {
                         liveness.beat();
                     }
                     batch
@@ -267,9 +287,10 @@ pub async fn run<C: Consumer>(
             dead = outcome.dead_lettered,
             "batch done"
         );
+        store_failing = outcome.store_error.is_some();
         if let Some(e) = &outcome.queue_error {
             tracing::warn!(error = %e, "cannot settle entries with the queue; they will be redelivered");
-        } else if outcome.store_error.is_none() {
+        } else if !store_failing {
             liveness.beat();
         }
         if outcome.retry.is_empty() {

@@ -63,14 +63,19 @@ impl Backlog {
     }
 }
 
-/// The reply to one `enqueue` call, shared by that call's events.
+/// One `enqueue` call: its events until the writer takes them, and the
+/// reply, shared by those events once taken.
 #[derive(Debug)]
 pub struct Waiter {
     /// `WAITING`, `TAKEN` or `WITHDRAWN`.
     state: AtomicU8,
+    /// The request's events, until the writer takes them or the request is
+    /// withdrawn: a withdrawn request frees them at once, not when the
+    /// writer (stalled, perhaps) gets to its place in the channel.
+    events: Mutex<Option<Vec<Event>>>,
     remaining: AtomicUsize,
     reply: Mutex<Option<oneshot::Sender<Result<(), QueueError>>>>,
-    events: u64,
+    count: u64,
     backlog: Arc<Backlog>,
 }
 
@@ -80,7 +85,7 @@ impl Waiter {
         let sender = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tx) = sender {
             // Answered once, whatever the answer: no longer waiting.
-            self.backlog.events.fetch_sub(self.events, Ordering::AcqRel);
+            self.backlog.events.fetch_sub(self.count, Ordering::AcqRel);
             // The handler may have gone (client disconnected): nothing to do.
             let _ = tx.send(result);
         }
@@ -93,6 +98,28 @@ impl Waiter {
             .is_ok()
     }
 
+    /// Takes the events out, for the writer or to drop them.
+    fn take_events(&self) -> Vec<Event> {
+        // std Mutex: held for a `take()`, never across an await.
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// The client stopped waiting (its bound passed, or it went away): if
+    /// the writer has not taken the request, it never will, and its events
+    /// are freed now. True when withdrawn.
+    fn withdraw(&self, answer: QueueError) -> bool {
+        if !self.settle(WITHDRAWN) {
+            return false;
+        }
+        drop(self.take_events());
+        self.finish(Err(answer));
+        true
+    }
+
     fn one_done(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.finish(Ok(()));
@@ -101,9 +128,18 @@ impl Waiter {
 }
 
 struct Item {
-    events: Vec<Event>,
     waiter: Arc<Waiter>,
     enqueued: Instant,
+}
+
+/// Withdraws its request when dropped while still waiting: the handler's
+/// future is dropped when its client disconnects.
+struct WithdrawOnDrop(Arc<Waiter>);
+
+impl Drop for WithdrawOnDrop {
+    fn drop(&mut self) {
+        self.0.withdraw(QueueError::Closed);
+    }
 }
 
 #[derive(Clone)]
@@ -151,8 +187,9 @@ impl Queue for EmbeddedQueue {
         let waiter = Arc::new(Waiter {
             state: AtomicU8::new(WAITING),
             remaining: AtomicUsize::new(events.len()),
+            events: Mutex::new(Some(events)),
             reply: Mutex::new(Some(reply)),
-            events: n,
+            count: n,
             backlog: Arc::clone(&self.backlog),
         });
         // Counted before sending: the writer may answer (and subtract)
@@ -160,7 +197,6 @@ impl Queue for EmbeddedQueue {
         self.backlog.events.fetch_add(n, Ordering::AcqRel);
         self.tx
             .try_send(Item {
-                events,
                 waiter: Arc::clone(&waiter),
                 enqueued: Instant::now(),
             })
@@ -171,15 +207,15 @@ impl Queue for EmbeddedQueue {
                 mpsc::error::TrySendError::Full(_) => QueueError::Full,
                 mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
             })?;
+        let _withdraw_if_dropped = WithdrawOnDrop(Arc::clone(&waiter));
         // The writer always replies (ack, dead-letter or release); a dropped
         // reply means the writer is gone.
         let mut done = done;
         if let Ok(reply) = tokio::time::timeout(MAX_WAIT, &mut done).await {
             return reply.unwrap_or(Err(QueueError::Closed));
         }
-        if waiter.settle(WITHDRAWN) {
+        if waiter.withdraw(QueueError::Full) {
             // The writer has not taken it and now never will: not stored.
-            waiter.finish(Err(QueueError::Full));
             return Err(QueueError::Full);
         }
         // Taken: its commit is running. Its outcome is the answer, within
@@ -230,7 +266,7 @@ impl EmbeddedConsumer {
         if !item.waiter.settle(TAKEN) {
             return;
         }
-        out.extend(item.events.into_iter().map(|e| Delivery {
+        out.extend(item.waiter.take_events().into_iter().map(|e| Delivery {
             event: Ok(e),
             attempts: 1,
             tag: Arc::clone(&item.waiter),

@@ -111,7 +111,9 @@ pub trait Consumer: Send + 'static {
     /// them over as if this one had died. Best effort.
     async fn keep_alive(&mut self, _deliveries: &[Delivery<Self::Tag>]) {}
 
-    /// The worker is stopping for good, holding no entries: leave the queue
-    /// tidy (a Redis consumer leaves its group). Best effort.
+    /// The worker is stopping for good, possibly still holding entries it
+    /// was retrying: leave the queue tidy without losing those (a Redis
+    /// consumer leaves its group only when nothing is pending with it).
+    /// Best effort.
     async fn close(&mut self) {}
 }

@@ -1,8 +1,9 @@
 //! `POST /event` and `POST /events`: validate, queue, answer.
 //!
 //! Bodies are read with a hard size limit before any parsing, so an oversized
-//! request costs at most the limit in memory, and that room is reserved from
-//! a budget shared by all connections first (`MAX_BODY_BYTES_IN_FLIGHT`). A
+//! request costs at most the limit in memory, and its bytes are counted, as
+//! they arrive, against a budget shared by all connections
+//! (`MAX_BODY_BYTES_IN_FLIGHT`). A
 //! batch is split into its items without building them (borrowed slices of
 //! the body), the count is checked before any item is parsed, and items are
 //! then parsed one at a time, each at most [`MAX_EVENT_BYTES`]: a request
@@ -24,7 +25,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, InFlight};
 use crate::event::{Event, now_ms, parse_event};
 use crate::ratelimit::retry_after_secs;
 
@@ -69,28 +70,18 @@ fn body_kind(headers: &HeaderMap, ndjson_allowed: bool) -> Result<BodyKind, ApiE
 /// handler (and graceful shutdown) forever.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The room a request's body may take: what it declares (hyper never reads
-/// past a declared `Content-Length`), else the route's limit.
-fn body_room(headers: &HeaderMap, limit: usize) -> usize {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(limit, |n| n.min(limit))
-}
-
-/// Reserves the body's room from the shared budget, then reads it.
+/// Reads a body of at most `limit` bytes. Its bytes are reserved from the
+/// budget shared by all connections (`MAX_BODY_BYTES_IN_FLIGHT`) as they
+/// arrive, so the room held is what was received, not what a header
+/// promised: clients that declare large bodies and send nothing hold
+/// nothing. The reservation is returned with the bytes and released when
+/// the handler is done with them.
 async fn read_body(
     state: &AppState,
     request: Request,
     limit: usize,
-) -> Result<(bytes::Bytes, OwnedSemaphorePermit), ApiError> {
-    let room = body_room(request.headers(), limit);
-    let permit = state.limits.reserve_body(room)?;
-    // One byte beyond a declared length is never read: hyper ends the body
-    // at `Content-Length`, so `room` bounds what is held.
-    let bytes = read_limited(request.into_body(), limit).await?;
-    Ok((bytes, permit))
+) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+    read_limited(request.into_body(), limit, &state.limits).await
 }
 
 /// After refusing a body as too large, how much more of it is read and
@@ -101,7 +92,11 @@ async fn read_body(
 const DISCARD_BYTES: usize = 16 * 1024 * 1024;
 const DISCARD_TIME: Duration = Duration::from_secs(1);
 
-async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+async fn read_limited(
+    mut body: Body,
+    limit: usize,
+    budget: &InFlight,
+) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -111,6 +106,7 @@ async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiE
     };
     let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
     let mut buf = bytes::BytesMut::new();
+    let mut room: Option<OwnedSemaphorePermit> = None;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => {
@@ -123,7 +119,7 @@ async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiE
                     ),
                 ));
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok((buf.freeze(), room)),
             Ok(Some(Err(_))) => {
                 return Err(ApiError::bad_request(
                     "invalid_body",
@@ -136,9 +132,20 @@ async fn read_limited(mut body: Body, limit: usize) -> Result<bytes::Bytes, ApiE
             continue; // trailers
         };
         if buf.len() + data.len() > limit {
-            drop(buf);
+            drop((buf, room));
             discard(body, data.len()).await;
             return Err(too_large());
+        }
+        match budget.reserve_body(data.len()) {
+            Ok(more) => match room.as_mut() {
+                Some(held) => held.merge(more),
+                None => room = Some(more),
+            },
+            Err(overloaded) => {
+                drop((buf, room));
+                discard(body, data.len()).await;
+                return Err(overloaded);
+            }
         }
         buf.extend_from_slice(&data);
     }

@@ -261,11 +261,20 @@ impl Store for MongoStore {
     }
 
     async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
+        // One limit for the whole answer: the second pipeline gets what the
+        // first left.
+        let deadline = std::time::Instant::now() + self.query_timeout;
+        let left = || {
+            deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| d.as_millis() > 0)
+                .ok_or(StoreError::Timeout(self.query_timeout))
+        };
         let totals = self
             .events
             .aggregate(Self::totals_pipeline(query))
             .allow_disk_use(true)
-            .max_time(self.query_timeout)
+            .max_time(left()?)
             .await
             .map_err(|e| self.read_error(e))?
             .try_next()
@@ -277,7 +286,7 @@ impl Store for MongoStore {
             .events
             .aggregate(Self::paths_pipeline(query))
             .allow_disk_use(true)
-            .max_time(self.query_timeout)
+            .max_time(left()?)
             .await
             .map_err(|e| self.read_error(e))?;
         while let Some(row) = cursor.try_next().await.map_err(|e| self.read_error(e))? {

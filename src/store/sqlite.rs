@@ -211,8 +211,6 @@ pub struct SqliteStore {
     // `spawn_blocking`, never held across an `.await`.
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
-    /// Stops the reader's running statement (a query past its time limit).
-    interrupt: Arc<rusqlite::InterruptHandle>,
     query_timeout: Duration,
 }
 
@@ -262,25 +260,46 @@ impl SqliteStore {
         configure(&reader).map_err(fail)?;
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
-            interrupt: Arc::new(reader.get_interrupt_handle()),
             reader: Arc::new(Mutex::new(reader)),
             query_timeout: options.query_timeout,
         })
     }
 
-    /// Runs a read on the reader connection within the query time limit.
-    /// Past it the running statement is interrupted (SQLite stops it at its
-    /// next step) and the caller gets [`StoreError::Timeout`] at once.
+    /// Runs a read on the reader connection within the query time limit,
+    /// counted from the call: a read that waited its turn past the limit does
+    /// not start, and one that runs past it is stopped at its next few
+    /// thousand steps (a progress handler of this call alone, so that one
+    /// read's limit never stops another's).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.query_timeout, Self::with_conn(&self.reader, f)).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.interrupt.interrupt();
-                Err(StoreError::Timeout(self.query_timeout))
+        let limit = self.query_timeout;
+        let deadline = std::time::Instant::now() + limit;
+        let conn = Arc::clone(&self.reader);
+        let run = tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Timeout(limit));
             }
+            conn.progress_handler(
+                PROGRESS_STEPS,
+                Some(move || std::time::Instant::now() >= deadline),
+            )
+            .map_err(sqlite_error)?;
+            let result = f(&mut conn);
+            let _ = conn.progress_handler(0, None::<fn() -> bool>);
+            result.map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::OperationInterrupted) => StoreError::Timeout(limit),
+                _ => sqlite_error(e),
+            })
+        });
+        // The closure gives up by itself at the deadline; this bound only
+        // covers a thread that never gets to run it.
+        match tokio::time::timeout(limit + Duration::from_millis(100), run).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("sqlite task failed: {e}"))),
+            Err(_) => Err(StoreError::Timeout(limit)),
         }
     }
 
@@ -297,8 +316,16 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("sqlite task failed: {e}")))?
-        .map_err(|e| StoreError::Unavailable(format!("sqlite: {e}")))
+        .map_err(sqlite_error)
     }
+}
+
+/// Virtual-machine steps between two looks at a read's deadline: a few
+/// microseconds of work, so a stopped query ends within a millisecond or so.
+const PROGRESS_STEPS: std::ffi::c_int = 10_000;
+
+fn sqlite_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("sqlite: {e}"))
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -473,5 +500,45 @@ impl Store for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query that would run for ever is stopped at its limit, and the next
+    /// one on the same connection runs normally.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_past_its_time_limit_is_stopped_and_the_next_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            query_timeout: Duration::from_millis(200),
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open_with(dir.path(), options).unwrap();
+        let endless = |conn: &mut Connection| {
+            conn.query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
+                 SELECT count(*) FROM c",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        };
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(store.read(endless), store.read(endless));
+        assert!(matches!(a, Err(StoreError::Timeout(_))), "{a:?}");
+        assert!(matches!(b, Err(StoreError::Timeout(_))), "{b:?}");
+        // Both within their own limit: the second did not run after the first.
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+        let one = store
+            .read(|conn| conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
     }
 }

@@ -254,16 +254,22 @@ async fn requests_and_body_bytes_in_flight_are_bounded() {
     slow.clear();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // One client declares a batch at the size limit and sends it slowly: it
-    // holds all the body room, and even a small batch is refused.
-    slow.push(
-        slow_request(format!(
-            "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n[",
-            evtrack::routes::ingest::MAX_BATCH_BYTES
-        ))
-        .await,
+    // A header alone holds no body room: a client that declares a batch at
+    // the size limit and sends nothing costs others nothing.
+    let limit = evtrack::routes::ingest::MAX_BATCH_BYTES;
+    let head = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {limit}\r\n\r\n"
     );
+    let mut promised = slow_request(head).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    json_of(app.post_events(&small).await, 202).await;
+    // One that has sent all but the last byte holds all the room: even a
+    // small batch is refused.
+    let mut almost = vec![b' '; limit - 1];
+    almost[0] = b'[';
+    promised.write_all(&almost).await.unwrap();
+    slow.push(promised);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let r = app.post_events(&small).await;
     assert_eq!(r.headers()["retry-after"], "1");
     assert_error(&json_of(r, 503).await, "overloaded", None);
@@ -325,6 +331,37 @@ async fn a_stats_query_past_its_time_limit_is_answered_503() {
         })
         .collect();
     app.store.insert(&events).await.unwrap();
+    // The store itself stops the query on the server (maxTimeMS), not only
+    // the route's own bound.
+    let query = evtrack::stats::StatsQuery {
+        site_id: "slow".into(),
+        date: chrono::NaiveDate::from_ymd_opt(2025, 11, 23).unwrap(),
+        event_type: "page_view".into(),
+        limit: 10,
+    };
+    let limited = evtrack::store::mongo::MongoStore::connect_with(
+        app.env.settings.mongo_uri().unwrap(),
+        app.env.settings.mongo_db.as_deref(),
+        Duration::from_millis(50),
+    )
+    .await
+    .unwrap();
+    use evtrack::store::Store;
+    let unlimited_started = Instant::now();
+    app.store.stats(&query).await.unwrap();
+    let unlimited = unlimited_started.elapsed();
+    let limited_started = Instant::now();
+    let answer = limited.stats(&query).await;
+    let stopped_after = limited_started.elapsed();
+    // Stopped by the server mid-scan, not answered after a whole first scan.
+    assert!(
+        stopped_after < unlimited / 2,
+        "{stopped_after:?} with a 50 ms limit, {unlimited:?} without"
+    );
+    assert!(
+        matches!(answer, Err(evtrack::store::StoreError::Timeout(_))),
+        "{answer:?}"
+    );
     let started = Instant::now();
     let r = app.get("/stats?site_id=slow&date=2025-11-23").await;
     let elapsed = started.elapsed();

@@ -106,7 +106,7 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_503_when_the_worker_stops_completing_polls() {
     let mut env = TestEnv::new(Backend::RedisMongo);
-    env.settings.worker_stall_ms = 1_000;
+    env.settings.worker_stall_ms = 5_000;
     let mut worker_settings = env.settings.clone();
     worker_settings.metrics_port = Some(0);
     let app = crate::helpers::spawn_app_with(env, Role::All).await;
@@ -132,7 +132,7 @@ async fn health_turns_503_when_the_worker_stops_completing_polls() {
     app.wait_stored("h", &[first["id"].as_str().unwrap().to_owned()])
         .await;
     // Idle for longer than the bound, but polling: healthy.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(6_000)).await;
     assert_eq!(health(app.address.clone()).await.0, 200);
     assert_eq!(health(worker_base.clone()).await.0, 200);
 
@@ -169,6 +169,55 @@ async fn health_turns_503_when_the_worker_stops_completing_polls() {
     );
     api.stop().await;
     worker.stop().await;
+    app.app.stop().await;
+}
+
+/// Embedded mode, a store that cannot write (another process holds the
+/// file's write lock), and sparse traffic: the failed request is answered
+/// 503 and nothing is held for retry, yet `/health` must not go back to 200
+/// on the next empty poll: the last write failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_503_in_embedded_mode_when_the_store_cannot_write() {
+    let mut env = TestEnv::new(Backend::EmbeddedSqlite);
+    env.settings.worker_stall_ms = 5_000;
+    let app = crate::helpers::spawn_app_with(env, Role::All).await;
+    let file = app
+        .env
+        .settings
+        .data_dir
+        .join(evtrack::store::sqlite::FILE_NAME);
+    let lock = rusqlite::Connection::open(&file).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // The writer waits for the lock (its 5 s busy timeout) and gives up.
+    let r = app
+        .post_event(&json!({"site_id": "h", "event_type": "page_view"}))
+        .await;
+    assert_eq!(r.status(), 503);
+    // No more traffic: the worker polls an empty queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = app.get("/health").await;
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "worker_stalled", "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still 503 a few polls later: an empty poll is not progress.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.get("/health").await.status(), 503);
+    // The lock goes away: the next write succeeds and health comes back.
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    json_of(
+        app.post_event(&json!({"site_id": "h", "event_type": "page_view"}))
+            .await,
+        202,
+    )
+    .await;
+    assert_eq!(app.get("/health").await.status(), 200);
     app.app.stop().await;
 }
 
