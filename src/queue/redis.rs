@@ -112,7 +112,25 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 ";
 
+/// Resets the idle time of the entries still pending with this consumer,
+/// without counting a delivery, and leaves alone those another worker has
+/// claimed meanwhile (a plain XCLAIM would take them back). KEYS: the
+/// stream. ARGV: the group, the consumer, then the entry ids. Answers how
+/// many were refreshed.
+const KEEP_ALIVE_SCRIPT: &str = r"
+local kept = 0
+for i = 3, #ARGV do
+  local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #mine > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+";
+
 /// Shared by every consumer: a script's hash is computed once.
+static KEEP_ALIVE: LazyLock<Script> = LazyLock::new(|| Script::new(KEEP_ALIVE_SCRIPT));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_SCRIPT));
 static LEAVE: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE_SCRIPT));
 
@@ -373,7 +391,7 @@ impl RedisConsumer {
         // again): the first acknowledgement takes one round trip like the
         // others. After a Redis restart empties its script cache, the
         // invocations load them again themselves.
-        for script in [&*SETTLE, &*LEAVE] {
+        for script in [&*SETTLE, &*LEAVE, &*KEEP_ALIVE] {
             script
                 .load_async(&mut conn)
                 .await
@@ -704,17 +722,17 @@ impl Consumer for RedisConsumer {
         // without counting a delivery: other workers, which claim only
         // entries idle for `claim_idle`, leave them alone while this worker
         // is alive and busy with them (a store write slower than the claim
-        // timeout, or retries through a store outage).
+        // timeout, or retries through a store outage). Only entries still
+        // this worker's: see KEEP_ALIVE_SCRIPT.
         if deliveries.is_empty() {
             return;
         }
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&self.keys.stream).arg(GROUP).arg(&self.name).arg(0);
+        let mut invocation = KEEP_ALIVE.key(&self.keys.stream);
+        invocation.arg(GROUP).arg(&self.name);
         for d in deliveries {
-            cmd.arg(&d.tag.id);
+            invocation.arg(&d.tag.id);
         }
-        cmd.arg("JUSTID");
-        if let Err(e) = cmd.query_async::<Vec<String>>(&mut self.conn).await {
+        if let Err(e) = invocation.invoke_async::<u64>(&mut self.conn).await {
             // Not fatal: at worst another worker claims them, and the store
             // absorbs the duplicate.
             tracing::warn!(error = %e, "cannot refresh pending entries");

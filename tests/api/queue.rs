@@ -185,6 +185,61 @@ async fn embedded_queue_closes_after_the_api_is_done() {
     );
 }
 
+/// A worker keeping its entries alive must not take back those another
+/// worker has claimed meanwhile (its refresh came late): that worker is
+/// storing them, and taking them back would have them stored twice over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeping_entries_alive_leaves_alone_those_another_worker_claimed() {
+    let redis = RedisServer::start();
+    let config = redis_config(&redis, 1000);
+    let queue = RedisQueue::connect(&config).await.unwrap();
+    let mut worker = RedisConsumer::connect(&config, consumer_config(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    queue.enqueue(events(4)).await.unwrap();
+    let held = fetch_n(&mut worker, 4).await;
+    // Another worker took two of them over.
+    let stream = format!("{}events", config.prefix);
+    let mut conn = redis::Client::open(config.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let taken: Vec<String> = redis::cmd("XCLAIM")
+        .arg(&stream)
+        .arg(evtrack::queue::redis::GROUP)
+        .arg("other-worker")
+        .arg(0)
+        .arg(&held[0].tag.id)
+        .arg(&held[1].tag.id)
+        .arg("JUSTID")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 2);
+    worker.keep_alive(&held).await;
+    let owners: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg(evtrack::queue::redis::GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let owner_of = |id: &str| {
+        owners
+            .iter()
+            .find(|o| o.0 == id)
+            .map(|o| o.1.clone())
+            .unwrap()
+    };
+    assert_eq!(owner_of(&held[0].tag.id), "other-worker");
+    assert_eq!(owner_of(&held[1].tag.id), "other-worker");
+    assert_eq!(owner_of(&held[2].tag.id), worker.name());
+    assert_eq!(owner_of(&held[3].tag.id), worker.name());
+}
+
 pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
     RedisConfig {
         url: redis.url.clone(),
