@@ -72,19 +72,35 @@ return len
 /// counter. KEYS: the stream, the byte counter. ARGV: the group, then the id
 /// and payload size of each entry. Answers the bytes freed.
 ///
-/// XDEL answers 1 only for an entry that was still there, and only those
-/// bytes are taken off: when two workers settle the same entry (one claimed
-/// it from the other, thought dead), the second frees nothing. The counter
-/// stops at zero: entries it never counted (written by hand, or queued by a
-/// version without it) may be deleted too; it is exact again once the stream
-/// has been empty (see ENQUEUE_SCRIPT). One XACK per entry: a single one
-/// with every id would need `unpack`, which fails beyond ~8,000 values.
+/// Only the bytes of entries this call deletes are taken off: when two
+/// workers settle the same entry (one claimed it from the other, thought
+/// dead), the second frees nothing. Entries are settled in slices of 1,000
+/// (`unpack` fails beyond ~8,000 values), each with one XACK and one XDEL:
+/// an XACK that acknowledges the whole slice means none of it was settled
+/// before (the scripts always acknowledge and delete together), so the whole
+/// slice is deleted now and all its bytes are freed. Otherwise, rarely, the
+/// slice is deleted entry by entry and only what XDEL finds is counted.
+/// The counter stops at zero: entries it never counted (written by hand, or
+/// queued by a version without it) may be deleted too; it is exact again
+/// once the stream has been empty (see ENQUEUE_SCRIPT).
 const SETTLE_SCRIPT: &str = r"
 local freed = 0
-for i = 2, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
-    freed = freed + tonumber(ARGV[i + 1])
+local i = 2
+while i <= #ARGV do
+  local ids, sizes, total = {}, {}, 0
+  while i <= #ARGV and #ids < 1000 do
+    ids[#ids + 1] = ARGV[i]
+    sizes[#sizes + 1] = tonumber(ARGV[i + 1])
+    total = total + sizes[#sizes]
+    i = i + 2
+  end
+  if redis.call('XACK', KEYS[1], ARGV[1], unpack(ids)) == #ids then
+    redis.call('XDEL', KEYS[1], unpack(ids))
+    freed = freed + total
+  else
+    for k = 1, #ids do
+      if redis.call('XDEL', KEYS[1], ids[k]) == 1 then freed = freed + sizes[k] end
+    end
   end
 end
 if freed > 0 then

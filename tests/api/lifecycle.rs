@@ -241,26 +241,45 @@ async fn redis_mode_syncs_each_sqlite_commit_to_disk_before_acknowledging() {
     let env = TestEnv::new(Backend::RedisSqlite);
     let log = env.dir.path().join("strace.log");
     let port = crate::backends::free_port();
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_evtrack"))
-        .arg("worker")
-        .env("REDIS_URL", env.settings.redis_url.clone().unwrap())
-        .env("REDIS_PREFIX", &env.settings.redis_prefix)
-        .env("DATA_DIR", &env.settings.data_dir)
-        .env("METRICS_PORT", port.to_string())
-        .env("RUST_LOG", "warn")
-        .env_remove("MONGO_URI")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut worker = crate::helpers::Service {
-        child: cmd
-            .spawn()
-            .expect("strace (scripts/test.sh installs it) runs the worker"),
-    };
+    let worker = Service::spawn_quiet(
+        &["worker"],
+        &[
+            ("REDIS_URL", env.settings.redis_url.clone().unwrap()),
+            ("REDIS_PREFIX", env.settings.redis_prefix.clone()),
+            ("DATA_DIR", env.settings.data_dir.display().to_string()),
+            ("METRICS_PORT", port.to_string()),
+        ],
+    );
     let client = reqwest::Client::new();
     wait_until_up(&client, &format!("http://127.0.0.1:{port}")).await;
+    // strace attaches to the running worker (all its threads, and those it
+    // starts), so that killing the worker at the end ends both: a worker
+    // started by strace would outlive a killed strace.
+    let pid = worker.child.id().to_string();
+    let _strace = Service {
+        child: Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
+            .arg(&log)
+            .args(["-p", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace (scripts/test.sh installs it) attaches to the worker"),
+    };
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !traced() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "strace did not attach"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = syncs_in(&log);
 
@@ -294,7 +313,7 @@ async fn redis_mode_syncs_each_sqlite_commit_to_disk_before_acknowledging() {
     let store = env.store().await;
     let ids: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
     assert_eq!(store.count_ids("sync", &ids).await.unwrap(), 10);
-    let _ = worker.child.kill();
+    drop(worker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
