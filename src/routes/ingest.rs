@@ -104,56 +104,57 @@ async fn read_limited(
             format!("the body must be at most {limit} bytes"),
         )
     };
-    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
-    let mut buf = bytes::BytesMut::new();
-    let mut room: Option<OwnedSemaphorePermit> = None;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!(
-                        "the body did not arrive within {} s",
-                        BODY_TIMEOUT.as_secs()
-                    ),
-                ));
-            }
-            Ok(None) => return Ok((buf.freeze(), room)),
-            Ok(Some(Err(_))) => {
+    let read = async {
+        let mut buf = bytes::BytesMut::new();
+        let mut room: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
                 return Err(ApiError::bad_request(
                     "invalid_body",
                     "the request body could not be read",
                 ));
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        if buf.len() + data.len() > limit {
-            drop((buf, room));
-            discard(body, data.len()).await;
-            return Err(too_large());
-        }
-        match budget.reserve_body(data.len()) {
-            Ok(more) => match room.as_mut() {
-                Some(held) => held.merge(more),
-                None => room = Some(more),
-            },
-            Err(overloaded) => {
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            if buf.len() + data.len() > limit {
                 drop((buf, room));
-                discard(body, data.len()).await;
-                return Err(overloaded);
+                discard(&mut body, data.len()).await;
+                return Err(too_large());
             }
+            match budget.reserve_body(data.len()) {
+                Ok(more) => match room.as_mut() {
+                    Some(held) => held.merge(more),
+                    None => room = Some(more),
+                },
+                Err(overloaded) => {
+                    drop((buf, room));
+                    discard(&mut body, data.len()).await;
+                    return Err(overloaded);
+                }
+            }
+            buf.extend_from_slice(&data);
         }
-        buf.extend_from_slice(&data);
-    }
+        Ok((buf.freeze(), room))
+    };
+    // One timer for the whole body (not one per frame).
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        })
 }
 
 /// Reads and drops what is left of a refused body, within
 /// [`DISCARD_BYTES`] and [`DISCARD_TIME`].
-async fn discard(mut body: Body, mut seen: usize) {
+async fn discard(body: &mut Body, mut seen: usize) {
     let deadline = tokio::time::Instant::now() + DISCARD_TIME;
     while seen <= DISCARD_BYTES {
         match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -409,6 +410,7 @@ async fn accept_event(
     request: Request,
     tally: &mut Tally,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let _slot = state.limits.admit()?;
     let kind = body_kind(request.headers(), false)?;
     debug_assert_eq!(kind, BodyKind::Json);
     let (bytes, _room) = read_body(state, request, MAX_EVENT_BYTES).await?;
@@ -430,6 +432,7 @@ async fn accept_events(
     request: Request,
     tally: &mut Tally,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let _slot = state.limits.admit()?;
     let kind = body_kind(request.headers(), true)?;
     let (bytes, _room) = read_body(state, request, MAX_BATCH_BYTES).await?;
     let items = split_batch(&bytes, kind, tally)?;

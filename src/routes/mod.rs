@@ -17,10 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
@@ -70,6 +67,16 @@ impl InFlight {
         }
     }
 
+    /// Counts a request against `MAX_REQUESTS_IN_FLIGHT` until the permit is
+    /// dropped; 503 `overloaded` beyond it. Taken first thing by the ingest
+    /// and stats handlers (a handler call, not a middleware: a middleware
+    /// costs every request a boxed future, measurable on the ingest path).
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.requests)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::overloaded())
+    }
+
     /// Reserves room for a body of at most `bytes`, held until dropped.
     pub fn reserve_body(&self, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
         let n = u32::try_from(bytes).map_err(|_| ApiError::overloaded())?;
@@ -85,15 +92,6 @@ impl Default for InFlight {
             crate::config::DEFAULT_MAX_REQUESTS_IN_FLIGHT,
             crate::config::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
         )
-    }
-}
-
-/// Counts the request against `MAX_REQUESTS_IN_FLIGHT` until its answer is
-/// built; 503 `overloaded` beyond it.
-async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match Arc::clone(&state.limits.requests).try_acquire_owned() {
-        Ok(_permit) => next.run(request).await,
-        Err(_) => ApiError::overloaded().into_response(),
     }
 }
 
@@ -179,14 +177,12 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         ),
     };
     let stats = Router::new().route("/stats", stats_route);
-    // Health, readiness and metrics stay outside the request bound: they
-    // cost little, and an overloaded process must still say how it is.
-    let bounded = Router::new()
+    // Ingest and stats handlers count themselves against the request bound
+    // (`InFlight::admit`). Health, readiness and metrics stay outside it:
+    // they cost little, and an overloaded process must still say how it is.
+    Router::new()
         .merge(ingest)
         .merge(stats)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admit));
-    Router::new()
-        .merge(bounded)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::get_metrics))

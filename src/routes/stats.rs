@@ -84,6 +84,7 @@ pub async fn get_stats(
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let _slot = state.limits.admit()?;
     // Who asks comes first: without a valid token nothing about the request,
     // not even whether its parameters are right, is answered.
     let tokens = &state.access.stats_tokens;
