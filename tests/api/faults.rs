@@ -263,17 +263,6 @@ fn signal(pid: u32, name: &str) {
     assert!(sent.success(), "SIG{name} to {pid}");
 }
 
-/// Resident memory of a process, from `/proc` (Linux).
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib / 1024.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_drain_of_50000_into_mongodb_loses_and_doubles_nothing() {
     killed_worker_mid_drain(Backend::RedisMongo).await;
@@ -553,7 +542,7 @@ async fn a_flood_against_the_queue_limit_is_refused_cleanly_and_recovers() {
     let client = reqwest::Client::new();
     wait_until_up(&client, &base).await;
     let pid = api.child.id();
-    let rss_before = rss_mib(pid);
+    let rss_before = crate::helpers::memory_mib(pid, "VmRSS");
 
     // 32 clients, 800 batches of 100 events: 40 times what the queue holds.
     let mut tasks = Vec::new();
@@ -604,7 +593,7 @@ async fn a_flood_against_the_queue_limit_is_refused_cleanly_and_recovers() {
     assert_eq!(queued, acked.len() as u64);
     assert!(queued <= MAX, "{queued} queued with a limit of {MAX}");
     // What was refused was not kept: memory stays near its starting point.
-    let rss_after = rss_mib(pid);
+    let rss_after = crate::helpers::memory_mib(pid, "VmRSS");
     assert!(
         rss_after < rss_before + 32.0,
         "RSS grew from {rss_before:.1} MiB to {rss_after:.1} MiB"

@@ -162,17 +162,6 @@ async fn invented_methods_do_not_grow_the_metrics() {
     app.app.stop().await;
 }
 
-/// Peak resident memory of a process (`VmHWM`), from `/proc` (Linux).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kib / 1024.0
-}
-
 /// Batches of millions of junk items are refused after the 1,001st without
 /// parsing the rest: eight at once, each at the 5 MiB limit, cost the
 /// service little more than their bodies (they once cost about 900 MiB).
@@ -190,7 +179,7 @@ async fn junk_batches_at_the_size_limit_cost_little_more_than_their_bodies() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     crate::helpers::wait_until_up(&client, &base).await;
-    let before = peak_rss_mib(service.child.id());
+    let before = crate::helpers::memory_mib(service.child.id(), "VmHWM");
     let limit = evtrack::routes::ingest::MAX_BATCH_BYTES;
     let ndjson = "x\n".repeat(limit / 2);
     let array = format!("[{}1]", "1,".repeat(limit / 2 - 2));
@@ -212,7 +201,7 @@ async fn junk_batches_at_the_size_limit_cost_little_more_than_their_bodies() {
             assert_error(&json_of(r.unwrap(), 413).await, "too_many_events", None);
         }
     }
-    let grown = peak_rss_mib(service.child.id()) - before;
+    let grown = crate::helpers::memory_mib(service.child.id(), "VmHWM") - before;
     eprintln!("peak RSS grew by {grown:.0} MiB");
     // The bodies alone are 8 × 5 MiB, read while a copy of each is made.
     assert!(grown < 150.0, "peak RSS grew by {grown:.0} MiB");
