@@ -242,6 +242,18 @@ pub struct Settings {
     pub trusted_proxies: TrustedProxies,
 }
 
+/// The environment variables evtrack reads, taken from the flags'
+/// definitions so that no hand-kept list can miss one: what a parent clears
+/// before starting `evtrack` with its own settings only (tests, benchmark).
+pub fn env_names() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -363,6 +375,20 @@ mod tests {
         assert_eq!(parsed.worker_batch_size, default.worker_batch_size);
         assert_eq!(parsed.worker_claim_idle_ms, default.worker_claim_idle_ms);
         assert_eq!(cli.command, None);
+    }
+
+    #[test]
+    fn every_setting_has_its_environment_variable_listed() {
+        let names = env_names();
+        for name in [
+            "PORT",
+            "REDIS_URL",
+            "QUEUE_MAX_BYTES",
+            "WORKER_STALL_MS",
+            "TRUSTED_PROXIES",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+        }
     }
 
     #[test]

@@ -116,32 +116,6 @@ pub struct Ctx {
     pub notes: Vec<String>,
 }
 
-/// Settings evtrack reads from the environment; children get only ours.
-const EVTRACK_ENV: &[&str] = &[
-    "PORT",
-    "HOST",
-    "REDIS_URL",
-    "REDIS_CA_CERT",
-    "REDIS_PREFIX",
-    "QUEUE_MAX_LEN",
-    "QUEUE_MAX_BYTES",
-    "DEAD_LETTER_MAX_LEN",
-    "MONGO_URI",
-    "MONGO_DB",
-    "DATA_DIR",
-    "WORKER_BATCH_SIZE",
-    "WORKER_CLAIM_IDLE_MS",
-    "WORKER_MAX_DELIVERIES",
-    "STATS_TIMEOUT_MS",
-    "WORKER_STALL_MS",
-    "MAX_REQUESTS_IN_FLIGHT",
-    "MAX_BODY_BYTES_IN_FLIGHT",
-    "QUEUE_MAX_BYTES",
-    "DEAD_LETTER_MAX_LEN",
-    "LOG_FORMAT",
-    "RUST_LOG",
-];
-
 impl Ctx {
     /// A fresh directory under the scratch directory.
     pub fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
@@ -165,9 +139,11 @@ impl Ctx {
     ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(&self.evtrack_bin);
         cmd.args(role).current_dir(dir);
-        for k in EVTRACK_ENV {
+        // Children get only our settings (and our log level).
+        for k in evtrack::config::env_names() {
             cmd.env_remove(k);
         }
+        cmd.env_remove("RUST_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }

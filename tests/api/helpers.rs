@@ -312,30 +312,7 @@ impl Service {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("RUST_LOG", "warn");
-        for var in [
-            "PORT",
-            "HOST",
-            "REDIS_URL",
-            "MONGO_URI",
-            "MONGO_DB",
-            "DATA_DIR",
-            "REDIS_PREFIX",
-            "STATS_TOKENS",
-            "PUBLIC_STATS",
-            "INGEST_SITES",
-            "STATS_CORS_ORIGINS",
-            "RATE_LIMIT",
-            "RATE_LIMIT_BURST",
-            "TRUSTED_PROXIES",
-            "METRICS_PORT",
-            "STATS_TIMEOUT_MS",
-            "WORKER_STALL_MS",
-            "MAX_REQUESTS_IN_FLIGHT",
-            "MAX_BODY_BYTES_IN_FLIGHT",
-            "QUEUE_MAX_BYTES",
-            "DEAD_LETTER_MAX_LEN",
-            "LOG_FORMAT",
-        ] {
+        for var in evtrack::config::env_names() {
             cmd.env_remove(var);
         }
         for (k, v) in env {
