@@ -2,12 +2,16 @@
 //!
 //! The parts, in the order an event meets them:
 //! - [`config`]: settings from flags, environment and `.env`.
-//! - [`routes`]: the HTTP API (`POST /event`, `POST /events`, `GET /stats`, health).
+//! - [`routes`]: the HTTP API (`POST /event`, `POST /events`, `POST /api/v2/query`,
+//!   `GET /stats`, health).
 //! - [`event`]: the event model and its validation.
 //! - [`queue`]: between the API and the worker (Redis Stream, or in-process).
 //! - [`worker`]: moves events from the queue into the store, in batches.
-//! - [`store`]: where events are kept (MongoDB, or SQLite) and stats computed.
-//! - [`stats`]: the stats query and its rules.
+//! - [`store`]: where events are kept (MongoDB, or SQLite), with their rollups.
+//! - [`rollup`]: exact per-bucket counts and visitor bitmaps, which answer queries.
+//! - [`query`]: the analytics query (Plausible's Stats API v2 shape): parsing,
+//!   the reference semantics, and the engine over the stores.
+//! - [`stats`]: `GET /stats`, the original one-day query, on the same engine.
 //! - [`access`]: read tokens for stats, the ingest allow-list.
 //! - [`ratelimit`]: who a client is (trusted proxies) and its ingest rate limit.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
@@ -18,8 +22,10 @@ pub mod access;
 pub mod config;
 pub mod event;
 pub mod metrics;
+pub mod query;
 pub mod queue;
 pub mod ratelimit;
+pub mod rollup;
 pub mod routes;
 pub mod server;
 pub mod startup;

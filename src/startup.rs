@@ -31,6 +31,10 @@ use crate::store::mongo::MongoStore;
 use crate::store::sqlite::{Durability, SqliteOptions, SqliteStore};
 use crate::worker::{self, Liveness};
 
+/// How often stored events are counted into the rollups: what a query may
+/// lag behind the store.
+const FOLD_EVERY: Duration = Duration::from_millis(200);
+
 /// Enqueue calls that may wait for the embedded writer before `queue_full`.
 const EMBEDDED_QUEUE_CAPACITY: usize = 10_000;
 
@@ -229,6 +233,15 @@ impl Application {
         let liveness = worker
             .is_some()
             .then(|| Arc::new(Liveness::new(settings.worker_stall())));
+        if worker.is_some() {
+            // This process writes events: it also counts them into the
+            // rollups (any number of processes may; each event is counted
+            // once).
+            tasks.spawn(
+                "rollup folder",
+                crate::store::run_folder(Arc::clone(&store), FOLD_EVERY, shutdown.clone()),
+            );
+        }
         match (worker, &liveness) {
             // Not tied to `shutdown`: it stops when the API is done and the
             // channel is drained (see the module docs).
@@ -236,7 +249,7 @@ impl Application {
                 "worker",
                 worker::run(
                     consumer,
-                    Arc::clone(&store),
+                    Arc::clone(&store) as Arc<dyn crate::store::EventSink>,
                     settings.worker(),
                     Arc::clone(&metrics),
                     Arc::clone(liveness),
@@ -247,7 +260,7 @@ impl Application {
                 "worker",
                 worker::run(
                     consumer,
-                    Arc::clone(&store),
+                    Arc::clone(&store) as Arc<dyn crate::store::EventSink>,
                     settings.worker(),
                     Arc::clone(&metrics),
                     Arc::clone(liveness),
@@ -400,25 +413,17 @@ async fn open_store(
     }
 }
 
-/// `evtrack rebuild-aggregates`: recomputes derived data from the raw events.
+/// `evtrack rebuild-aggregates`: drops the rollups and counts every stored
+/// event into them again. Run it with the workers stopped when the store is
+/// MongoDB (its rebuild is not one transaction); SQLite serialises it with
+/// any running process.
 pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupError> {
     let store = open_store(settings, Durability::Disk).await?;
-    let rebuilt = store
-        .rebuild_aggregates()
-        .await
-        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
     let events = store
-        .count_all()
+        .rebuild_rollups()
         .await
         .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
-    Ok(if rebuilt {
-        format!("aggregates rebuilt from {events} events")
-    } else {
-        format!(
-            "the {} store aggregates at query time: nothing to rebuild",
-            store.kind()
-        )
-    })
+    Ok(format!("rollups rebuilt from {events} events"))
 }
 
 #[cfg(test)]

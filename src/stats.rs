@@ -2,8 +2,9 @@
 //!
 //! The rules (which events count, what a unique user is, how paths are
 //! ordered) are written once here as [`aggregate`], a plain in-memory
-//! reference. The stores compute the same answer where the data lives; the
-//! tests compare every store against this reference.
+//! reference. [`compute`] answers the same from a store, through the query
+//! engine ([`crate::query::engine`]); the tests compare every store against
+//! this reference.
 
 use std::collections::{HashMap, HashSet};
 
@@ -11,6 +12,8 @@ use chrono::{NaiveDate, NaiveTime};
 use serde::Serialize;
 
 use crate::event::Event;
+use crate::query::{self, Condition, Dimension, Filter, FilterOp};
+use crate::store::{QueryStore, StoreError};
 
 pub const DEFAULT_EVENT_TYPE: &str = "page_view";
 pub const DEFAULT_LIMIT: u32 = 10;
@@ -143,6 +146,67 @@ pub fn aggregate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &StatsQ
         })
         .collect();
     Stats::new(query, total, users.len() as u64, paths)
+}
+
+/// Answers a stats request from a store: two engine queries over the UTC
+/// day (the totals, then the paths), assembled into the original shape.
+pub async fn compute(store: &dyn QueryStore, q: &StatsQuery) -> Result<Stats, StoreError> {
+    let day = q.date.format("%Y-%m-%d").to_string();
+    let request = |dims: serde_json::Value| {
+        serde_json::json!({
+            "site_id": q.site_id, "metrics": ["events", "visitors"],
+            "date_range": [day, day], "dimensions": dims,
+            "order_by": if dims.as_array().is_some_and(|d| d.is_empty()) {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!([["events", "desc"], ["visitors", "desc"]])
+            },
+            "pagination": {"limit": q.limit},
+        })
+    };
+    let resolve = |body: serde_json::Value| {
+        query::parse_request(&body)
+            .and_then(|r| r.resolve(0, None))
+            .map_err(|e| StoreError::Unavailable(format!("stats query: {}", e.message)))
+    };
+    // The event type as given, not through the API's `pageview` alias: this
+    // endpoint has always named types exactly.
+    let condition = |op, dimension, value: &str| {
+        Filter::Condition(Condition {
+            op,
+            dimension,
+            values: vec![value.to_owned()],
+            case_sensitive: true,
+        })
+    };
+    let mut totals = resolve(request(serde_json::json!([])))?;
+    totals
+        .filters
+        .push(condition(FilterOp::Is, Dimension::Name, &q.event_type));
+    let mut paths = resolve(request(serde_json::json!(["event:page"])))?;
+    paths
+        .filters
+        .push(condition(FilterOp::Is, Dimension::Name, &q.event_type));
+    // No path, or an empty one, is in the totals but not among the paths.
+    paths
+        .filters
+        .push(condition(FilterOp::IsNot, Dimension::Page, query::NONE));
+    let totals = query::engine::run(store, totals.into()).await?;
+    let paths = query::engine::run(store, paths.into()).await?;
+    let (total, users) = totals
+        .rows
+        .first()
+        .map_or((0, 0), |r| (r.metrics[0], r.metrics[1]));
+    let paths = paths
+        .rows
+        .into_iter()
+        .map(|r| PathStats {
+            path: r.dimensions.into_iter().next().unwrap_or_default(),
+            views: r.metrics[0],
+            unique_users: r.metrics[1],
+        })
+        .collect();
+    Ok(Stats::new(q, total, users, paths))
 }
 
 #[cfg(test)]

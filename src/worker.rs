@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::queue::{Consumer, Delivery, QueueError};
-use crate::store::{InsertOutcome, Store, StoreError};
+use crate::store::{EventSink, InsertOutcome, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -60,7 +60,7 @@ pub struct BatchOutcome<T> {
 /// Stores one batch and settles each entry with the queue.
 pub async fn process_batch<C: Consumer>(
     consumer: &mut C,
-    store: &dyn Store,
+    store: &dyn EventSink,
     batch: Vec<Delivery<C::Tag>>,
     config: &WorkerConfig,
 ) -> BatchOutcome<C::Tag> {
@@ -154,7 +154,7 @@ pub async fn process_batch<C: Consumer>(
 /// contract of one outcome per event.
 async fn write_keeping_alive<C: Consumer>(
     consumer: &mut C,
-    store: &dyn Store,
+    store: &dyn EventSink,
     events: &[Event],
     deliveries: &[Delivery<C::Tag>],
 ) -> Result<Vec<InsertOutcome>, StoreError> {
@@ -238,7 +238,7 @@ impl Liveness {
 /// queue closes. Beats `liveness` after each completed poll.
 pub async fn run<C: Consumer>(
     mut consumer: C,
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventSink>,
     config: WorkerConfig,
     metrics: Arc<Metrics>,
     liveness: Arc<Liveness>,
@@ -407,7 +407,6 @@ mod tests {
     //! `process_batch` with in-memory stand-ins: the settling logic alone.
     //! The real queues and stores are exercised in `tests/api/`.
     use super::*;
-    use crate::stats::{Stats, StatsQuery};
     use async_trait::async_trait;
     use std::sync::Mutex;
 
@@ -415,24 +414,9 @@ mod tests {
     struct Scripted(Mutex<Vec<Vec<InsertOutcome>>>);
 
     #[async_trait]
-    impl Store for Scripted {
+    impl EventSink for Scripted {
         async fn insert(&self, _events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
             Ok(self.0.lock().unwrap().remove(0))
-        }
-        async fn stats(&self, _q: &StatsQuery) -> Result<Stats, StoreError> {
-            unreachable!()
-        }
-        async fn check(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn count_ids(&self, _s: &str, _ids: &[String]) -> Result<u64, StoreError> {
-            Ok(0)
-        }
-        async fn count_all(&self) -> Result<u64, StoreError> {
-            Ok(0)
-        }
-        fn kind(&self) -> &'static str {
-            "scripted"
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use evtrack::store::Store;
+use evtrack::store::EventSink;
 use evtrack::store::sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::data::DayEvents;

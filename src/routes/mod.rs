@@ -1,6 +1,7 @@
 //! HTTP routes and handlers.
 //!
 //! - `POST /event`, `POST /events`: [`ingest`]
+//! - `POST /api/v2/query`: [`query`]
 //! - `GET /stats`: [`stats`]
 //! - `GET /health`, `GET /ready`: [`health`]
 //! - `GET /metrics`: [`metrics`]
@@ -11,6 +12,7 @@ pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod openapi;
+pub mod query;
 pub mod stats;
 
 use std::sync::Arc;
@@ -165,18 +167,26 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
             with_cors(limited(post(ingest::post_events)), ingest_cors),
         );
     // Stats stay closed to other origins unless configured.
-    let stats_route = match stats_origins {
+    let stats_cors_layer = stats_origins.map(|origins| {
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(PREFLIGHT_MAX_AGE)
+    });
+    let stats_route = match stats_cors_layer.clone() {
         None => get(stats::get_stats),
-        Some(origins) => with_cors(
-            get(stats::get_stats),
-            CorsLayer::new()
-                .allow_origin(origins)
-                .allow_methods([Method::GET])
-                .allow_headers([header::AUTHORIZATION])
-                .max_age(PREFLIGHT_MAX_AGE),
-        ),
+        Some(cors) => with_cors(get(stats::get_stats), cors),
     };
-    let stats = Router::new().route("/stats", stats_route);
+    let query_route = post(query::post_query)
+        .layer(axum::extract::DefaultBodyLimit::max(query::MAX_QUERY_BYTES));
+    let query_route = match stats_cors_layer.clone() {
+        None => query_route,
+        Some(cors) => with_cors(query_route, cors),
+    };
+    let stats = Router::new()
+        .route("/stats", stats_route)
+        .route("/api/v2/query", query_route);
     // Ingest and stats handlers count themselves against the request bound
     // (`InFlight::admit`). Health, readiness and metrics stay outside it:
     // they cost little, and an overloaded process must still say how it is.

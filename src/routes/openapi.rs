@@ -30,6 +30,7 @@ mod tests {
             "/event",
             "/events",
             "/stats",
+            "/api/v2/query",
             "/health",
             "/ready",
             "/metrics",

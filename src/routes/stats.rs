@@ -15,7 +15,7 @@ use crate::store::StoreError;
 
 /// How much longer than `STATS_TIMEOUT_MS` a stats request may wait for a
 /// store that does not stop its query itself (a server that went silent).
-const STATS_TIMEOUT_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
+pub(crate) const STATS_TIMEOUT_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Reads and checks the query parameters; `today` is the default date.
 pub fn parse_query(
@@ -103,7 +103,7 @@ pub async fn get_stats(
     // maxTimeMS); this bound, a little later, also covers a backend that
     // does not answer at all.
     let bound = state.stats_timeout + STATS_TIMEOUT_SLACK;
-    let stats = tokio::time::timeout(bound, state.store.stats(&query))
+    let stats = tokio::time::timeout(bound, crate::stats::compute(&*state.store, &query))
         .await
         .map_err(|_| StoreError::Timeout(state.stats_timeout))??;
     Ok(Json(json!({"success": true, "stats": stats})))

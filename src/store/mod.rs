@@ -1,12 +1,17 @@
-//! The store: where events end up, and where stats are computed.
+//! The store: where events end up, and where queries are answered from.
 //!
-//! One trait, one implementation per backend, picked at start-up:
-//! [`sqlite::SqliteStore`] (embedded default, one file in `DATA_DIR`) and
-//! [`mongo::MongoStore`] (`MONGO_URI`). An event's identity is the pair
-//! (`site_id`, `event_id`): the same id sent by two sites is two events, the
-//! same id sent twice by one site is one. Storing an event twice stores it
-//! once, which is what makes redelivery from the queue safe. Stats are
-//! computed by the store so that each backend can use what it is good at;
+//! Three traits, by who uses them, one implementation of each per backend,
+//! picked at start-up: [`sqlite::SqliteStore`] (embedded default, one file
+//! in `DATA_DIR`) and [`mongo::MongoStore`] (`MONGO_URI`).
+//! - [`EventSink`]: the worker's insert, one outcome per event;
+//! - [`QueryStore`]: reads for the query engine ([`crate::query::engine`]):
+//!   rollup rows and raw events, in one snapshot;
+//! - [`StoreAdmin`]: keeping the rollups, and what tests and tools ask.
+//!
+//! An event's identity is the pair (`site_id`, `event_id`): the same id sent
+//! by two sites is two events, the same id sent twice by one site is one.
+//! Storing an event twice stores it once, which is what makes redelivery from
+//! the queue safe, and it is counted in the rollups once.
 //! `tests/api/store.rs` holds the conformance suite both must pass.
 
 pub mod mongo;
@@ -17,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::event::Event;
-use crate::stats::{Stats, StatsQuery};
+use crate::query::engine::{Aggregator, Plan};
 
 /// What happened to one event of an insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,22 +78,47 @@ pub enum StoreError {
     Timeout(Duration),
 }
 
+/// Where the worker puts events.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait EventSink: Send + Sync + 'static {
     /// Stores events; safe to call again with the same events.
     ///
     /// On `Ok`, exactly one outcome per input event, in input order:
     /// `outcomes[i]` is what happened to `events[i]`. Events with the same
     /// (`site_id`, `id`) within one call are stored once (the first is
     /// `Inserted`, unless it was already there, the others `Duplicate`).
+    /// Each newly stored event is counted in the rollups exactly once, in
+    /// the same transaction or by a later [`StoreAdmin::fold`].
     async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError>;
-    /// Aggregates one site-day.
-    async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError>;
-    /// Recomputes derived data (aggregates) from the raw events. Returns
-    /// `false` when the store keeps none (it aggregates at query time).
-    async fn rebuild_aggregates(&self) -> Result<bool, StoreError> {
-        Ok(false)
-    }
+}
+
+/// What the query engine reads.
+#[async_trait]
+pub trait QueryStore: Send + Sync + 'static {
+    /// Reads what the plan names, in one consistent snapshot, into `agg`:
+    /// each rollup row of `plan.reads` × `plan.spans` of the site
+    /// ([`Aggregator::add_row`]) and each raw event of the site in
+    /// `plan.raw` ([`Aggregator::add_event`]), with its visitor id when
+    /// `plan.raw_vids`. Raw events not yet counted in the rollups are left
+    /// out, so that rollups and raw events agree. Stopped with
+    /// [`StoreError::Timeout`] past the query time limit.
+    async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
+    /// The time (epoch ms) of the site's first stored event.
+    async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError>;
+}
+
+/// Keeping derived data, and what tests and tools ask.
+#[async_trait]
+pub trait StoreAdmin: Send + Sync + 'static {
+    /// Counts stored events not yet in the rollups into them, at most
+    /// `max_events` of them, exactly once whatever the number of processes
+    /// doing the same. Returns how many it counted (0: up to date).
+    async fn fold(&self, max_events: usize) -> Result<usize, StoreError>;
+    /// How many stored events are not in the rollups yet.
+    async fn unfolded(&self) -> Result<u64, StoreError>;
+    /// Drops the rollups and counts every stored event into them again.
+    /// Returns the number of events.
+    async fn rebuild_rollups(&self) -> Result<u64, StoreError>;
     /// Answers when the backend is reachable (for `/ready`).
     async fn check(&self) -> Result<(), StoreError>;
     /// How many of these event ids of one site are stored (tests and tooling).
@@ -98,3 +128,41 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs and `/ready`.
     fn kind(&self) -> &'static str;
 }
+
+/// A whole store.
+pub trait Store: EventSink + QueryStore + StoreAdmin {}
+
+impl<T: EventSink + QueryStore + StoreAdmin> Store for T {}
+
+/// Folds in a loop until `shutdown`: what a process that writes events runs
+/// beside its worker, so that stored events show in queries within
+/// `every` or so.
+pub async fn run_folder(
+    store: std::sync::Arc<dyn Store>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        // Catch up in bounded transactions, so that a backlog (a first start
+        // on an old file) does not hold the writer for long at a time.
+        loop {
+            match store.fold(FOLD_BATCH).await {
+                Ok(n) if n == FOLD_BATCH && !shutdown.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding events into rollups failed; retrying");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Events per fold transaction.
+pub const FOLD_BATCH: usize = 50_000;

@@ -5,14 +5,22 @@
 //! single connection lets a whole batch commit in one transaction) and one
 //! reader connection; in WAL mode readers never block the writer.
 //!
-//! Stats come from daily aggregates that the insert maintains in the same
-//! transaction as the raw events, so a stats request reads a handful of rows
-//! however many events the day holds (aggregating a day of a million events
-//! at query time takes the better part of a second). The raw `events` table
-//! stays the source of truth: the aggregates are counted only for events that
-//! were newly inserted (a redelivered event changes nothing), unique users
-//! are kept exact by one row per (day, user) and per (day, path, user), and
-//! [`SqliteStore::rebuild_aggregates`] recomputes everything from the raw events.
+//! Queries read rollups ([`crate::rollup`]), kept beside the raw events.
+//! The insert writes raw events only, so ingest pays for three append-mostly
+//! b-trees (the table in arrival order, the identity index, the time index)
+//! and nothing else. [`SqliteStore::fold`] then counts new events into the
+//! rollups, in arrival order (`seq`), and moves a watermark (`fold_state`)
+//! in the same transaction: a crash at any point leaves every event counted
+//! once or not yet, and the next fold, in this process or another, takes up
+//! from the watermark. Queries read one snapshot and leave out events past
+//! the watermark, so raw events and rollups always agree. The raw `events`
+//! table stays the source of truth: [`SqliteStore::rebuild_rollups`] drops
+//! the rollups and folds everything again.
+//!
+//! Visitor ids (for the rollups' bitmaps) come from a dictionary table,
+//! `visitors`, given out per site in order by the fold. A bounded cache in
+//! memory spares most lookups; a mapping never changes once committed, so a
+//! cache is never stale, whichever process wrote the mapping.
 //!
 //! Durability ([`Durability`]): `synchronous=NORMAL` in WAL mode makes a
 //! commit survive the process being killed (`kill -9`), but a power loss or
@@ -22,17 +30,18 @@
 //! commit is synced to disk first (`synchronous=FULL`): nothing acknowledged to
 //! Redis lives only in the OS cache.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{InsertOutcome, Store, StoreError};
+use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError};
 use crate::event::Event;
-use crate::stats::{PathStats, Stats, StatsQuery, counted_path, counted_user, day_number};
+use crate::query::engine::{Aggregator, Plan, RowRef};
+use crate::rollup::{self, Deltas, Level};
 
 pub const FILE_NAME: &str = "evtrack.sqlite3";
 
@@ -93,91 +102,51 @@ pub const MIGRATIONS: &[&str] = &[
         SELECT site_id, id, event_type, path, userid, ts, created_at, props FROM events;
     DROP TABLE events;
     ALTER TABLE events_v2 RENAME TO events;",
+    // 3: rollups replace the daily aggregates. Raw events get an arrival
+    // sequence (the fold's watermark follows it; AUTOINCREMENT: a sequence
+    // number is never given out twice, even after the newest rows are
+    // deleted), an identity index and a time index. The fold starts at 0,
+    // so the first start after this migration rebuilds the rollups from
+    // the raw events.
+    "ALTER TABLE events RENAME TO events_v2;
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        site_id    TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        path       TEXT,
+        userid     TEXT,
+        ts         INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        props      TEXT
+    );
+    INSERT INTO events (site_id, id, event_type, path, userid, ts, created_at, props)
+        SELECT site_id, id, event_type, path, userid, ts, created_at, props FROM events_v2 ORDER BY ts;
+    DROP TABLE events_v2;
+    CREATE UNIQUE INDEX events_identity ON events (site_id, id);
+    CREATE INDEX events_time ON events (site_id, ts);
+    DROP TABLE day_totals; DROP TABLE day_users; DROP TABLE day_paths; DROP TABLE day_path_users;
+    CREATE TABLE visitors (
+        site_id TEXT NOT NULL, visitor TEXT NOT NULL, vid INTEGER NOT NULL,
+        PRIMARY KEY (site_id, visitor)
+    ) WITHOUT ROWID;
+    CREATE TABLE sites (site_id TEXT PRIMARY KEY NOT NULL, next_vid INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE rollups (
+        id       INTEGER PRIMARY KEY,
+        site_id  TEXT NOT NULL,
+        dim      TEXT NOT NULL,
+        level    INTEGER NOT NULL,
+        bucket   INTEGER NOT NULL,
+        value    TEXT NOT NULL,
+        name     TEXT NOT NULL,
+        events   INTEGER NOT NULL,
+        visitors BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX rollups_key ON rollups (site_id, dim, level, bucket, value, name);
+    CREATE INDEX rollups_value ON rollups (site_id, dim, value, level, bucket);
+    CREATE TABLE fold_state (one INTEGER PRIMARY KEY CHECK (one = 1), folded INTEGER NOT NULL);
+    INSERT INTO fold_state VALUES (1, 0);",
 ];
-
-/// Recomputes every aggregate from the raw events.
-const REBUILD: &str = "
-    DELETE FROM day_totals; DELETE FROM day_users; DELETE FROM day_paths; DELETE FROM day_path_users;
-    INSERT INTO day_users
-        SELECT DISTINCT site_id, event_type, ts / 86400000, userid FROM events WHERE userid <> '';
-    INSERT INTO day_path_users
-        SELECT DISTINCT site_id, event_type, ts / 86400000, path, userid FROM events
-        WHERE path <> '' AND userid <> '';
-    INSERT INTO day_totals
-        SELECT site_id, event_type, ts / 86400000, COUNT(*), COUNT(DISTINCT NULLIF(userid, ''))
-        FROM events GROUP BY 1, 2, 3;
-    INSERT INTO day_paths
-        SELECT site_id, event_type, ts / 86400000, path, COUNT(*), COUNT(DISTINCT NULLIF(userid, ''))
-        FROM events WHERE path <> '' GROUP BY 1, 2, 3, 4;";
-
-/// Aggregate changes of one batch, gathered in memory first so that a key
-/// repeated in the batch (a popular path, a busy user) costs one statement.
-#[derive(Default)]
-struct Deltas<'a> {
-    views: HashMap<(&'a str, &'a str, i64), i64>,
-    users: HashSet<(&'a str, &'a str, i64, &'a str)>,
-    path_views: HashMap<(&'a str, &'a str, i64, &'a str), i64>,
-    path_users: HashSet<(&'a str, &'a str, i64, &'a str, &'a str)>,
-}
-
-impl<'a> Deltas<'a> {
-    fn add(&mut self, e: &'a Event) {
-        let day = day_number(e.ts);
-        let (site, ty) = (e.site_id.as_str(), e.event_type.as_str());
-        let user = counted_user(e.userid.as_deref());
-        *self.views.entry((site, ty, day)).or_default() += 1;
-        if let Some(u) = user {
-            self.users.insert((site, ty, day, u));
-        }
-        if let Some(p) = counted_path(e.path.as_deref()) {
-            *self.path_views.entry((site, ty, day, p)).or_default() += 1;
-            if let Some(u) = user {
-                self.path_users.insert((site, ty, day, p, u));
-            }
-        }
-    }
-
-    /// Applies the changes; new users are those whose row did not exist yet.
-    fn apply(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let mut new_users: HashMap<(&str, &str, i64), i64> = HashMap::new();
-        let mut stmt =
-            tx.prepare_cached("INSERT OR IGNORE INTO day_users VALUES (?1, ?2, ?3, ?4)")?;
-        for (site, ty, day, user) in self.users {
-            if stmt.execute(params![site, ty, day, user])? == 1 {
-                *new_users.entry((site, ty, day)).or_default() += 1;
-            }
-        }
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO day_totals VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT DO UPDATE SET views = views + excluded.views, users = users + excluded.users",
-        )?;
-        for ((site, ty, day), views) in self.views {
-            let users = new_users.get(&(site, ty, day)).copied().unwrap_or(0);
-            stmt.execute(params![site, ty, day, views, users])?;
-        }
-        let mut new_path_users: HashMap<(&str, &str, i64, &str), i64> = HashMap::new();
-        let mut stmt =
-            tx.prepare_cached("INSERT OR IGNORE INTO day_path_users VALUES (?1, ?2, ?3, ?4, ?5)")?;
-        for (site, ty, day, path, user) in self.path_users {
-            if stmt.execute(params![site, ty, day, path, user])? == 1 {
-                *new_path_users.entry((site, ty, day, path)).or_default() += 1;
-            }
-        }
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO day_paths VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT DO UPDATE SET views = views + excluded.views, users = users + excluded.users",
-        )?;
-        for ((site, ty, day, path), views) in self.path_views {
-            let users = new_path_users
-                .get(&(site, ty, day, path))
-                .copied()
-                .unwrap_or(0);
-            stmt.execute(params![site, ty, day, path, views, users])?;
-        }
-        Ok(())
-    }
-}
-
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -212,6 +181,38 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
     query_timeout: Duration,
+    /// Committed (site, visitor) → id mappings; bounded.
+    visitors: Arc<Mutex<VisitorCache>>,
+}
+
+/// Visitor ids most recently used, in two generations: when the young one
+/// is full, the old one is dropped and the young one takes its place. Holds
+/// at most twice `VISITOR_CACHE` entries, whatever the number of visitors.
+#[derive(Default)]
+struct VisitorCache {
+    young: HashMap<(String, String), u32>,
+    old: HashMap<(String, String), u32>,
+}
+
+/// Entries per generation of the visitor cache (about 100 bytes each).
+const VISITOR_CACHE: usize = 100_000;
+
+impl VisitorCache {
+    fn get(&mut self, key: &(String, String)) -> Option<u32> {
+        if let Some(&v) = self.young.get(key) {
+            return Some(v);
+        }
+        let v = self.old.remove(key)?;
+        self.put(key.clone(), v);
+        Some(v)
+    }
+
+    fn put(&mut self, key: (String, String), vid: u32) {
+        if self.young.len() >= VISITOR_CACHE {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, vid);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +263,7 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
             query_timeout: options.query_timeout,
+            visitors: Arc::default(),
         })
     }
 
@@ -373,26 +375,258 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// Columns of an event row, in the order [`event_from_row`] reads them.
+const EVENT_COLUMNS: &str = "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props";
+
+fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> {
+    let props: Option<String> = r.get(first + 7)?;
+    Ok(Event {
+        id: r.get(first)?,
+        site_id: r.get(first + 1)?,
+        event_type: r.get(first + 2)?,
+        path: r.get(first + 3)?,
+        userid: r.get(first + 4)?,
+        ts: r.get(first + 5)?,
+        created_at: r.get(first + 6)?,
+        // Written by `insert` from a JSON object; anything else is no props.
+        props: props.and_then(|p| serde_json::from_str(&p).ok()),
+    })
+}
+
+/// One fold: up to `max` events past the watermark into the rollups, and
+/// the watermark past them, in one transaction. See the module docs.
+fn fold(conn: &mut Connection, cache: &Mutex<VisitorCache>, max: usize) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+    let mut events = Vec::new();
+    let mut last = folded;
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT e.seq, {EVENT_COLUMNS} FROM events e WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2"
+        ))?;
+        let mut rows = stmt.query(params![folded, max as i64])?;
+        while let Some(r) = rows.next()? {
+            last = r.get(0)?;
+            events.push(event_from_row(r, 1)?);
+        }
+    }
+    if events.is_empty() {
+        return Ok(0);
+    }
+    // Visitor ids: the cache, else the dictionary, else new ones.
+    let mut ids: HashMap<(String, String), u32> = HashMap::new();
+    let mut fresh: Vec<(String, String)> = Vec::new();
+    {
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lookup =
+            tx.prepare_cached("SELECT vid FROM visitors WHERE site_id = ?1 AND visitor = ?2")?;
+        for e in &events {
+            let Some(visitor) = crate::query::visitor_of(e) else {
+                continue;
+            };
+            let key = (e.site_id.clone(), visitor.to_owned());
+            if ids.contains_key(&key) {
+                continue;
+            }
+            let known = match cache.get(&key) {
+                Some(v) => Some(v),
+                None => lookup
+                    .query_row(params![key.0, key.1], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(|v| v as u32),
+            };
+            match known {
+                Some(v) => {
+                    ids.insert(key, v);
+                }
+                None => {
+                    ids.insert(key.clone(), u32::MAX);
+                    fresh.push(key);
+                }
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        let mut next_of: HashMap<String, i64> = HashMap::new();
+        let mut get_next =
+            tx.prepare_cached("SELECT next_vid FROM sites WHERE site_id = ?1")?;
+        let mut add = tx.prepare_cached("INSERT INTO visitors VALUES (?1, ?2, ?3)")?;
+        for key in &fresh {
+            let next = match next_of.get_mut(&key.0) {
+                Some(n) => n,
+                None => {
+                    let n = get_next
+                        .query_row([&key.0], |r| r.get::<_, i64>(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    next_of.entry(key.0.clone()).or_insert(n)
+                }
+            };
+            let vid = u32::try_from(*next).map_err(|_| {
+                rusqlite::Error::IntegralValueOutOfRange(0, *next)
+            })?;
+            *next += 1;
+            add.execute(params![key.0, key.1, vid])?;
+            ids.insert(key.clone(), vid);
+        }
+        let mut set_next = tx.prepare_cached(
+            "INSERT INTO sites VALUES (?1, ?2) ON CONFLICT DO UPDATE SET next_vid = excluded.next_vid",
+        )?;
+        for (site, next) in &next_of {
+            set_next.execute(params![site, next])?;
+        }
+    }
+    let mut deltas = Deltas::default();
+    for e in &events {
+        let vid = crate::query::visitor_of(e)
+            .and_then(|v| ids.get(&(e.site_id.clone(), v.to_owned())).copied());
+        deltas.add(e, vid);
+    }
+    {
+        let mut read = tx.prepare_cached(
+            "SELECT id, visitors FROM rollups
+             WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket = ?4 AND value = ?5 AND name = ?6",
+        )?;
+        let mut update = tx.prepare_cached(
+            "UPDATE rollups SET events = events + ?2, visitors = ?3 WHERE id = ?1",
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO rollups (site_id, dim, level, bucket, value, name, events, visitors)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for (k, n, bitmap) in deltas.rows() {
+            let key = params![k.site_id, k.dim, k.level.code(), k.bucket, k.value, k.name];
+            let existing = read
+                .query_row(key, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                .optional()?;
+            match existing {
+                Some((id, old)) => {
+                    let mut merged = rollup::decode(&old).ok_or_else(|| {
+                        rusqlite::Error::InvalidColumnType(
+                            1,
+                            "visitors (not a roaring bitmap; rebuild the rollups)".into(),
+                            rusqlite::types::Type::Blob,
+                        )
+                    })?;
+                    merged |= bitmap;
+                    update.execute(params![id, n as i64, rollup::encode(&merged)])?;
+                }
+                None => {
+                    insert.execute(params![
+                        k.site_id,
+                        k.dim,
+                        k.level.code(),
+                        k.bucket,
+                        k.value,
+                        k.name,
+                        n as i64,
+                        rollup::encode(bitmap)
+                    ])?;
+                }
+            }
+        }
+    }
+    tx.execute("UPDATE fold_state SET folded = ?1", [last])?;
+    tx.commit()?;
+    // Only committed mappings are cached: a rolled-back id may be given to
+    // another visitor by the next fold.
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    for key in fresh {
+        if let Some(&vid) = ids.get(&key) {
+            cache.put(key, vid);
+        }
+    }
+    Ok(events.len())
+}
+
+/// Reads a plan (see [`QueryStore::fetch`]) in one read transaction.
+fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+    for read in &plan.reads {
+        let values_sql = match &read.values {
+            None => String::new(),
+            Some(values) => format!(" AND value IN ({})", vec!["?"; values.len()].join(", ")),
+        };
+        let mut stmt = tx.prepare(&format!(
+            "SELECT level, bucket, value, name, events, visitors FROM rollups
+             WHERE site_id = ? AND dim = ? AND level = ? AND bucket >= ? AND bucket < ?{values_sql}"
+        ))?;
+        for span in &plan.spans {
+            let mut args: Vec<rusqlite::types::Value> = vec![
+                plan.site_id.clone().into(),
+                read.dim.clone().into(),
+                span.level.code().into(),
+                span.from.into(),
+                span.to.into(),
+            ];
+            for v in read.values.iter().flatten() {
+                args.push(v.clone().into());
+            }
+            let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+            while let Some(r) = rows.next()? {
+                let Some(level) = Level::from_code(r.get(0)?) else {
+                    continue;
+                };
+                let value: String = r.get(2)?;
+                let name: String = r.get(3)?;
+                let visitors = r.get_ref(5)?.as_blob()?;
+                agg.add_row(RowRef {
+                    dim: &read.dim,
+                    level,
+                    bucket: r.get(1)?,
+                    value: &value,
+                    name: &name,
+                    events: r.get::<_, i64>(4)?.max(0) as u64,
+                    visitors,
+                });
+            }
+        }
+    }
+    if !plan.raw.is_empty() {
+        let sql = if plan.raw_vids {
+            format!(
+                "SELECT {EVENT_COLUMNS}, v.vid FROM events e
+                 LEFT JOIN visitors v ON v.site_id = e.site_id AND v.visitor = e.userid
+                 WHERE e.site_id = ?1 AND e.ts >= ?2 AND e.ts < ?3 AND e.seq <= ?4"
+            )
+        } else {
+            format!(
+                "SELECT {EVENT_COLUMNS}, NULL FROM events e
+                 WHERE e.site_id = ?1 AND e.ts >= ?2 AND e.ts < ?3 AND e.seq <= ?4"
+            )
+        };
+        let mut stmt = tx.prepare(&sql)?;
+        for (start, end) in &plan.raw {
+            let mut rows = stmt.query(params![plan.site_id, start, end, folded])?;
+            while let Some(r) = rows.next()? {
+                let e = event_from_row(r, 0)?;
+                let vid: Option<i64> = r.get(8)?;
+                agg.add_event(&e, vid.and_then(|v| u32::try_from(v).ok()));
+            }
+        }
+    }
+    tx.commit()
+}
+
 #[async_trait]
-impl Store for SqliteStore {
+impl EventSink for SqliteStore {
     async fn insert(&self, events: &[Event]) -> Result<Vec<InsertOutcome>, StoreError> {
         let events = events.to_vec();
         Self::with_conn(&self.writer, move |conn| {
-            // One transaction per batch: the events and their aggregates are
-            // stored together or not at all.
+            // One transaction per batch: stored together or not at all.
             let tx = conn.transaction()?;
             let mut outcomes = Vec::with_capacity(events.len());
-            let mut deltas = Deltas::default();
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO events (id, site_id, event_type, path, userid, ts, created_at, props)
+                    "INSERT INTO events (site_id, id, event_type, path, userid, ts, created_at, props)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (site_id, id) DO NOTHING",
                 )?;
                 for e in &events {
                     let props = e.props.as_ref().map(|p| serde_json::Value::Object(p.clone()).to_string());
                     let n = stmt.execute(params![
-                        e.id,
                         e.site_id,
+                        e.id,
                         e.event_type,
                         e.path,
                         e.userid,
@@ -400,65 +634,77 @@ impl Store for SqliteStore {
                         e.created_at,
                         props
                     ])?;
-                    if n == 1 {
-                        outcomes.push(InsertOutcome::Inserted);
-                        // Only new events count: a redelivery changes nothing.
-                        deltas.add(e);
+                    outcomes.push(if n == 1 {
+                        InsertOutcome::Inserted
                     } else {
-                        outcomes.push(InsertOutcome::Duplicate);
-                    }
+                        InsertOutcome::Duplicate
+                    });
                 }
             }
-            deltas.apply(&tx)?;
             tx.commit()?;
             Ok(outcomes)
         })
         .await
     }
+}
 
-    async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
-        let q = query.clone();
+#[async_trait]
+impl QueryStore for SqliteStore {
+    async fn fetch(&self, plan: Plan, mut agg: Aggregator) -> Result<Aggregator, StoreError> {
         self.read(move |conn| {
-            let day = q.day_number();
-            // Both statements read one snapshot so the totals and the paths agree.
-            let tx = conn.transaction()?;
-            let (total, users): (i64, i64) = tx
-                .prepare_cached(
-                    "SELECT views, users FROM day_totals WHERE site_id = ?1 AND event_type = ?2 AND day = ?3",
-                )?
-                .query_row(params![q.site_id, q.event_type, day], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?
-                .unwrap_or((0, 0));
-            let mut stmt = tx.prepare_cached(
-                "SELECT path, views, users FROM day_paths
-                 WHERE site_id = ?1 AND event_type = ?2 AND day = ?3
-                 ORDER BY views DESC, users DESC, path ASC
-                 LIMIT ?4",
-            )?;
-            let paths = stmt
-                .query_map(params![q.site_id, q.event_type, day, q.limit], |r| {
-                    Ok(PathStats {
-                        path: r.get(0)?,
-                        views: r.get::<_, i64>(1)? as u64,
-                        unique_users: r.get::<_, i64>(2)? as u64,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            drop(stmt);
-            tx.commit()?;
-            Ok(Stats::new(&q, total as u64, users as u64, paths))
+            fetch(conn, &plan, &mut agg)?;
+            Ok(agg)
         })
         .await
     }
 
-    async fn rebuild_aggregates(&self) -> Result<bool, StoreError> {
-        Self::with_conn(&self.writer, |conn| {
-            let tx = conn.transaction()?;
-            tx.execute_batch(REBUILD)?;
-            tx.commit()?;
-            Ok(true)
+    async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
+        let site_id = site_id.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT MIN(ts) FROM events WHERE site_id = ?1",
+                [site_id],
+                |r| r.get::<_, Option<i64>>(0),
+            )
         })
         .await
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SqliteStore {
+    async fn fold(&self, max_events: usize) -> Result<usize, StoreError> {
+        let cache = Arc::clone(&self.visitors);
+        Self::with_conn(&self.writer, move |conn| fold(conn, &cache, max_events)).await
+    }
+
+    async fn unfolded(&self) -> Result<u64, StoreError> {
+        Self::with_conn(&self.reader, |conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM events WHERE seq > (SELECT folded FROM fold_state)",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn rebuild_rollups(&self) -> Result<u64, StoreError> {
+        // The visitor dictionary stays: other processes may hold its ids in
+        // their caches, and the ids stay right.
+        Self::with_conn(&self.writer, |conn| {
+            conn.execute_batch("BEGIN IMMEDIATE; DELETE FROM rollups; UPDATE fold_state SET folded = 0; COMMIT;")
+        })
+        .await?;
+        let mut total = 0u64;
+        loop {
+            let n = self.fold(super::FOLD_BATCH).await?;
+            total += n as u64;
+            if n < super::FOLD_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -188,6 +188,16 @@ impl TestApp {
             .await
     }
 
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post_raw(path, "application/json", body.to_string())
+            .await
+    }
+
+    /// `POST /api/v2/query`, expecting an answer.
+    pub async fn query(&self, body: &Value) -> Value {
+        json_of(self.post_json("/api/v2/query", body).await, 200).await
+    }
+
     pub async fn post_events(&self, body: &Value) -> reqwest::Response {
         self.post_raw("/events", "application/json", body.to_string())
             .await
@@ -241,20 +251,29 @@ impl TestApp {
     }
 }
 
+/// Waits until the store holds all these ids and the service has counted
+/// every stored event into the rollups (what queries read).
 pub async fn wait_stored(store: &dyn Store, site_id: &str, ids: &[String]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let n = store.count_ids(site_id, ids).await.expect("count");
-        if n == ids.len() as u64 {
+        let pending = store.unfolded().await.expect("unfolded");
+        if n == ids.len() as u64 && pending == 0 {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {n} of {} events stored after 20 s",
+            "only {n} of {} events stored ({pending} not in the rollups) after 20 s",
             ids.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Counts every stored event into the rollups, as the service's folder does
+/// (for tests that drive a store directly).
+pub async fn fold_all(store: &dyn Store) {
+    while store.fold(evtrack::store::FOLD_BATCH).await.expect("fold") > 0 {}
 }
 
 /// Reads the JSON body, asserting the status first.

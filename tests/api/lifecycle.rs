@@ -502,7 +502,7 @@ async fn embedded_acknowledged_events_survive_kill_9() {
     assert_eq!(check, "ok");
     drop(conn);
     let store = evtrack::store::sqlite::SqliteStore::open(&data).unwrap();
-    use evtrack::store::Store;
+    use evtrack::store::StoreAdmin;
     assert_eq!(
         store.count_ids("k9", &acknowledged).await.unwrap(),
         acknowledged.len() as u64
@@ -531,7 +531,7 @@ async fn the_binary_rebuilds_aggregates() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "aggregates rebuilt from 1 events"
+        "rollups rebuilt from 1 events"
     );
 }
 

@@ -10,6 +10,7 @@ mod ingest;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod query;
 mod queue;
 mod redis_queue;
 mod stats;

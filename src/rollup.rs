@@ -1,0 +1,334 @@
+//! Rollups: per (site, dimension, value, event name, time bucket), the number
+//! of events and the set of their visitors, exact.
+//!
+//! Distinct visitors do not add up across buckets, so each rollup keeps its
+//! visitors as a compressed bitmap ([`RoaringBitmap`]) over per-site integer
+//! visitor ids (each store keeps the dictionary from visitor to id on disk;
+//! ids are given out in order, so one period's visitors are mostly a run of
+//! consecutive ids and compress well). The visitors of a range are the union
+//! of its buckets' bitmaps.
+//!
+//! Buckets come in four UTC-aligned [`Level`]s: 15 minutes, hours, days and
+//! calendar months. Every zone's offset today is a multiple of 15 minutes, so
+//! any local range is a union of whole buckets, a few small ones at the
+//! edges and large ones in the middle ([`cover`]); what is not a whole
+//! 15 minutes (an instant range at odd seconds, an offset of a zone's distant
+//! past) is read from the raw events.
+//!
+//! The dimensions each event is counted under ([`Deltas::add`]):
+//! - `keys`: the sorted list of property keys it carries. Every event has
+//!   exactly one, so these rows are the totals; and an event lacks property
+//!   `k` exactly when its key list lacks `k`, which gives the exact `(none)`
+//!   group of any property;
+//! - `page`: its path, `(none)` without one;
+//! - `prop:<key>`: each property's value as text.
+//!
+//! The event name is part of every row's key, so a filter or breakdown on
+//! `event:name` combines with any of them.
+
+use std::collections::HashMap;
+
+use roaring::RoaringBitmap;
+
+use crate::event::Event;
+use crate::query::time::{DAY_MS, HOUR_MS, MINUTE_MS};
+use crate::query::{page_of, prop_text};
+
+pub const DIM_KEYS: &str = "keys";
+pub const DIM_PAGE: &str = "page";
+pub const PROP_PREFIX: &str = "prop:";
+/// Between property keys in a `keys` value (keys have no control characters).
+pub const KEY_SEPARATOR: char = '\u{1f}';
+
+const QUARTER_MS: i64 = 15 * MINUTE_MS;
+
+/// The size of a rollup bucket; buckets are aligned in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Quarter = 0,
+    Hour = 1,
+    Day = 2,
+    Month = 3,
+}
+
+impl Level {
+    pub const ALL: [Level; 4] = [Level::Quarter, Level::Hour, Level::Day, Level::Month];
+
+    pub fn code(self) -> i64 {
+        self as i64
+    }
+
+    pub fn from_code(code: i64) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.code() == code)
+    }
+
+    /// The start (epoch ms) of the bucket holding `ts`.
+    pub fn start(self, ts: i64) -> i64 {
+        match self {
+            Level::Quarter => ts.div_euclid(QUARTER_MS) * QUARTER_MS,
+            Level::Hour => ts.div_euclid(HOUR_MS) * HOUR_MS,
+            Level::Day => ts.div_euclid(DAY_MS) * DAY_MS,
+            Level::Month => match chrono::DateTime::from_timestamp_millis(ts) {
+                Some(t) => {
+                    use chrono::Datelike;
+                    let date = t.date_naive();
+                    let first = date.with_day(1).unwrap_or(date);
+                    first
+                        .and_time(chrono::NaiveTime::MIN)
+                        .and_utc()
+                        .timestamp_millis()
+                }
+                None => ts.div_euclid(DAY_MS) * DAY_MS,
+            },
+        }
+    }
+
+    /// The start of the bucket after the one starting at `start`.
+    pub fn next(self, start: i64) -> i64 {
+        match self {
+            Level::Quarter => start + QUARTER_MS,
+            Level::Hour => start + HOUR_MS,
+            Level::Day => start + DAY_MS,
+            // A month is 28 to 31 days: the month holding 32 days later is
+            // the next one.
+            Level::Month => Level::Month.start(start + 32 * DAY_MS),
+        }
+    }
+}
+
+/// One whole bucket of some level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Piece {
+    pub level: Level,
+    pub bucket: i64,
+}
+
+/// `[start, end)` as whole buckets, largest where they fit, plus at most two
+/// slivers (less than 15 minutes each, at the ends) that no bucket covers.
+pub fn cover(start: i64, end: i64) -> (Vec<Piece>, Vec<(i64, i64)>) {
+    let mut pieces = Vec::new();
+    let mut raw = Vec::new();
+    if start >= end {
+        return (pieces, raw);
+    }
+    let a = Level::Quarter.start(start + QUARTER_MS - 1);
+    let b = Level::Quarter.start(end);
+    if a >= b {
+        raw.push((start, end));
+        return (pieces, raw);
+    }
+    if start < a {
+        raw.push((start, a));
+    }
+    if b < end {
+        raw.push((b, end));
+    }
+    // Up: small buckets until aligned to the next level (or out of room).
+    let mut t = a;
+    for pair in Level::ALL.windows(2) {
+        let (level, up) = (pair[0], pair[1]);
+        while up.start(t) != t && level.next(t) <= b {
+            pieces.push(Piece { level, bucket: t });
+            t = level.next(t);
+        }
+        if up.start(t) != t {
+            break;
+        }
+    }
+    // Down: the largest buckets that fit, then smaller ones.
+    for level in Level::ALL.iter().rev().copied() {
+        while level.start(t) == t && level.next(t) <= b {
+            pieces.push(Piece { level, bucket: t });
+            t = level.next(t);
+        }
+    }
+    debug_assert_eq!(t, b, "cover left a gap");
+    (pieces, raw)
+}
+
+/// The `keys` value of an event: its property keys with a value, sorted.
+pub fn key_list(e: &Event) -> String {
+    let Some(props) = &e.props else {
+        return String::new();
+    };
+    let mut keys: Vec<&str> = props
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.join(&KEY_SEPARATOR.to_string())
+}
+
+/// Whether a `keys` value holds `key`.
+pub fn has_key(list: &str, key: &str) -> bool {
+    !list.is_empty() && list.split(KEY_SEPARATOR).any(|k| k == key)
+}
+
+/// The key of one rollup row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowKey<'a> {
+    pub site_id: &'a str,
+    pub dim: &'a str,
+    pub level: Level,
+    pub bucket: i64,
+    pub value: &'a str,
+    pub name: &'a str,
+}
+
+/// Interned strings of a [`Deltas`]: a batch repeats the same few sites,
+/// dimensions, values and names over and over.
+#[derive(Debug, Default)]
+struct Strings {
+    ids: HashMap<String, u32>,
+    texts: Vec<String>,
+}
+
+impl Strings {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.texts.len() as u32;
+        self.texts.push(s.to_owned());
+        self.ids.insert(s.to_owned(), id);
+        id
+    }
+}
+
+/// What a batch of new events adds to the rollups: per row, a number of
+/// events and a bitmap of visitor ids.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    strings: Strings,
+    /// (site, dim, value, name) as interned ids, level, bucket.
+    rows: HashMap<([u32; 4], Level, i64), (u64, RoaringBitmap)>,
+}
+
+impl Deltas {
+    /// Counts one new event, with its visitor's id if it has a visitor.
+    pub fn add(&mut self, e: &Event, vid: Option<u32>) {
+        let site = self.strings.id(&e.site_id);
+        let name = self.strings.id(&e.event_type);
+        let mut add = |strings: &mut Strings, dim: &str, value: &str| {
+            let key = [site, strings.id(dim), strings.id(value), name];
+            for level in Level::ALL {
+                let entry = self.rows.entry((key, level, level.start(e.ts))).or_default();
+                entry.0 += 1;
+                if let Some(v) = vid {
+                    entry.1.insert(v);
+                }
+            }
+        };
+        add(&mut self.strings, DIM_KEYS, &key_list(e));
+        add(&mut self.strings, DIM_PAGE, page_of(e));
+        if let Some(props) = &e.props {
+            for (k, v) in props {
+                if let Some(text) = prop_text(v) {
+                    add(&mut self.strings, &format!("{PROP_PREFIX}{k}"), &text);
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Every row: its key, events and visitors.
+    pub fn rows(&self) -> impl Iterator<Item = (RowKey<'_>, u64, &RoaringBitmap)> {
+        let t = &self.strings.texts;
+        self.rows.iter().map(move |((k, level, bucket), (n, bitmap))| {
+            let key = RowKey {
+                site_id: &t[k[0] as usize],
+                dim: &t[k[1] as usize],
+                level: *level,
+                bucket: *bucket,
+                value: &t[k[2] as usize],
+                name: &t[k[3] as usize],
+            };
+            (key, *n, bitmap)
+        })
+    }
+}
+
+/// A bitmap as stored (the portable roaring format, readable by other
+/// roaring implementations).
+pub fn encode(bitmap: &RoaringBitmap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bitmap.serialized_size());
+    // Writing into a Vec cannot fail.
+    let _ = bitmap.serialize_into(&mut out);
+    out
+}
+
+/// A stored bitmap; `None` if the bytes are not one.
+pub fn decode(bytes: &[u8]) -> Option<RoaringBitmap> {
+    RoaringBitmap::deserialize_from(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::DateTime;
+
+    fn at(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    #[test]
+    fn months_are_calendar_months() {
+        let t = at("2024-02-29T13:00:00Z");
+        assert_eq!(Level::Month.start(t), at("2024-02-01T00:00:00Z"));
+        assert_eq!(Level::Month.next(at("2024-02-01T00:00:00Z")), at("2024-03-01T00:00:00Z"));
+        assert_eq!(Level::Month.next(at("2024-12-01T00:00:00Z")), at("2025-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_cover_is_exact_and_uses_large_buckets() {
+        let cases = [
+            ("2025-11-01T00:00:00Z", "2025-12-01T00:00:00Z"),
+            ("2025-10-31T18:30:00Z", "2025-11-30T18:30:00Z"),
+            ("2025-11-03T04:30:00Z", "2025-11-04T04:30:00Z"),
+            ("2025-11-03T04:30:07Z", "2025-11-03T04:44:59Z"),
+            ("2025-11-03T04:31:00Z", "2026-02-03T04:44:59Z"),
+            ("2024-12-31T23:45:00Z", "2025-01-01T00:15:00Z"),
+        ];
+        for (a, b) in cases {
+            let (start, end) = (at(a), at(b));
+            let (pieces, raw) = cover(start, end);
+            let mut spans: Vec<(i64, i64)> = pieces
+                .iter()
+                .map(|p| (p.bucket, p.level.next(p.bucket)))
+                .chain(raw.iter().copied())
+                .collect();
+            spans.sort();
+            assert_eq!(spans.first().map(|s| s.0), Some(start), "{a}..{b}");
+            assert_eq!(spans.last().map(|s| s.1), Some(end), "{a}..{b}");
+            assert!(spans.windows(2).all(|w| w[0].1 == w[1].0), "{a}..{b}: {spans:?}");
+            assert!(raw.iter().all(|(x, y)| y - x < 2 * QUARTER_MS));
+            assert!(pieces.len() < 100, "{a}..{b}: {} pieces", pieces.len());
+        }
+        // A month in India: a month of days less one, hours and quarters at the edges.
+        let (pieces, _) = cover(at("2025-10-31T18:30:00Z"), at("2025-11-30T18:30:00Z"));
+        let days = pieces.iter().filter(|p| p.level == Level::Day).count();
+        assert_eq!(days, 29);
+    }
+
+    #[test]
+    fn key_lists_name_the_properties_with_values() {
+        let mut e: Event = serde_json::from_value(serde_json::json!({
+            "id": "1", "site_id": "s", "event_type": "signup", "ts": 0, "created_at": 0,
+            "props": {"plan": "pro", "seats": 3, "coupon": null}
+        }))
+        .unwrap();
+        let list = key_list(&e);
+        assert!(has_key(&list, "plan") && has_key(&list, "seats") && !has_key(&list, "coupon"));
+        e.props = None;
+        assert_eq!(key_list(&e), "");
+        assert!(!has_key("", ""));
+    }
+}
