@@ -11,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 ensure_commands wrk redis-server
+ensure_postgres
 unset EVTRACK_TEST_MONGO_URI # the benchmark always starts its own server
 ensure_secantusdb
 

@@ -37,6 +37,15 @@ ensure_commands() {
     fi
 }
 
+# ensure_postgres: Debian's PostgreSQL server binaries (initdb, pg_ctl under
+# /usr/lib/postgresql/<version>/bin), which the benchmark uses to start a
+# server of its own as the reference for query-time aggregation.
+ensure_postgres() {
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        apt_install postgresql
+    fi
+}
+
 # ensure_venv: ./.venv-test with the Python tools of scripts/requirements-test.txt
 # (SecantusDB, schemathesis), every version pinned; reinstalled when that file
 # changes.

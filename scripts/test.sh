@@ -15,6 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 ensure_commands redis-server wrk strace
+ensure_postgres
 ensure_secantusdb
 ensure_schemathesis
 

@@ -66,8 +66,8 @@ pub enum Command {
     Api,
     /// The worker only (needs REDIS_URL).
     Worker,
-    /// Recompute the stats aggregates of the embedded store from the raw
-    /// events, then exit. Ingestion into the same file pauses while it runs.
+    /// Drop the rollups of the embedded store and count its raw events into
+    /// them again, then exit.
     RebuildAggregates,
 }
 

@@ -213,7 +213,10 @@ impl Deltas {
         let mut add = |strings: &mut Strings, dim: &str, value: &str| {
             let key = [site, strings.id(dim), strings.id(value), name];
             for level in Level::ALL {
-                let entry = self.rows.entry((key, level, level.start(e.ts))).or_default();
+                let entry = self
+                    .rows
+                    .entry((key, level, level.start(e.ts)))
+                    .or_default();
                 entry.0 += 1;
                 if let Some(v) = vid {
                     entry.1.insert(v);
@@ -242,17 +245,19 @@ impl Deltas {
     /// Every row: its key, events and visitors.
     pub fn rows(&self) -> impl Iterator<Item = (RowKey<'_>, u64, &RoaringBitmap)> {
         let t = &self.strings.texts;
-        self.rows.iter().map(move |((k, level, bucket), (n, bitmap))| {
-            let key = RowKey {
-                site_id: &t[k[0] as usize],
-                dim: &t[k[1] as usize],
-                level: *level,
-                bucket: *bucket,
-                value: &t[k[2] as usize],
-                name: &t[k[3] as usize],
-            };
-            (key, *n, bitmap)
-        })
+        self.rows
+            .iter()
+            .map(move |((k, level, bucket), (n, bitmap))| {
+                let key = RowKey {
+                    site_id: &t[k[0] as usize],
+                    dim: &t[k[1] as usize],
+                    level: *level,
+                    bucket: *bucket,
+                    value: &t[k[2] as usize],
+                    name: &t[k[3] as usize],
+                };
+                (key, *n, bitmap)
+            })
     }
 }
 
@@ -283,8 +288,14 @@ mod tests {
     fn months_are_calendar_months() {
         let t = at("2024-02-29T13:00:00Z");
         assert_eq!(Level::Month.start(t), at("2024-02-01T00:00:00Z"));
-        assert_eq!(Level::Month.next(at("2024-02-01T00:00:00Z")), at("2024-03-01T00:00:00Z"));
-        assert_eq!(Level::Month.next(at("2024-12-01T00:00:00Z")), at("2025-01-01T00:00:00Z"));
+        assert_eq!(
+            Level::Month.next(at("2024-02-01T00:00:00Z")),
+            at("2024-03-01T00:00:00Z")
+        );
+        assert_eq!(
+            Level::Month.next(at("2024-12-01T00:00:00Z")),
+            at("2025-01-01T00:00:00Z")
+        );
     }
 
     #[test]
@@ -308,7 +319,10 @@ mod tests {
             spans.sort();
             assert_eq!(spans.first().map(|s| s.0), Some(start), "{a}..{b}");
             assert_eq!(spans.last().map(|s| s.1), Some(end), "{a}..{b}");
-            assert!(spans.windows(2).all(|w| w[0].1 == w[1].0), "{a}..{b}: {spans:?}");
+            assert!(
+                spans.windows(2).all(|w| w[0].1 == w[1].0),
+                "{a}..{b}: {spans:?}"
+            );
             assert!(raw.iter().all(|(x, y)| y - x < 2 * QUARTER_MS));
             assert!(pieces.len() < 100, "{a}..{b}: {} pieces", pieces.len());
         }

@@ -151,6 +151,12 @@ pub fn aggregate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &StatsQ
 /// Answers a stats request from a store: two engine queries over the UTC
 /// day (the totals, then the paths), assembled into the original shape.
 pub async fn compute(store: &dyn QueryStore, q: &StatsQuery) -> Result<Stats, StoreError> {
+    use chrono::Datelike;
+    // No event is stored before 1970 (timestamps before the epoch are
+    // refused), and the query API's calendar starts there.
+    if q.date.year() < 1970 {
+        return Ok(Stats::new(q, 0, 0, Vec::new()));
+    }
     let day = q.date.format("%Y-%m-%d").to_string();
     let request = |dims: serde_json::Value| {
         serde_json::json!({

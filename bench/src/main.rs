@@ -13,6 +13,7 @@ mod data;
 mod drain;
 mod ingest;
 mod procs;
+mod query;
 mod report;
 mod run;
 mod stats;

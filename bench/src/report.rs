@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::drain::Drain;
 use crate::ingest::{Ingest, IngestCase};
 use crate::procs;
+use crate::query::QuerySection;
 use crate::run::Params;
 use crate::stats::{StatsCase, StatsSection};
 
@@ -91,6 +92,7 @@ pub struct Report {
     pub ingest: Option<Ingest>,
     pub drain: Option<Drain>,
     pub stats: Option<StatsSection>,
+    pub query: Option<QuerySection>,
     pub memory: Vec<MemoryRow>,
     pub notes: Vec<String>,
     #[serde(skip)]
@@ -111,6 +113,7 @@ impl Report {
             ingest: None,
             drain: None,
             stats: None,
+            query: None,
             memory: Vec::new(),
             notes: Vec::new(),
             started,
@@ -145,6 +148,15 @@ impl Report {
             for c in &stats.cases {
                 rows.push(MemoryRow {
                     case: format!("stats {} {}", c.store, c.events),
+                    process: c.service.process.clone(),
+                    peak_rss_mib: c.service.peak_rss_mib,
+                });
+            }
+        }
+        if let Some(query) = &self.query {
+            for c in &query.cases {
+                rows.push(MemoryRow {
+                    case: format!("query {} {}", c.store, c.events),
                     process: c.service.process.clone(),
                     peak_rss_mib: c.service.peak_rss_mib,
                 });
@@ -438,6 +450,92 @@ pub fn table(r: &Report) -> String {
             ],
             &rows,
         );
+    }
+    if let Some(q) = &r.query {
+        let _ = writeln!(
+            out,
+            "\nQUERIES: POST /api/v2/query, {} sequential requests after one untimed (MongoDB: {}); \
+             reference beside each",
+            r.params.query_requests, r.params.query_mongo_requests
+        );
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        for c in &q.cases {
+            for t in &c.queries {
+                rows.push(vec![
+                    c.store.clone(),
+                    format!("{} d × {}", c.days, n0(c.events_per_day as f64)),
+                    t.query.clone(),
+                    ms(t.p50_ms),
+                    ms(t.p99_ms),
+                    if t.exact { "yes" } else { "NO" }.into(),
+                    t.reference_ms.map(ms).unwrap_or_else(|| "-".into()),
+                    t.speedup
+                        .map(|x| format!("{x:.1}×"))
+                        .unwrap_or_else(|| "-".into()),
+                    format!("{:.1}", c.service.rss_mib),
+                ]);
+            }
+        }
+        grid(
+            &mut out,
+            &[
+                "store",
+                "data",
+                "query",
+                "p50 ms",
+                "p99 ms",
+                "exact",
+                "reference ms",
+                "speed-up",
+                "RSS MiB",
+            ],
+            &rows,
+        );
+        let rows: Vec<Vec<String>> = q
+            .cases
+            .iter()
+            .map(|c| {
+                vec![
+                    c.store.clone(),
+                    n0(c.events as f64),
+                    format!("{:.1}", c.insert_s),
+                    format!("{:.1}", c.fold_s),
+                    n0(c.fold_events_per_s),
+                    c.disk_mib
+                        .map(|d| format!("{d:.0}"))
+                        .unwrap_or_else(|| "-".into()),
+                    c.disk_mib_per_million
+                        .map(|d| format!("{d:.0}"))
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        grid(
+            &mut out,
+            &[
+                "store",
+                "events",
+                "insert s",
+                "fold s",
+                "fold events/s",
+                "disk MiB",
+                "MiB per million",
+            ],
+            &rows,
+        );
+        if let Some(v) = &q.visible {
+            let _ = writeln!(
+                out,
+                "embedded, POST /events batches of {} from {} senders until a query counts them all: \
+                 {} events in {:.1} s = {} events/s (all 202 after {:.1} s)",
+                v.batch,
+                v.senders,
+                n0(v.events as f64),
+                v.seconds,
+                n0(v.events_per_s),
+                v.accepted_s
+            );
+        }
     }
     if !r.memory.is_empty() {
         let _ = writeln!(

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::procs::{self, Mongo, Proc, Redis};
 use crate::report::{self, Machine, Report};
 use crate::wrk::WrkSettings;
-use crate::{drain, ingest, stats};
+use crate::{drain, ingest, query, stats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -18,6 +18,7 @@ pub enum Section {
     Ingest,
     Drain,
     Stats,
+    Query,
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,6 +53,16 @@ pub struct Params {
     pub plain_repeats: usize,
     pub seed_batch: usize,
     pub baseline_batch: usize,
+    /// Query cases: (days, events per day) for SQLite beside PostgreSQL, the
+    /// larger SQLite case (none in tiny runs), and MongoDB.
+    pub query_small: (usize, usize),
+    pub query_large: Option<(usize, usize)>,
+    pub query_mongo: (usize, usize),
+    pub query_visitors: usize,
+    pub query_requests: usize,
+    pub query_mongo_requests: usize,
+    /// Events sent in batches until visible in queries (embedded).
+    pub visible_events: usize,
 }
 
 impl Params {
@@ -75,6 +86,13 @@ impl Params {
                 plain_repeats: 3,
                 seed_batch: 5_000,
                 baseline_batch: 500,
+                query_small: (3, 2_000),
+                query_large: None,
+                query_mongo: (3, 300),
+                query_visitors: 500,
+                query_requests: 3,
+                query_mongo_requests: 1,
+                visible_events: 20_000,
             }
         } else {
             Params {
@@ -97,6 +115,13 @@ impl Params {
                 plain_repeats: 5,
                 seed_batch: 5_000,
                 baseline_batch: 500,
+                query_small: (10, 300_000),
+                query_large: Some((30, 1_000_000)),
+                query_mongo: (3, 20_000),
+                query_visitors: 50_000,
+                query_requests: 20,
+                query_mongo_requests: 2,
+                visible_events: 1_000_000,
             }
         }
     }
@@ -214,7 +239,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let evtrack_bin = require_file(&args.bin_dir.join("evtrack"), build_hint)?;
     let bench_bin = require_file(&args.bin_dir.join("evtrack-bench"), build_hint)?;
     let sections = if args.only.is_empty() {
-        vec![Section::Ingest, Section::Drain, Section::Stats]
+        vec![
+            Section::Ingest,
+            Section::Drain,
+            Section::Stats,
+            Section::Query,
+        ]
     } else {
         args.only.clone()
     };
@@ -278,6 +308,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if sections.contains(&Section::Stats) {
         section("stats");
         report.stats = Some(stats::run(&mut ctx).await?);
+    }
+    if sections.contains(&Section::Query) {
+        section("query");
+        report.query = Some(query::run(&mut ctx).await?);
     }
     report.notes = std::mem::take(&mut ctx.notes);
     report.finish(clock.elapsed().as_secs_f64());

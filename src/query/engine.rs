@@ -119,8 +119,15 @@ pub struct Aggregator {
     corrupt: bool,
 }
 
-/// The plan for a query, and the aggregator its reads go into.
+/// The plan for a query, and the aggregator its reads go into, for a store
+/// that keeps rollups.
 pub fn plan(query: Arc<Query>) -> (Plan, Aggregator) {
+    plan_for(query, true)
+}
+
+/// The plan for a query: from rollups where they serve it (and the store
+/// keeps them), else from the raw events.
+pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     let mut dims = Vec::new();
     for f in &query.filters {
         f.dimensions(&mut dims);
@@ -132,6 +139,7 @@ pub fn plan(query: Arc<Query>) -> (Plan, Aggregator) {
     }
     dims.retain(|d| *d != Dimension::Name);
     let family = match dims.as_slice() {
+        _ if !rollups => None,
         [] => Some(Family::Totals),
         [Dimension::Page] => Some(Family::Page),
         [Dimension::Prop(k)] => Some(Family::Prop(k.clone())),
@@ -380,6 +388,6 @@ impl Aggregator {
 
 /// Answers a query from a store.
 pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
-    let (plan, agg) = plan(query);
+    let (plan, agg) = plan_for(query, store.has_rollups());
     store.fetch(plan, agg).await?.finish()
 }

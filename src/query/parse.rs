@@ -143,7 +143,9 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
         Some(_) => {
             return Err(QueryError::invalid(
                 "site_id",
-                format!("`site_id` must be 1-{MAX_NAME_CHARS} characters without control characters"),
+                format!(
+                    "`site_id` must be 1-{MAX_NAME_CHARS} characters without control characters"
+                ),
             ));
         }
     };
@@ -154,10 +156,18 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
             QueryError::new(
                 "unknown_time_zone",
                 "timezone",
-                format!("`{}` is not an IANA time zone name (e.g. Europe/Paris)", short(s)),
+                format!(
+                    "`{}` is not an IANA time zone name (e.g. Europe/Paris)",
+                    short(s)
+                ),
             )
         })?,
-        Some(_) => return Err(QueryError::invalid("timezone", "`timezone` must be a string")),
+        Some(_) => {
+            return Err(QueryError::invalid(
+                "timezone",
+                "`timezone` must be a string",
+            ));
+        }
     };
     let range = parse_range(obj.get("date_range"))?;
     let dims = parse_dimensions(obj.get("dimensions"))?;
@@ -211,7 +221,11 @@ impl Request {
         let zone = self.zone;
         let today = zone.today(now_ms);
         let month_start = today.with_day(1).unwrap_or(today);
-        let months_back = |n: u32| month_start.checked_sub_months(Months::new(n)).unwrap_or(month_start);
+        let months_back = |n: u32| {
+            month_start
+                .checked_sub_months(Months::new(n))
+                .unwrap_or(month_start)
+        };
         let days = |first: NaiveDate, last: NaiveDate| {
             let end = last.succ_opt().unwrap_or(last);
             (zone.day_start(first), zone.day_start(end))
@@ -226,7 +240,9 @@ impl Request {
                     Relative::Months6 => months_back(5),
                     Relative::Months12 => months_back(11),
                     Relative::Year => today.with_ordinal(1).unwrap_or(today),
-                    Relative::All => first_event_ms.map_or(today, |t| zone.local(t).date().min(today)),
+                    Relative::All => {
+                        first_event_ms.map_or(today, |t| zone.local(t).date().min(today))
+                    }
                 };
                 days(first, today)
             }
@@ -266,15 +282,22 @@ impl Request {
                         dims.iter()
                             .position(|d| matches!(d, Dim::Time(_)))
                             .map(OrderKey::Dimension)
-                    } else if let Some(m) = Metric::parse(key).filter(|m| self.metrics.contains(m)) {
+                    } else if let Some(m) = Metric::parse(key).filter(|m| self.metrics.contains(m))
+                    {
                         Some(OrderKey::Metric(m))
                     } else {
-                        dim_names.iter().position(|n| n == key).map(OrderKey::Dimension)
+                        dim_names
+                            .iter()
+                            .position(|n| n == key)
+                            .map(OrderKey::Dimension)
                     };
                     resolved.map(|k| (k, *dir)).ok_or_else(|| {
                         QueryError::invalid(
                             format!("order_by[{i}]"),
-                            format!("`{}` is not one of the query's metrics or dimensions", short(key)),
+                            format!(
+                                "`{}` is not one of the query's metrics or dimensions",
+                                short(key)
+                            ),
                         )
                     })
                 })
@@ -297,7 +320,13 @@ impl Request {
                     OrderKey::Metric(m) => m.name().to_owned(),
                     OrderKey::Dimension(i) => dim_names[*i].clone(),
                 };
-                json!([key, match d { Direction::Asc => "asc", Direction::Desc => "desc" }])
+                json!([
+                    key,
+                    match d {
+                        Direction::Asc => "asc",
+                        Direction::Desc => "desc",
+                    }
+                ])
             })
             .collect();
         let mut include = Map::new();
@@ -370,7 +399,11 @@ fn short(s: &str) -> String {
 fn parse_metrics(v: Option<&Value>) -> Result<Vec<Metric>, QueryError> {
     let items = match v {
         None | Some(Value::Null) => {
-            return Err(QueryError::new("missing_field", "metrics", "`metrics` is required"));
+            return Err(QueryError::new(
+                "missing_field",
+                "metrics",
+                "`metrics` is required",
+            ));
         }
         Some(Value::Array(items)) if !items.is_empty() => items,
         Some(_) => {
@@ -447,7 +480,9 @@ fn parse_range(v: Option<&Value>) -> Result<RangeSpec, QueryError> {
             };
             if let (Some(first), Some(last)) = (date(a), date(b)) {
                 if last < first {
-                    return Err(bad(format!("the end date {b} is before the start date {a}")));
+                    return Err(bad(format!(
+                        "the end date {b} is before the start date {a}"
+                    )));
                 }
                 return Ok(RangeSpec::Dates(first, last));
             }
@@ -541,7 +576,12 @@ fn parse_dimensions(v: Option<&Value>) -> Result<Vec<DimSpec>, QueryError> {
     let items = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
-        Some(_) => return Err(QueryError::invalid("dimensions", "`dimensions` must be a list")),
+        Some(_) => {
+            return Err(QueryError::invalid(
+                "dimensions",
+                "`dimensions` must be a list",
+            ));
+        }
     };
     let mut dims = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -551,7 +591,10 @@ fn parse_dimensions(v: Option<&Value>) -> Result<Vec<DimSpec>, QueryError> {
             .ok_or_else(|| QueryError::invalid(&field, "a dimension is a string"))?;
         dims.push(parse_dimension(name, &field)?);
     }
-    let times = dims.iter().filter(|d| matches!(d, DimSpec::Time(_))).count();
+    let times = dims
+        .iter()
+        .filter(|d| matches!(d, DimSpec::Time(_)))
+        .count();
     let others = dims.len() - times;
     if times > 1 || others > 1 {
         return Err(QueryError::new(
@@ -591,7 +634,10 @@ fn parse_filter(
                 ));
             };
             if children.is_empty() {
-                return Err(QueryError::invalid(field, format!("`{op}` needs at least one filter")));
+                return Err(QueryError::invalid(
+                    field,
+                    format!("`{op}` needs at least one filter"),
+                ));
             }
             let children = children
                 .iter()
@@ -606,7 +652,10 @@ fn parse_filter(
         }
         "not" => {
             let (Some(child), 2) = (items.get(1), items.len()) else {
-                return Err(QueryError::invalid(field, "`not` takes one filter: [\"not\", filter]"));
+                return Err(QueryError::invalid(
+                    field,
+                    "`not` takes one filter: [\"not\", filter]",
+                ));
             };
             Ok(Filter::Not(Box::new(parse_filter(
                 child,
@@ -646,9 +695,9 @@ fn parse_filter(
                     "a filter is [operator, dimension, [values]] with an optional {\"case_sensitive\": false}",
                 ));
             }
-            let dim_name = items[1]
-                .as_str()
-                .ok_or_else(|| QueryError::invalid(field, "the filter's dimension must be a string"))?;
+            let dim_name = items[1].as_str().ok_or_else(|| {
+                QueryError::invalid(field, "the filter's dimension must be a string")
+            })?;
             let dimension = match parse_dimension(dim_name, field)? {
                 DimSpec::Event(d) => d,
                 DimSpec::Time(_) => {
@@ -672,7 +721,10 @@ fn parse_filter(
                         None => true,
                         Some(Value::Bool(b)) => *b,
                         Some(_) => {
-                            return Err(QueryError::invalid(field, "`case_sensitive` must be true or false"));
+                            return Err(QueryError::invalid(
+                                field,
+                                "`case_sensitive` must be true or false",
+                            ));
                         }
                     }
                 }
@@ -719,7 +771,11 @@ fn parse_filter(
                 } else {
                     text
                 };
-                values.push(if case_sensitive { text } else { text.to_lowercase() });
+                values.push(if case_sensitive {
+                    text
+                } else {
+                    text.to_lowercase()
+                });
             }
             Ok(Filter::Condition(Condition {
                 op,
@@ -752,12 +808,20 @@ fn parse_order_by(v: Option<&Value>) -> Result<Option<Vec<(String, Direction)>>,
                 pair.and_then(|p| p[0].as_str()),
                 pair.and_then(|p| p[1].as_str()),
             ) else {
-                return Err(QueryError::invalid(field, "an order_by entry is [key, \"asc\" | \"desc\"]"));
+                return Err(QueryError::invalid(
+                    field,
+                    "an order_by entry is [key, \"asc\" | \"desc\"]",
+                ));
             };
             let dir = match dir {
                 "asc" => Direction::Asc,
                 "desc" => Direction::Desc,
-                _ => return Err(QueryError::invalid(field, "the direction is \"asc\" or \"desc\"")),
+                _ => {
+                    return Err(QueryError::invalid(
+                        field,
+                        "the direction is \"asc\" or \"desc\"",
+                    ));
+                }
             };
             Ok((key.to_owned(), dir))
         })
@@ -800,7 +864,10 @@ fn parse_pagination(v: Option<&Value>) -> Result<(usize, usize), QueryError> {
             .as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| {
-                QueryError::invalid("pagination.offset", "`pagination.offset` is a whole number from 0")
+                QueryError::invalid(
+                    "pagination.offset",
+                    "`pagination.offset` is a whole number from 0",
+                )
             })?,
     };
     Ok((limit, offset))
@@ -824,7 +891,12 @@ fn parse_include(v: Option<&Value>) -> Result<(bool, bool), QueryError> {
             "time_labels" => time_labels = flag,
             // Plausible's imported-data flag: there is nothing imported here.
             "imports" => {}
-            _ => return Err(QueryError::invalid(&field, format!("unknown include `{}`", short(k)))),
+            _ => {
+                return Err(QueryError::invalid(
+                    &field,
+                    format!("unknown include `{}`", short(k)),
+                ));
+            }
         }
     }
     Ok((total_rows, time_labels))
@@ -849,15 +921,55 @@ mod tests {
     #[test]
     fn relative_ranges_end_today_in_the_zone() {
         for (range, tz, first, last) in [
-            ("day", "UTC", "2025-11-23T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
+            (
+                "day",
+                "UTC",
+                "2025-11-23T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
             // Already the 24th in Tokyo.
-            ("day", "Asia/Tokyo", "2025-11-24T00:00:00+09:00", "2025-11-24T23:59:59+09:00"),
-            ("7d", "UTC", "2025-11-17T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
-            ("30d", "UTC", "2025-10-25T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
-            ("month", "UTC", "2025-11-01T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
-            ("6mo", "UTC", "2025-06-01T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
-            ("12mo", "UTC", "2024-12-01T00:00:00+00:00", "2025-11-23T23:59:59+00:00"),
-            ("year", "Europe/Paris", "2025-01-01T00:00:00+01:00", "2025-11-23T23:59:59+01:00"),
+            (
+                "day",
+                "Asia/Tokyo",
+                "2025-11-24T00:00:00+09:00",
+                "2025-11-24T23:59:59+09:00",
+            ),
+            (
+                "7d",
+                "UTC",
+                "2025-11-17T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
+            (
+                "30d",
+                "UTC",
+                "2025-10-25T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
+            (
+                "month",
+                "UTC",
+                "2025-11-01T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
+            (
+                "6mo",
+                "UTC",
+                "2025-06-01T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
+            (
+                "12mo",
+                "UTC",
+                "2024-12-01T00:00:00+00:00",
+                "2025-11-23T23:59:59+00:00",
+            ),
+            (
+                "year",
+                "Europe/Paris",
+                "2025-01-01T00:00:00+01:00",
+                "2025-11-23T23:59:59+01:00",
+            ),
         ] {
             let q = query(json!({"site_id": "s", "metrics": ["visitors"], "date_range": range, "timezone": tz}))
                 .unwrap();
@@ -867,7 +979,8 @@ mod tests {
 
     #[test]
     fn all_starts_at_the_first_event() {
-        let r = parse_request(&json!({"site_id": "s", "metrics": ["events"], "date_range": "all"})).unwrap();
+        let r = parse_request(&json!({"site_id": "s", "metrics": ["events"], "date_range": "all"}))
+            .unwrap();
         assert!(r.needs_first_event());
         let q = r.resolve(NOW, Some(1_700_000_000_000)).unwrap(); // 2023-11-14
         assert_eq!(q.echo["date_range"][0], "2023-11-14T00:00:00+00:00");
@@ -893,8 +1006,10 @@ mod tests {
             // 49 hours on the day clocks go back: still two days of hours.
             (json!(["2025-10-25", "2025-10-26"]), "time:hour"),
         ] {
-            let q = query(json!({"site_id": "s", "metrics": ["events"], "date_range": range,
-                "dimensions": ["time"], "timezone": "Europe/Paris"}))
+            let q = query(
+                json!({"site_id": "s", "metrics": ["events"], "date_range": range,
+                "dimensions": ["time"], "timezone": "Europe/Paris"}),
+            )
             .unwrap();
             assert_eq!(q.echo["dimensions"], json!([grain]), "{range}");
         }
@@ -909,28 +1024,100 @@ mod tests {
             b
         };
         for (body, want) in [
-            (json!({"metrics": ["visitors"], "date_range": "7d"}), ("site_id", "missing_field")),
-            (with("metrics", json!(["visitors", "nope"])), ("metrics[1]", "unknown_metric")),
-            (with("metrics", json!(["bounce_rate"])), ("metrics[0]", "unknown_metric")),
+            (
+                json!({"metrics": ["visitors"], "date_range": "7d"}),
+                ("site_id", "missing_field"),
+            ),
+            (
+                with("metrics", json!(["visitors", "nope"])),
+                ("metrics[1]", "unknown_metric"),
+            ),
+            (
+                with("metrics", json!(["bounce_rate"])),
+                ("metrics[0]", "unknown_metric"),
+            ),
             (with("metrics", json!([])), ("metrics", "invalid_query")),
-            (with("date_range", json!("8d")), ("date_range", "invalid_date_range")),
-            (with("date_range", json!(["2025-02-30", "2025-03-01"])), ("date_range", "invalid_date_range")),
-            (with("date_range", json!(["2025-03-02", "2025-03-01"])), ("date_range", "invalid_date_range")),
-            (with("date_range", json!(["2025-03-01T00:00:00.5Z", "2025-03-01T01:00:00Z"])), ("date_range", "invalid_date_range")),
-            (with("date_range", json!(["2025-03-01T00:00:00", "2025-03-01T01:00:00"])), ("date_range", "invalid_date_range")),
-            (with("timezone", json!("Mars/Olympus")), ("timezone", "unknown_time_zone")),
-            (with("dimensions", json!(["event:nope"])), ("dimensions[0]", "unknown_dimension")),
-            (with("dimensions", json!(["event:props:"])), ("dimensions[0]", "unknown_dimension")),
-            (with("dimensions", json!(["visit:source"])), ("dimensions[0]", "unsupported_dimension")),
-            (with("dimensions", json!(["event:page", "event:name"])), ("dimensions", "unsupported_query")),
-            (with("dimensions", json!(["time:hour", "time:day"])), ("dimensions", "unsupported_query")),
-            (with("filters", json!([["matches", "event:page", ["/a"]]])), ("filters[0]", "unknown_filter_operator")),
-            (with("filters", json!([["is", "event:page", "/a"]])), ("filters[0]", "invalid_query")),
-            (with("filters", json!([["is", "time:day", ["2025-01-01"]]])), ("filters[0]", "unsupported_query")),
-            (with("filters", json!([["or", [["is", "event:page", ["/a"]], ["is", "nope", ["x"]]]]])), ("filters[0][1][1]", "unknown_dimension")),
-            (with("order_by", json!([["events", "desc"]])), ("order_by[0]", "invalid_query")),
-            (with("pagination", json!({"limit": 10001})), ("pagination.limit", "invalid_query")),
-            (with("include", json!({"time_labels": true})), ("include.time_labels", "invalid_query")),
+            (
+                with("date_range", json!("8d")),
+                ("date_range", "invalid_date_range"),
+            ),
+            (
+                with("date_range", json!(["2025-02-30", "2025-03-01"])),
+                ("date_range", "invalid_date_range"),
+            ),
+            (
+                with("date_range", json!(["2025-03-02", "2025-03-01"])),
+                ("date_range", "invalid_date_range"),
+            ),
+            (
+                with(
+                    "date_range",
+                    json!(["2025-03-01T00:00:00.5Z", "2025-03-01T01:00:00Z"]),
+                ),
+                ("date_range", "invalid_date_range"),
+            ),
+            (
+                with(
+                    "date_range",
+                    json!(["2025-03-01T00:00:00", "2025-03-01T01:00:00"]),
+                ),
+                ("date_range", "invalid_date_range"),
+            ),
+            (
+                with("timezone", json!("Mars/Olympus")),
+                ("timezone", "unknown_time_zone"),
+            ),
+            (
+                with("dimensions", json!(["event:nope"])),
+                ("dimensions[0]", "unknown_dimension"),
+            ),
+            (
+                with("dimensions", json!(["event:props:"])),
+                ("dimensions[0]", "unknown_dimension"),
+            ),
+            (
+                with("dimensions", json!(["visit:source"])),
+                ("dimensions[0]", "unsupported_dimension"),
+            ),
+            (
+                with("dimensions", json!(["event:page", "event:name"])),
+                ("dimensions", "unsupported_query"),
+            ),
+            (
+                with("dimensions", json!(["time:hour", "time:day"])),
+                ("dimensions", "unsupported_query"),
+            ),
+            (
+                with("filters", json!([["matches", "event:page", ["/a"]]])),
+                ("filters[0]", "unknown_filter_operator"),
+            ),
+            (
+                with("filters", json!([["is", "event:page", "/a"]])),
+                ("filters[0]", "invalid_query"),
+            ),
+            (
+                with("filters", json!([["is", "time:day", ["2025-01-01"]]])),
+                ("filters[0]", "unsupported_query"),
+            ),
+            (
+                with(
+                    "filters",
+                    json!([["or", [["is", "event:page", ["/a"]], ["is", "nope", ["x"]]]]]),
+                ),
+                ("filters[0][1][1]", "unknown_dimension"),
+            ),
+            (
+                with("order_by", json!([["events", "desc"]])),
+                ("order_by[0]", "invalid_query"),
+            ),
+            (
+                with("pagination", json!({"limit": 10001})),
+                ("pagination.limit", "invalid_query"),
+            ),
+            (
+                with("include", json!({"time_labels": true})),
+                ("include.time_labels", "invalid_query"),
+            ),
             (with("colour", json!("red")), ("colour", "unknown_field")),
         ] {
             let (field_got, code) = field(body.clone());
@@ -947,17 +1134,26 @@ mod tests {
         let q = query(json!({"site_id": "s", "metrics": ["events"], "date_range": "day",
             "filters": [["is", "event:name", ["pageview"]], ["contains", "event:page", ["BLOG"], {"case_sensitive": false}]]}))
         .unwrap();
-        let Filter::Condition(c) = &q.filters[0] else { panic!() };
+        let Filter::Condition(c) = &q.filters[0] else {
+            panic!()
+        };
         assert_eq!(c.values, ["page_view"]);
-        let Filter::Condition(c) = &q.filters[1] else { panic!() };
+        let Filter::Condition(c) = &q.filters[1] else {
+            panic!()
+        };
         assert!(c.holds("/Blog/post") && !c.holds("/news"));
     }
 
     #[test]
     fn the_default_order_is_time_then_the_first_metric() {
-        let q = query(json!({"site_id": "s", "metrics": ["pageviews", "visitors"], "date_range": "7d",
-            "dimensions": ["event:page", "time:day"]}))
+        let q = query(
+            json!({"site_id": "s", "metrics": ["pageviews", "visitors"], "date_range": "7d",
+            "dimensions": ["event:page", "time:day"]}),
+        )
         .unwrap();
-        assert_eq!(q.echo["order_by"], json!([["time:day", "asc"], ["pageviews", "desc"]]));
+        assert_eq!(
+            q.echo["order_by"],
+            json!([["time:day", "asc"], ["pageviews", "desc"]])
+        );
     }
 }

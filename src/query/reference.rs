@@ -53,21 +53,33 @@ mod tests {
     use crate::query::parse_request;
     use serde_json::{Value, json};
 
-    fn ev(id: u32, name: &str, path: Option<&str>, user: Option<&str>, ts: &str, props: Value) -> Event {
+    fn ev(
+        id: u32,
+        name: &str,
+        path: Option<&str>,
+        user: Option<&str>,
+        ts: &str,
+        props: Value,
+    ) -> Event {
         Event {
             id: id.to_string(),
             site_id: "s".into(),
             event_type: name.into(),
             path: path.map(Into::into),
             userid: user.map(Into::into),
-            ts: chrono::DateTime::parse_from_rfc3339(ts).unwrap().timestamp_millis(),
+            ts: chrono::DateTime::parse_from_rfc3339(ts)
+                .unwrap()
+                .timestamp_millis(),
             created_at: 0,
             props: props.as_object().cloned(),
         }
     }
 
     fn run(events: &[Event], body: Value) -> Vec<(Vec<String>, Vec<u64>)> {
-        let q = parse_request(&body).unwrap().resolve(1_763_916_271_000, None).unwrap();
+        let q = parse_request(&body)
+            .unwrap()
+            .resolve(1_763_916_271_000, None)
+            .unwrap();
         evaluate(events, &q)
             .rows
             .into_iter()
@@ -82,11 +94,46 @@ mod tests {
     #[test]
     fn groups_filters_and_none_follow_the_contract() {
         let events = [
-            ev(1, "page_view", Some("/a"), Some("u1"), "2025-11-03T10:00:00Z", json!({"plan": "pro"})),
-            ev(2, "page_view", Some("/a"), Some("u2"), "2025-11-03T11:00:00Z", json!({"plan": 3})),
-            ev(3, "page_view", Some("/b"), Some("u1"), "2025-11-03T12:00:00Z", json!({"plan": "3"})),
-            ev(4, "signup", Some("/b"), Some(""), "2025-11-03T13:00:00Z", json!({"plan": null})),
-            ev(5, "page_view", None, None, "2025-11-04T00:00:00Z", json!(null)),
+            ev(
+                1,
+                "page_view",
+                Some("/a"),
+                Some("u1"),
+                "2025-11-03T10:00:00Z",
+                json!({"plan": "pro"}),
+            ),
+            ev(
+                2,
+                "page_view",
+                Some("/a"),
+                Some("u2"),
+                "2025-11-03T11:00:00Z",
+                json!({"plan": 3}),
+            ),
+            ev(
+                3,
+                "page_view",
+                Some("/b"),
+                Some("u1"),
+                "2025-11-03T12:00:00Z",
+                json!({"plan": "3"}),
+            ),
+            ev(
+                4,
+                "signup",
+                Some("/b"),
+                Some(""),
+                "2025-11-03T13:00:00Z",
+                json!({"plan": null}),
+            ),
+            ev(
+                5,
+                "page_view",
+                None,
+                None,
+                "2025-11-04T00:00:00Z",
+                json!(null),
+            ),
         ];
         let base = json!({"site_id": "s", "metrics": ["visitors", "pageviews", "events"],
             "date_range": ["2025-11-03", "2025-11-03"]});
@@ -108,23 +155,37 @@ mod tests {
             ]
         );
         assert_eq!(
-            run(&events, with(json!({"filters": [["is", "event:props:plan", ["(none)"]]]}))),
+            run(
+                &events,
+                with(json!({"filters": [["is", "event:props:plan", ["(none)"]]]}))
+            ),
             [(d(&[]), vec![0, 0, 1])]
         );
         assert_eq!(
-            run(&events, with(json!({"dimensions": ["event:page"],
-                "filters": [["is_not", "event:name", ["pageview"]]]}))),
+            run(
+                &events,
+                with(json!({"dimensions": ["event:page"],
+                "filters": [["is_not", "event:name", ["pageview"]]]}))
+            ),
             [(d(&["/b"]), vec![0, 0, 1])]
         );
         // In Asia/Tokyo, 2025-11-04 starts at 2025-11-03T15:00Z: the last two count.
         assert_eq!(
-            run(&events, with(json!({"timezone": "Asia/Tokyo", "date_range": ["2025-11-04", "2025-11-04"],
-                "dimensions": ["time:day"]}))),
+            run(
+                &events,
+                with(
+                    json!({"timezone": "Asia/Tokyo", "date_range": ["2025-11-04", "2025-11-04"],
+                "dimensions": ["time:day"]})
+                )
+            ),
             [(d(&["2025-11-04"]), vec![0, 1, 1])]
         );
         // An empty range without dimensions is one row of zeros.
         assert_eq!(
-            run(&events, with(json!({"date_range": ["2025-01-01", "2025-01-01"]}))),
+            run(
+                &events,
+                with(json!({"date_range": ["2025-01-01", "2025-01-01"]}))
+            ),
             [(d(&[]), vec![0, 0, 0])]
         );
     }

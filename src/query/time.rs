@@ -54,7 +54,11 @@ impl Zone {
     pub fn offset_secs(&self, ts_ms: i64) -> i32 {
         use chrono::Offset;
         match DateTime::from_timestamp_millis(ts_ms) {
-            Some(utc) => self.0.offset_from_utc_datetime(&utc.naive_utc()).fix().local_minus_utc(),
+            Some(utc) => self
+                .0
+                .offset_from_utc_datetime(&utc.naive_utc())
+                .fix()
+                .local_minus_utc(),
             None => 0,
         }
     }
@@ -201,7 +205,8 @@ impl TimeGrain {
             TimeGrain::Day => days + 2,
             TimeGrain::Week => days / 7 + 2,
             TimeGrain::Month => {
-                let months = (b.year() - a.year()) as i64 * 12 + b.month() as i64 - a.month() as i64;
+                let months =
+                    (b.year() - a.year()) as i64 * 12 + b.month() as i64 - a.month() as i64;
                 months + 1
             }
         }
@@ -227,7 +232,10 @@ pub fn buckets(zone: &Zone, grain: TimeGrain, start: i64, end: i64) -> Vec<Bucke
     let mut local = grain.truncate(zone.local(start));
     loop {
         let next = grain.next(local);
-        let (a, b) = (zone.utc_start(local).max(start), zone.utc_start(next).min(end));
+        let (a, b) = (
+            zone.utc_start(local).max(start),
+            zone.utc_start(next).min(end),
+        );
         if a < b {
             out.push(Bucket {
                 label: grain.label(local),
@@ -307,7 +315,16 @@ mod tests {
             .into_iter()
             .map(|w| w.label)
             .collect();
-        assert_eq!(weeks, ["2025-11-03", "2025-11-10", "2025-11-17", "2025-11-24", "2025-12-01"]);
+        assert_eq!(
+            weeks,
+            [
+                "2025-11-03",
+                "2025-11-10",
+                "2025-11-17",
+                "2025-11-24",
+                "2025-12-01"
+            ]
+        );
         let months: Vec<String> = buckets(&z, TimeGrain::Month, a, b)
             .into_iter()
             .map(|m| m.label)

@@ -178,8 +178,8 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         None => get(stats::get_stats),
         Some(cors) => with_cors(get(stats::get_stats), cors),
     };
-    let query_route = post(query::post_query)
-        .layer(axum::extract::DefaultBodyLimit::max(query::MAX_QUERY_BYTES));
+    let query_route =
+        post(query::post_query).layer(axum::extract::DefaultBodyLimit::max(query::MAX_QUERY_BYTES));
     let query_route = match stats_cors_layer.clone() {
         None => query_route,
         Some(cors) => with_cors(query_route, cors),

@@ -17,6 +17,7 @@
 pub mod mongo;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -105,6 +106,11 @@ pub trait QueryStore: Send + Sync + 'static {
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
     /// The time (epoch ms) of the site's first stored event.
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError>;
+    /// Whether the store keeps rollups; without, every query reads raw
+    /// events.
+    fn has_rollups(&self) -> bool {
+        true
+    }
 }
 
 /// Keeping derived data, and what tests and tools ask.
@@ -150,10 +156,16 @@ pub async fn run_folder(
             _ = shutdown.cancelled() => return,
         }
         // Catch up in bounded transactions, so that a backlog (a first start
-        // on an old file) does not hold the writer for long at a time.
+        // on an old file) does not hold the writer for long at a time. A
+        // fold cut short by shutdown commits nothing (its transaction is
+        // rolled back) and is done by the next start.
         loop {
-            match store.fold(FOLD_BATCH).await {
-                Ok(n) if n == FOLD_BATCH && !shutdown.is_cancelled() => continue,
+            let folded = tokio::select! {
+                folded = store.fold(FOLD_BATCH) => folded,
+                _ = shutdown.cancelled() => return,
+            };
+            match folded {
+                Ok(n) if n == FOLD_BATCH => continue,
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "folding events into rollups failed; retrying");
@@ -161,6 +173,36 @@ pub async fn run_folder(
                 }
             }
         }
+    }
+}
+
+/// Visitor ids most recently used, in two generations: when the young one
+/// is full, the old one is dropped and the young one takes its place. Holds
+/// at most twice `VISITOR_CACHE` entries, whatever the number of visitors.
+#[derive(Default)]
+pub(crate) struct VisitorCache {
+    young: HashMap<(String, String), u32>,
+    old: HashMap<(String, String), u32>,
+}
+
+/// Entries per generation of the visitor cache (about 100 bytes each).
+const VISITOR_CACHE: usize = 100_000;
+
+impl VisitorCache {
+    pub(crate) fn get(&mut self, key: &(String, String)) -> Option<u32> {
+        if let Some(&v) = self.young.get(key) {
+            return Some(v);
+        }
+        let v = self.old.remove(key)?;
+        self.put(key.clone(), v);
+        Some(v)
+    }
+
+    pub(crate) fn put(&mut self, key: (String, String), vid: u32) {
+        if self.young.len() >= VISITOR_CACHE {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, vid);
     }
 }
 

@@ -182,37 +182,7 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     query_timeout: Duration,
     /// Committed (site, visitor) → id mappings; bounded.
-    visitors: Arc<Mutex<VisitorCache>>,
-}
-
-/// Visitor ids most recently used, in two generations: when the young one
-/// is full, the old one is dropped and the young one takes its place. Holds
-/// at most twice `VISITOR_CACHE` entries, whatever the number of visitors.
-#[derive(Default)]
-struct VisitorCache {
-    young: HashMap<(String, String), u32>,
-    old: HashMap<(String, String), u32>,
-}
-
-/// Entries per generation of the visitor cache (about 100 bytes each).
-const VISITOR_CACHE: usize = 100_000;
-
-impl VisitorCache {
-    fn get(&mut self, key: &(String, String)) -> Option<u32> {
-        if let Some(&v) = self.young.get(key) {
-            return Some(v);
-        }
-        let v = self.old.remove(key)?;
-        self.put(key.clone(), v);
-        Some(v)
-    }
-
-    fn put(&mut self, key: (String, String), vid: u32) {
-        if self.young.len() >= VISITOR_CACHE {
-            self.old = std::mem::take(&mut self.young);
-        }
-        self.young.insert(key, vid);
-    }
+    visitors: Arc<Mutex<super::VisitorCache>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,18 +211,19 @@ impl SqliteStore {
         writer
             .pragma_update(None, "synchronous", synchronous)
             .map_err(fail)?;
-        // The aggregate tables take inserts at random places (users, paths):
-        // a page cache of 32 MiB instead of SQLite's 2 MiB keeps their hot
-        // pages in memory instead of re-reading them from the OS per batch.
+        // Folds rewrite rollup rows and look visitors up all over their
+        // b-trees: a page cache of 32 MiB instead of SQLite's 2 MiB keeps
+        // the hot pages in memory instead of re-reading them from the OS.
         writer
             .pragma_update(None, "cache_size", -32 * 1024)
             .map_err(fail)?;
         // Checkpoint every 16,384 WAL pages (64 MiB) instead of SQLite's
         // 1,000: a checkpoint writes every page the WAL holds back into the
-        // database and fsyncs both files, and the aggregate pages are
-        // rewritten by almost every batch, so the rarer the checkpoint, the
+        // database and fsyncs both files, and the rollup pages are
+        // rewritten by almost every fold, so the rarer the checkpoint, the
         // fewer times each page is written (measured with `evtrack-bench
-        // store-insert`: 55k → 73k events/s at 10,000 pages, 83k at 50,000).
+        // store-insert` when the aggregates were in the insert's
+        // transaction: 55k → 73k events/s at 10,000 pages, 83k at 50,000).
         writer
             .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
             .map_err(fail)?;
@@ -376,7 +347,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 /// Columns of an event row, in the order [`event_from_row`] reads them.
-const EVENT_COLUMNS: &str = "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props";
+const EVENT_COLUMNS: &str =
+    "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props";
 
 fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> {
     let props: Option<String> = r.get(first + 7)?;
@@ -395,7 +367,11 @@ fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event
 
 /// One fold: up to `max` events past the watermark into the rollups, and
 /// the watermark past them, in one transaction. See the module docs.
-fn fold(conn: &mut Connection, cache: &Mutex<VisitorCache>, max: usize) -> rusqlite::Result<usize> {
+fn fold(
+    conn: &mut Connection,
+    cache: &Mutex<super::VisitorCache>,
+    max: usize,
+) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
     let mut events = Vec::new();
@@ -448,8 +424,7 @@ fn fold(conn: &mut Connection, cache: &Mutex<VisitorCache>, max: usize) -> rusql
     }
     if !fresh.is_empty() {
         let mut next_of: HashMap<String, i64> = HashMap::new();
-        let mut get_next =
-            tx.prepare_cached("SELECT next_vid FROM sites WHERE site_id = ?1")?;
+        let mut get_next = tx.prepare_cached("SELECT next_vid FROM sites WHERE site_id = ?1")?;
         let mut add = tx.prepare_cached("INSERT INTO visitors VALUES (?1, ?2, ?3)")?;
         for key in &fresh {
             let next = match next_of.get_mut(&key.0) {
@@ -462,9 +437,8 @@ fn fold(conn: &mut Connection, cache: &Mutex<VisitorCache>, max: usize) -> rusql
                     next_of.entry(key.0.clone()).or_insert(n)
                 }
             };
-            let vid = u32::try_from(*next).map_err(|_| {
-                rusqlite::Error::IntegralValueOutOfRange(0, *next)
-            })?;
+            let vid = u32::try_from(*next)
+                .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, *next))?;
             *next += 1;
             add.execute(params![key.0, key.1, vid])?;
             ids.insert(key.clone(), vid);
@@ -694,7 +668,9 @@ impl StoreAdmin for SqliteStore {
         // The visitor dictionary stays: other processes may hold its ids in
         // their caches, and the ids stay right.
         Self::with_conn(&self.writer, |conn| {
-            conn.execute_batch("BEGIN IMMEDIATE; DELETE FROM rollups; UPDATE fold_state SET folded = 0; COMMIT;")
+            conn.execute_batch(
+                "BEGIN IMMEDIATE; DELETE FROM rollups; UPDATE fold_state SET folded = 0; COMMIT;",
+            )
         })
         .await?;
         let mut total = 0u64;

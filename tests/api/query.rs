@@ -8,10 +8,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Backend, TestApp, TestEnv, assert_error, backend_tests, ids_of, json_of};
 
-backend_tests!(
-    answers_in_plausibles_shape,
-    queries_need_a_token_like_stats
-);
+backend_tests!(answers_in_plausibles_shape, queries_need_a_token_like_stats);
 
 fn ev(name: &str, path: &str, user: &str, at: &str, props: Value) -> Value {
     json!({"site_id": "shop", "event_type": name, "path": path, "userid": user,
@@ -22,8 +19,10 @@ async fn post_all(app: &TestApp, events: &[Value]) {
     let body = json_of(app.post_events(&Value::Array(events.to_vec())).await, 202).await;
     assert_eq!(body["rejected"], json!([]));
     let ids = ids_of(&body);
-    let sites: std::collections::BTreeSet<&str> =
-        events.iter().filter_map(|e| e["site_id"].as_str()).collect();
+    let sites: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["site_id"].as_str())
+        .collect();
     for site in sites {
         let of_site: Vec<String> = events
             .iter()
@@ -43,11 +42,41 @@ async fn answers_in_plausibles_shape(backend: Backend) {
             // 2025-11-03 in Kolkata (+05:30) runs from 2025-11-02T18:30Z.
             ev("page_view", "/", "u1", "2025-11-02T18:29:59Z", json!(null)),
             ev("page_view", "/", "u1", "2025-11-02T18:30:00Z", json!(null)),
-            ev("page_view", "/pricing", "u2", "2025-11-03T04:10:00Z", json!({"plan": "pro"})),
-            ev("page_view", "/pricing", "u1", "2025-11-03T05:00:00Z", json!(null)),
-            ev("signup", "/pricing", "u2", "2025-11-03T05:01:00Z", json!({"plan": "pro"})),
-            ev("signup", "/pricing", "u3", "2025-11-04T18:29:59Z", json!({"plan": 3})),
-            ev("page_view", "/blog", "u3", "2025-11-04T18:30:00Z", json!(null)),
+            ev(
+                "page_view",
+                "/pricing",
+                "u2",
+                "2025-11-03T04:10:00Z",
+                json!({"plan": "pro"}),
+            ),
+            ev(
+                "page_view",
+                "/pricing",
+                "u1",
+                "2025-11-03T05:00:00Z",
+                json!(null),
+            ),
+            ev(
+                "signup",
+                "/pricing",
+                "u2",
+                "2025-11-03T05:01:00Z",
+                json!({"plan": "pro"}),
+            ),
+            ev(
+                "signup",
+                "/pricing",
+                "u3",
+                "2025-11-04T18:29:59Z",
+                json!({"plan": 3}),
+            ),
+            ev(
+                "page_view",
+                "/blog",
+                "u3",
+                "2025-11-04T18:30:00Z",
+                json!(null),
+            ),
             json!({"site_id": "elsewhere", "event_type": "page_view", "path": "/",
                    "timestamp": "2025-11-03T05:00:00Z"}),
         ],
@@ -55,8 +84,10 @@ async fn answers_in_plausibles_shape(backend: Backend) {
     .await;
 
     let body = app
-        .query(&json!({"site_id": "shop", "metrics": ["visitors", "pageviews", "events"],
-            "date_range": ["2025-11-03", "2025-11-04"], "timezone": "Asia/Kolkata"}))
+        .query(
+            &json!({"site_id": "shop", "metrics": ["visitors", "pageviews", "events"],
+            "date_range": ["2025-11-03", "2025-11-04"], "timezone": "Asia/Kolkata"}),
+        )
         .await;
     assert_eq!(
         body,
@@ -75,9 +106,11 @@ async fn answers_in_plausibles_shape(backend: Backend) {
 
     // A daily trend in the zone, with every label.
     let body = app
-        .query(&json!({"site_id": "shop", "metrics": ["events"], "timezone": "Asia/Kolkata",
+        .query(
+            &json!({"site_id": "shop", "metrics": ["events"], "timezone": "Asia/Kolkata",
             "date_range": ["2025-11-02", "2025-11-05"], "dimensions": ["time:day"],
-            "include": {"time_labels": true, "total_rows": true}}))
+            "include": {"time_labels": true, "total_rows": true}}),
+        )
         .await;
     assert_eq!(
         body["results"],
@@ -96,8 +129,10 @@ async fn answers_in_plausibles_shape(backend: Backend) {
     // Top pages for a custom event's property, Plausible's `pageview` in a
     // filter, `(none)` for events without the property.
     let body = app
-        .query(&json!({"site_id": "shop", "metrics": ["visitors", "events"],
-            "date_range": ["2025-11-01", "2025-11-30"], "dimensions": ["event:props:plan"]}))
+        .query(
+            &json!({"site_id": "shop", "metrics": ["visitors", "events"],
+            "date_range": ["2025-11-01", "2025-11-30"], "dimensions": ["event:props:plan"]}),
+        )
         .await;
     assert_eq!(
         body["results"],
@@ -134,8 +169,10 @@ async fn answers_in_plausibles_shape(backend: Backend) {
     );
     // `all` starts at the site's first event, on the zone's calendar.
     let body = app
-        .query(&json!({"site_id": "shop", "metrics": ["events"], "date_range": "all",
-            "timezone": "Asia/Kolkata"}))
+        .query(
+            &json!({"site_id": "shop", "metrics": ["events"], "date_range": "all",
+            "timezone": "Asia/Kolkata"}),
+        )
         .await;
     assert_eq!(body["query"]["date_range"][0], "2025-11-02T00:00:00+05:30");
     assert_eq!(body["results"][0]["metrics"], json!([7]));
@@ -168,7 +205,10 @@ async fn queries_need_a_token_like_stats(backend: Backend) {
     let r = send(Some(TOKEN), &other).await.unwrap();
     assert_error(&json_of(r, 403).await, "forbidden", None);
     let r = send(Some(TOKEN), &body).await.unwrap();
-    assert_eq!(json_of(r, 200).await["results"], json!([{"metrics": [0], "dimensions": []}]));
+    assert_eq!(
+        json_of(r, 200).await["results"],
+        json!([{"metrics": [0], "dimensions": []}])
+    );
     app.app.stop().await;
 }
 
@@ -182,21 +222,61 @@ async fn bad_queries_are_answered_400_naming_the_fault() {
         b
     };
     for (body, code, field) in [
-        (with("metrics", json!(["visits"])), "unknown_metric", Some("metrics[0]")),
-        (with("timezone", json!("Europe/Atlantis")), "unknown_time_zone", Some("timezone")),
-        (with("date_range", json!(["2025-11-31", "2025-12-01"])), "invalid_date_range", Some("date_range")),
-        (with("date_range", json!(["2025-12-02", "2025-12-01"])), "invalid_date_range", Some("date_range")),
-        (with("dimensions", json!(["visit:country"])), "unsupported_dimension", Some("dimensions[0]")),
-        (with("dimensions", json!(["event:page", "event:props:plan"])), "unsupported_query", Some("dimensions")),
-        (with("filters", json!([["matches", "event:page", ["^/a"]]])), "unknown_filter_operator", Some("filters[0]")),
-        (with("order_by", json!([["events", "desc"]])), "invalid_query", Some("order_by[0]")),
-        (json!({"metrics": ["visitors"], "date_range": "7d"}), "missing_field", Some("site_id")),
+        (
+            with("metrics", json!(["visits"])),
+            "unknown_metric",
+            Some("metrics[0]"),
+        ),
+        (
+            with("timezone", json!("Europe/Atlantis")),
+            "unknown_time_zone",
+            Some("timezone"),
+        ),
+        (
+            with("date_range", json!(["2025-11-31", "2025-12-01"])),
+            "invalid_date_range",
+            Some("date_range"),
+        ),
+        (
+            with("date_range", json!(["2025-12-02", "2025-12-01"])),
+            "invalid_date_range",
+            Some("date_range"),
+        ),
+        (
+            with("dimensions", json!(["visit:country"])),
+            "unsupported_dimension",
+            Some("dimensions[0]"),
+        ),
+        (
+            with("dimensions", json!(["event:page", "event:props:plan"])),
+            "unsupported_query",
+            Some("dimensions"),
+        ),
+        (
+            with("filters", json!([["matches", "event:page", ["^/a"]]])),
+            "unknown_filter_operator",
+            Some("filters[0]"),
+        ),
+        (
+            with("order_by", json!([["events", "desc"]])),
+            "invalid_query",
+            Some("order_by[0]"),
+        ),
+        (
+            json!({"metrics": ["visitors"], "date_range": "7d"}),
+            "missing_field",
+            Some("site_id"),
+        ),
     ] {
         let r = app.post_json("/api/v2/query", &body).await;
         assert_error(&json_of(r, 400).await, code, field);
     }
     let r = app
-        .post_raw("/api/v2/query", "application/json", "{\"site_id\":".into())
+        .post_raw(
+            "/api/v2/query",
+            "application/json",
+            "{\"site_id\":".to_owned(),
+        )
         .await;
     assert_error(&json_of(r, 400).await, "invalid_json", None);
     let huge = json!({"site_id": "shop", "metrics": ["visitors"], "date_range": "7d",
@@ -214,8 +294,10 @@ async fn an_acknowledged_event_shows_in_queries_within_a_second() {
     let query = json!({"site_id": "fresh", "metrics": ["events", "visitors"], "date_range": "day"});
     for round in 0..3 {
         let r = app
-            .post_event(&json!({"site_id": "fresh", "event_type": "page_view", "path": "/",
-                "userid": format!("u{round}")}))
+            .post_event(
+                &json!({"site_id": "fresh", "event_type": "page_view", "path": "/",
+                "userid": format!("u{round}")}),
+            )
             .await;
         json_of(r, 202).await;
         let acked = Instant::now();

@@ -221,8 +221,8 @@ async fn empty_and_checks(s: Subject) {
     assert_eq!(s.store.count_all().await.unwrap(), 0);
 }
 
-/// Rollups can be rebuilt from the raw events and then give the same
-/// answers, and keep counting new events exactly.
+/// The embedded store's rollups can be rebuilt from the raw events and then
+/// give the same answers, and keep counting new events exactly.
 async fn rollups_rebuild_from_raw_events(s: Subject, damage: impl AsyncFnOnce()) {
     let t = day_start();
     let events: Vec<Event> = (0..300)
@@ -262,28 +262,10 @@ async fn sqlite_rollups_rebuild_from_raw_events() {
     rollups_rebuild_from_raw_events(s, async move || {
         // Damage the rollups behind the store's back.
         let conn = rusqlite::Connection::open(file).unwrap();
-        conn.execute_batch("DELETE FROM rollups WHERE dim = 'page'; UPDATE rollups SET events = 1;")
-            .unwrap();
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mongo_rollups_rebuild_from_raw_events() {
-    let server = MongoServer::start();
-    let db = format!("rebuild_{}", uuid::Uuid::now_v7().simple());
-    let store = MongoStore::connect(&server.uri, Some(&db)).await.unwrap();
-    let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
-    let s = Subject {
-        store: Arc::new(store),
-        _mongo: Some(server),
-        _dir: tempfile::tempdir().unwrap(),
-    };
-    rollups_rebuild_from_raw_events(s, async move || {
-        use mongodb::bson::doc;
-        let rollups = client.database(&db).collection::<mongodb::bson::Document>("rollups");
-        rollups.delete_many(doc! {"dim": "page"}).await.unwrap();
-        rollups.update_many(doc! {}, doc! {"$set": {"events": 1}}).await.unwrap();
+        conn.execute_batch(
+            "DELETE FROM rollups WHERE dim = 'page'; UPDATE rollups SET events = 1;",
+        )
+        .unwrap();
     })
     .await;
 }
@@ -343,19 +325,15 @@ async fn mongo_documents_follow_the_original_schema() {
             "{absent} is left out when not sent"
         );
     }
-    // Every read a query makes uses an index: rollups by buckets, by
-    // value, and raw events by time.
-    let plans = evtrack::store::mongo::explain_reads(&client.database(&db), "s", t, t + 86_400_000)
+    // The read a query makes uses the index on (site, time).
+    let plan = evtrack::store::mongo::explain_read(&client.database(&db), "s", t, t + 86_400_000)
         .await
-        .unwrap();
-    assert!(plans.len() >= 3);
-    for plan in plans {
-        let plan = plan.to_string();
-        assert!(
-            plan.contains("IXSCAN") && !plan.contains("COLLSCAN"),
-            "{plan}"
-        );
-    }
+        .unwrap()
+        .to_string();
+    assert!(
+        plan.contains("IXSCAN") && !plan.contains("COLLSCAN"),
+        "{plan}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,10 +459,21 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
     let span = 70 * 86_400_000i64;
     let names = ["page_view", "page_view", "page_view", "signup", "click"];
     let pages: Vec<String> = (0..12).map(|i| format!("/p{i}")).collect();
-    let plans = [json!("pro"), json!("free"), json!(3), json!("3"), json!(true), Value::Null];
+    let plans = [
+        json!("pro"),
+        json!("free"),
+        json!(3),
+        json!("3"),
+        json!(true),
+        Value::Null,
+    ];
     let mut events = Vec::new();
     for i in 0..2_500 {
-        let site = if rng.random_range(0..6) == 0 { "other" } else { "site" };
+        let site = if rng.random_range(0..6) == 0 {
+            "other"
+        } else {
+            "site"
+        };
         let path = match rng.random_range(0..14) {
             0 => None,
             1 => Some(String::new()),
@@ -505,7 +494,10 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         e.event_type = names[rng.random_range(0..names.len())].into();
         let mut props = serde_json::Map::new();
         if rng.random_range(0..3) == 0 {
-            props.insert("plan".into(), plans[rng.random_range(0..plans.len())].clone());
+            props.insert(
+                "plan".into(),
+                plans[rng.random_range(0..plans.len())].clone(),
+            );
         }
         if rng.random_range(0..4) == 0 {
             props.insert("seats".into(), json!(rng.random_range(1..4)));
@@ -540,12 +532,25 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         "event:props:seats",
     ];
     let times = ["time", "time:hour", "time:day", "time:week", "time:month"];
-    let values = ["/p1", "/p2", "page_view", "pageview", "signup", "pro", "3", "(none)", "P", "true"];
+    let values = [
+        "/p1",
+        "/p2",
+        "page_view",
+        "pageview",
+        "signup",
+        "pro",
+        "3",
+        "(none)",
+        "P",
+        "true",
+    ];
     let leaf = |rng: &mut StdRng| -> Value {
         let op = ["is", "is_not", "contains", "contains_not"][rng.random_range(0..4)];
         let dim = dims[rng.random_range(0..dims.len())];
         let n = rng.random_range(1..3);
-        let vals: Vec<&str> = (0..n).map(|_| values[rng.random_range(0..values.len())]).collect();
+        let vals: Vec<&str> = (0..n)
+            .map(|_| values[rng.random_range(0..values.len())])
+            .collect();
         if rng.random_range(0..4) == 0 {
             json!([op, dim, vals, {"case_sensitive": false}])
         } else {
@@ -554,10 +559,16 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
     };
     // Pinned so that relative ranges land inside the data.
     let now = day_start() + 12 * 3_600_000;
-    let queries = if s.store.kind() == "mongodb" { 60 } else { 300 };
+    // MongoDB keeps no rollups yet: every query reads raw events, which the
+    // test's stand-in serves slowly.
+    let queries = if s.store.has_rollups() { 300 } else { 40 };
     let mut served_by_rollups = 0;
     for n in 0..queries {
-        let site = if rng.random_range(0..5) == 0 { "other" } else { "site" };
+        let site = if rng.random_range(0..5) == 0 {
+            "other"
+        } else {
+            "site"
+        };
         let mut metrics = vec!["visitors", "pageviews", "events"];
         metrics.retain(|_| rng.random_range(0..3) != 0);
         if metrics.is_empty() {
@@ -565,7 +576,9 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         }
         let zone = zones[rng.random_range(0..zones.len())];
         let date_range = match rng.random_range(0..6) {
-            0 => json!(["day", "7d", "30d", "month", "6mo", "12mo", "year", "all"][rng.random_range(0..8)]),
+            0 => json!(
+                ["day", "7d", "30d", "month", "6mo", "12mo", "year", "all"][rng.random_range(0..8)]
+            ),
             1 | 2 => {
                 let a = base + rng.random_range(0..span);
                 let b = a + rng.random_range(0..20 * 86_400_000i64);
@@ -610,16 +623,23 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         }
         // Filters on the breakdown's own dimension keep the query on the
         // rollups; make that common.
-        if let Some(d) = dimensions.iter().find(|d| d.as_str().is_some_and(|d| d.starts_with("event:"))) {
-            if rng.random_range(0..2) == 0 {
-                filters.retain(|_| false);
-                filters.push(json!(["is_not", d, [values[rng.random_range(0..values.len())]]]));
-            }
+        if let Some(d) = dimensions
+            .iter()
+            .find(|d| d.as_str().is_some_and(|d| d.starts_with("event:")))
+            && rng.random_range(0..2) == 0
+        {
+            filters.clear();
+            filters.push(json!([
+                "is_not",
+                d,
+                [values[rng.random_range(0..values.len())]]
+            ]));
         }
         let mut body = json!({"site_id": site, "metrics": metrics, "date_range": date_range,
             "timezone": zone, "dimensions": dimensions, "filters": filters});
         if rng.random_range(0..4) == 0 {
-            body["pagination"] = json!({"limit": rng.random_range(1..5), "offset": rng.random_range(0..3)});
+            body["pagination"] =
+                json!({"limit": rng.random_range(1..5), "offset": rng.random_range(0..3)});
         }
         if rng.random_range(0..3) == 0 {
             body["include"] = json!({"total_rows": true});
@@ -629,7 +649,11 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             Err(e) => panic!("query {n} {body}: {e:?}"),
         };
         let first = s.store.first_event(site).await.unwrap();
-        let expected_first = events.iter().filter(|e| e.site_id == site).map(|e| e.ts).min();
+        let expected_first = events
+            .iter()
+            .filter(|e| e.site_id == site)
+            .map(|e| e.ts)
+            .min();
         assert_eq!(first, expected_first, "first event of {site}");
         let query = match request.resolve(now, first) {
             Ok(q) => Arc::new(q),
@@ -637,16 +661,22 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             Err(e) if e.code == "too_many_buckets" => continue,
             Err(e) => panic!("query {n} {body}: {e:?}"),
         };
-        let (plan, _) = engine::plan(Arc::clone(&query));
+        let (plan, _) = engine::plan_for(Arc::clone(&query), s.store.has_rollups());
         if plan.raw_vids {
             served_by_rollups += 1;
         }
         let actual = engine::run(&*s.store, Arc::clone(&query)).await.unwrap();
         let expected = reference::evaluate(&events, &query);
-        assert_eq!(actual, expected, "seed {seed:#x}, query {n}: {body}\nresolved: {}", query.echo);
+        assert_eq!(
+            actual, expected,
+            "seed {seed:#x}, query {n}: {body}\nresolved: {}",
+            query.echo
+        );
     }
-    assert!(
-        served_by_rollups > queries / 2,
-        "only {served_by_rollups} of {queries} queries were served by rollups"
-    );
+    if s.store.has_rollups() {
+        assert!(
+            served_by_rollups > queries / 2,
+            "only {served_by_rollups} of {queries} queries were served by rollups"
+        );
+    }
 }
