@@ -415,8 +415,8 @@ pub fn table(r: &Report) -> String {
     if let Some(stats) = &r.stats {
         let _ = writeln!(
             out,
-            "\nSTATS: GET /stats for one site-day, {} sequential requests after one untimed",
-            r.params.stats_requests
+            "\nSTATS: GET /stats for one site-day, {} sequential requests after one untimed (MongoDB: {})",
+            r.params.stats_requests, r.params.stats_mongo_requests
         );
         let rows: Vec<Vec<String>> = stats
             .cases
