@@ -119,10 +119,12 @@ impl Params {
                 seed_batch: 5_000,
                 baseline_batch: 500,
                 query_small: (10, 300_000),
-                query_large: Some((30, 1_000_000)),
+                // 30 days × 1,000,000 events: seeding and folding them takes
+                // longer than a run should at today's fold rate.
+                query_large: None,
                 query_mongo: (3, 20_000),
                 query_visitors: 50_000,
-                query_requests: 20,
+                query_requests: 10,
                 query_mongo_requests: 2,
                 visible_events: 1_000_000,
             }
