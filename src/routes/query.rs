@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
 use super::{ApiError, AppState};
@@ -32,13 +32,8 @@ pub async fn post_query(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    // Who asks comes first, as for `GET /stats`.
+    let token = super::stats::reader(&state, &headers)?;
     let tokens = &state.access.stats_tokens;
-    let token = tokens.authenticate(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    )?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

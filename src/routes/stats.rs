@@ -79,20 +79,26 @@ pub fn parse_query(
     })
 }
 
+/// Who asks, for the read endpoints (`GET /stats`, `POST /api/v2/query`):
+/// the index of their token, `None` when no tokens are configured. Checked
+/// first: without a valid token nothing about the request, not even whether
+/// its parameters are right, is answered.
+pub(crate) fn reader(state: &AppState, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+    Ok(state.access.stats_tokens.authenticate(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )?)
+}
+
 pub async fn get_stats(
     State(state): State<AppState>,
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    // Who asks comes first: without a valid token nothing about the request,
-    // not even whether its parameters are right, is answered.
+    let token = reader(&state, &headers)?;
     let tokens = &state.access.stats_tokens;
-    let token = tokens.authenticate(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    )?;
     let Query(params) = params
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))?;
     let query = parse_query(&params, Utc::now().date_naive())?;
