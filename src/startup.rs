@@ -414,9 +414,8 @@ async fn open_store(
 }
 
 /// `evtrack rebuild-aggregates`: drops the rollups and counts every stored
-/// event into them again. Run it with the workers stopped when the store is
-/// MongoDB (its rebuild is not one transaction); SQLite serialises it with
-/// any running process.
+/// event into them again, safely beside running processes: SQLite
+/// serialises it with their folds, MongoDB stops folding while it resets.
 pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupError> {
     let store = open_store(settings, Durability::Disk).await?;
     let events = store

@@ -336,7 +336,9 @@ impl Mongo {
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--storage-path")
             .arg(dir.join("data"))
-            .args(["--standalone", "--cache-size", "256M", "--config"])
+            // A single-node replica set (the default): evtrack's MongoDB
+            // rollups need transactions.
+            .args(["--cache-size", "256M", "--config"])
             .arg(&config)
             .current_dir(dir)
             .env("PYTHONUNBUFFERED", "1");

@@ -288,7 +288,7 @@ async fn seed(store: &dyn Store, generator: &mut Generator) -> anyhow::Result<(f
     }
     let insert_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    while store.fold(evtrack::store::FOLD_BATCH).await? > 0 {}
+    evtrack::store::fold_all(store).await?;
     Ok((insert_s, t.elapsed().as_secs_f64()))
 }
 

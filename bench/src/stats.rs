@@ -121,7 +121,7 @@ async fn seed(ctx: &Ctx, store: &dyn Store, n: usize, tag: &str) -> anyhow::Resu
     }
     // Counted into the rollups before the service starts, as its folder
     // would have done while they arrived.
-    while store.fold(evtrack::store::FOLD_BATCH).await? > 0 {}
+    evtrack::store::fold_all(store).await?;
     Ok(start.elapsed().as_secs_f64())
 }
 

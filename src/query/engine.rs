@@ -388,6 +388,6 @@ impl Aggregator {
 
 /// Answers a query from a store.
 pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
-    let (plan, agg) = plan_for(query, store.has_rollups());
+    let (plan, agg) = plan(query);
     store.fetch(plan, agg).await?.finish()
 }

@@ -106,11 +106,6 @@ pub trait QueryStore: Send + Sync + 'static {
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
     /// The time (epoch ms) of the site's first stored event.
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError>;
-    /// Whether the store keeps rollups; without, every query reads raw
-    /// events.
-    fn has_rollups(&self) -> bool {
-        true
-    }
 }
 
 /// Keeping derived data, and what tests and tools ask.
@@ -120,6 +115,10 @@ pub trait StoreAdmin: Send + Sync + 'static {
     /// `max_events` of them, exactly once whatever the number of processes
     /// doing the same. Returns how many it counted (0: up to date).
     async fn fold(&self, max_events: usize) -> Result<usize, StoreError>;
+    /// Most events one [`StoreAdmin::fold`] counts: fewer means caught up.
+    fn fold_batch(&self) -> usize {
+        FOLD_BATCH
+    }
     /// How many stored events are not in the rollups yet.
     async fn unfolded(&self) -> Result<u64, StoreError>;
     /// Drops the rollups and counts every stored event into them again.
@@ -160,18 +159,40 @@ pub async fn run_folder(
         // fold cut short by shutdown commits nothing (its transaction is
         // rolled back) and is done by the next start.
         loop {
+            let batch = store.fold_batch();
             let folded = tokio::select! {
-                folded = store.fold(FOLD_BATCH) => folded,
+                folded = store.fold(batch) => folded,
                 _ = shutdown.cancelled() => return,
             };
             match folded {
-                Ok(n) if n == FOLD_BATCH => continue,
+                Ok(n) if n >= batch => continue,
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "folding events into rollups failed; retrying");
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Folds until no stored event is left out of the rollups, waiting while
+/// another process holds the fold; returns how many events this call
+/// folded. For tools, tests and the benchmark: a running service folds by
+/// itself ([`run_folder`]).
+pub async fn fold_all(store: &dyn StoreAdmin) -> Result<u64, StoreError> {
+    let mut total = 0u64;
+    loop {
+        let n = store.fold(store.fold_batch()).await?;
+        tracing::debug!(folded = n, "fold_all");
+        total += n as u64;
+        if n == 0 {
+            if store.unfolded().await? == 0 {
+                return Ok(total);
+            }
+            // Another process is folding (or a crashed one's transaction
+            // still holds the fold until the server ends it).
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -12,51 +12,134 @@
 //! Inserts are unordered `insertMany` batches. A duplicate `_id` (E11000) means
 //! the event was stored by an earlier delivery and counts as stored; any other
 //! per-document error is reported back so the worker retries that event.
+//! A new event is stored with `pending: true`: it is not in the rollups yet.
+//!
+//! Rollups ([`crate::rollup`]) live in the collection `rollups`, one document
+//! per (site, dimension, level, bucket, name, value) with its number of
+//! events and its visitors' bitmap; visitor ids come from `visitor_ids`
+//! (one document per site and visitor) and per-site counters in
+//! `visitor_counters`. [`MongoStore::fold`] counts pending events into them
+//! in one multi-document transaction, which also takes them out of
+//! `pending`, so each stored event is counted exactly once however the
+//! process or the server dies and however many workers fold at once:
+//! - the transaction first writes the state document `rollup_state/fold`,
+//!   so concurrent folds conflict there at once and only one goes on (the
+//!   others find nothing left to do, or fold the next events later);
+//! - it reads the oldest pending events in `_id` order through a partial
+//!   index, and takes them out of `pending` by the same `_id` range in the
+//!   same snapshot: an event inserted meanwhile is not in the snapshot and
+//!   stays pending;
+//! - the rollup documents it changes are read, merged and written back in
+//!   it; a crash before the commit changes nothing.
+//!
+//! Transactions need a replica set (a single-node one will do) or a sharded
+//! cluster: [`MongoStore::connect`] refuses a standalone server.
+//!
+//! Resetting the rollups (at the first start on a database written by an
+//! older evtrack, and by `evtrack rebuild-aggregates`) marks folding as not
+//! ready in the state document, empties `rollups`, puts every event back
+//! into `pending`, then marks folding ready again. Each of those batches is
+//! a transaction that checks the state is still not ready, so a reset that
+//! overlaps another one's end can never empty or mark what is being folded.
+//!
 //! Queries are answered by the query engine ([`crate::query::engine`]) from
-//! the raw events of their range, read through the `(site_id, timestamp)`
-//! index and aggregated by evtrack: exact, and as fast as the server streams
-//! documents. (Rollups, as the SQLite store keeps, are not kept here yet.)
+//! the rollups, read through the index `evtrack_rollups`, and from the raw
+//! events of the slivers no bucket covers (or of the whole range, for
+//! filters the rollups cannot serve) through `(site_id, timestamp)`. Raw
+//! events still pending are left out, as are their counts in the rollups.
 //! Reads carry a server-side time limit (`maxTimeMS`): a slow query is
 //! stopped by the server rather than left running after its client gave up.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::bson::{Bson, DateTime, Document, doc};
-use mongodb::error::ErrorKind;
-use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::bson::{Binary, Bson, DateTime, Document, doc, spec::BinarySubtype};
+use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::{
+    ClientOptions, Hint, IndexOptions, ReadConcern, ReturnDocument, WriteConcern,
+};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
-use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError};
+use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
 use crate::event::Event;
-use crate::query::engine::{Aggregator, Plan};
+use crate::query::engine::{Aggregator, Plan, RollupRead, RowRef};
+use crate::rollup::{self, Deltas, Level, RowKey};
 
 pub const COLLECTION: &str = "events";
+pub const ROLLUPS: &str = "rollups";
+pub const VISITOR_IDS: &str = "visitor_ids";
+pub const VISITOR_COUNTERS: &str = "visitor_counters";
+pub const STATE: &str = "rollup_state";
 pub const DEFAULT_DATABASE: &str = "evtrack";
 const TIME_INDEX: &str = "evtrack_site_time";
+/// Partial index of the events not yet folded (`pending: true`).
+pub const PENDING_INDEX: &str = "evtrack_pending";
+pub const ROLLUP_INDEX: &str = "evtrack_rollups";
+/// The state document's `_id`: folds and resets write it (see the module docs).
+const FOLD_STATE: &str = "fold";
 const DUPLICATE_KEY: i32 = 11000;
 /// The server's code for an operation stopped by `maxTimeMS`.
 const MAX_TIME_EXPIRED: i32 = 50;
+const WRITE_CONFLICT: i32 = 112;
 /// Between site id and event id in `_id`.
 pub const ID_SEPARATOR: char = '\u{1f}';
+/// Events per fold transaction (up to some ten thousand rollup documents): a
+/// transaction must stay well within the server's 60 s lifetime, its size
+/// limits and its cache (the test stand-in, SecantusDB, stalls a commit for
+/// good when a transaction outgrows its cache).
+const FOLD_BATCH: usize = 2_000;
+/// Documents per batch of a reset, and ids per `$in` lookup (servers answer
+/// a long `$in` list slower than several short ones).
+const RESET_BATCH: i64 = 5_000;
+const IN_CHUNK: usize = 500;
+/// Update statements per `update` command of a fold (well within the
+/// 48 MB message limit, bitmaps included, for all but huge sites).
+const UPDATE_CHUNK: usize = 1_000;
 
 /// The `_id` of an event: site and event id, joined unambiguously.
 pub fn document_id(site_id: &str, event_id: &str) -> String {
     format!("{site_id}{ID_SEPARATOR}{event_id}")
 }
 
+/// The `_id` of a rollup document. Site, dimension and name hold no control
+/// character; the value (a `keys` list may hold U+001F) comes last, so the
+/// join stays unambiguous.
+fn rollup_id(k: &RowKey<'_>) -> String {
+    let s = ID_SEPARATOR;
+    format!(
+        "{}{s}{}{s}{}{s}{}{s}{}{s}{}",
+        k.site_id,
+        k.dim,
+        k.level.code(),
+        k.bucket,
+        k.name,
+        k.value
+    )
+}
+
 #[derive(Clone)]
 pub struct MongoStore {
+    client: Client,
     db: Database,
     events: Collection<Document>,
+    rollups: Collection<Document>,
+    visitor_ids: Collection<Document>,
+    visitor_counters: Collection<Document>,
+    state: Collection<Document>,
     /// `maxTimeMS` of the stats queries.
     query_timeout: Duration,
+    /// Committed (site, visitor) → id mappings; bounded.
+    visitors: Arc<Mutex<VisitorCache>>,
 }
 
 impl MongoStore {
-    /// Connects, checks the server answers, and creates the indexes
-    /// (idempotently: creating an existing identical index is a no-op).
+    /// Connects, checks the server answers and can run transactions, creates
+    /// the indexes (idempotently: creating an existing identical index is a
+    /// no-op), and resets the rollups if folding is not ready (a database
+    /// written by an older evtrack, or an interrupted rebuild).
     /// `database` overrides the one named in the URI; the default is `evtrack`.
     pub async fn connect(uri: &str, database: Option<&str>) -> Result<Self, String> {
         Self::connect_with(uri, database, crate::config::DEFAULT_STATS_TIMEOUT).await
@@ -89,27 +172,82 @@ impl MongoStore {
             .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
         let client = Client::with_options(options).map_err(|e| format!("invalid options: {e}"))?;
         let db = client.database(&name);
-        db.run_command(doc! {"ping": 1})
+        let hello = db
+            .run_command(doc! {"hello": 1})
             .await
             .map_err(|e| format!("cannot reach the server: {e}"))?;
-        let events = db.collection::<Document>(COLLECTION);
-        let index = IndexModel::builder()
-            .keys(doc! {"site_id": 1, "timestamp": 1})
-            .options(IndexOptions::builder().name(TIME_INDEX.to_owned()).build())
-            .build();
-        events
-            .create_index(index)
-            .await
-            .map_err(|e| format!("cannot create indexes in database `{name}`: {e}"))?;
-        Ok(Self {
+        if !hello.contains_key("setName") && hello.get_str("msg") != Ok("isdbgrid") {
+            return Err(
+                "the server is a standalone mongod: evtrack keeps its rollups with \
+                        multi-document transactions, which need a replica set (a single-node \
+                        one will do: start mongod with --replSet rs0, then run rs.initiate()) \
+                        or a sharded cluster"
+                    .into(),
+            );
+        }
+        let store = Self {
+            events: db.collection(COLLECTION),
+            rollups: db.collection(ROLLUPS),
+            visitor_ids: db.collection(VISITOR_IDS),
+            visitor_counters: db.collection(VISITOR_COUNTERS),
+            state: db.collection(STATE),
+            client,
             db,
-            events,
             query_timeout,
-        })
+            visitors: Arc::default(),
+        };
+        let indexes =
+            |e: mongodb::error::Error| format!("cannot create indexes in database `{name}`: {e}");
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        store
+            .events
+            .create_index(index(doc! {"site_id": 1, "timestamp": 1}, TIME_INDEX))
+            .await
+            .map_err(indexes)?;
+        let pending = IndexModel::builder()
+            .keys(doc! {"pending": 1, "_id": 1})
+            .options(
+                IndexOptions::builder()
+                    .name(PENDING_INDEX.to_owned())
+                    .partial_filter_expression(doc! {"pending": true})
+                    .build(),
+            )
+            .build();
+        store.events.create_index(pending).await.map_err(indexes)?;
+        store
+            .rollups
+            .create_index(index(
+                doc! {"site_id": 1, "dim": 1, "level": 1, "bucket": 1, "value": 1},
+                ROLLUP_INDEX,
+            ))
+            .await
+            .map_err(indexes)?;
+        let ready = store
+            .state
+            .find_one(doc! {"_id": FOLD_STATE, "ready": true})
+            .await
+            .map_err(|e| format!("cannot read `{STATE}`: {e}"))?;
+        if ready.is_none() {
+            tracing::info!(
+                database = %name,
+                "resetting the rollups (first start on this database, or an interrupted rebuild)"
+            );
+            store
+                .reset()
+                .await
+                .map_err(|e| format!("cannot reset the rollups: {e}"))?;
+        }
+        Ok(store)
     }
 }
 
-/// The document stored for an event (the original schema plus `props`).
+/// The document stored for an event (the original schema plus `props`),
+/// without the `pending` mark the insert adds.
 pub fn to_document(e: &Event) -> Result<Document, String> {
     let mut d = doc! {
         "_id": document_id(&e.site_id, &e.id),
@@ -163,7 +301,9 @@ pub fn from_document(d: &Document) -> Option<Event> {
     })
 }
 
-/// A site's raw events in `[start, end)`.
+/// A site's raw events in `[start, end)`. (Those still pending are skipped
+/// as they are read: a condition on `pending` here would keep some
+/// servers' planners off the time index.)
 fn raw_filter(site_id: &str, start: i64, end: i64) -> Document {
     doc! {
         "site_id": site_id,
@@ -171,23 +311,154 @@ fn raw_filter(site_id: &str, start: i64, end: i64) -> Document {
     }
 }
 
-/// The server's plan (`explain`) for the read a query makes over
-/// `[start, end)` of a site. For tests and for checking a deployment's indexes.
-pub async fn explain_read(
+/// Which buckets of one level a rollup read takes.
+#[derive(Debug, Clone)]
+enum Buckets {
+    /// Bucket starts in `[from, to)`.
+    Range(i64, i64),
+    /// These bucket starts.
+    Starts(Vec<i64>),
+}
+
+/// Most bucket starts one read lists (`$in`); beyond, one read per run.
+const MAX_LISTED_BUCKETS: usize = 2_000;
+
+/// The reads of a plan's buckets, per level: a query covering its range
+/// with buckets of several levels, in many runs (the edges of each local
+/// day), lists each level's buckets in one read instead of a round trip per
+/// run.
+fn bucket_reads(plan: &Plan) -> Vec<(Level, Buckets)> {
+    let mut reads = Vec::new();
+    for level in Level::ALL {
+        let spans: Vec<_> = plan.spans.iter().filter(|s| s.level == level).collect();
+        if spans.is_empty() {
+            continue;
+        }
+        let mut starts = Vec::new();
+        'all: for span in &spans {
+            let mut b = span.from;
+            while b < span.to {
+                if starts.len() == MAX_LISTED_BUCKETS {
+                    starts.clear();
+                    break 'all;
+                }
+                starts.push(b);
+                b = level.next(b);
+            }
+        }
+        if starts.is_empty() || spans.len() == 1 {
+            reads.extend(spans.iter().map(|s| (level, Buckets::Range(s.from, s.to))));
+        } else {
+            reads.push((level, Buckets::Starts(starts)));
+        }
+    }
+    reads
+}
+
+/// The rollup documents of one read of a plan, over some buckets of one
+/// level. The read's values, if it names some, are not part of it: every
+/// value's rows of those buckets are read, and the aggregator keeps those
+/// that pass the query's filters. (A condition on `value` kept the test's
+/// stand-in server off the index altogether.)
+fn rollup_filter(site_id: &str, read: &RollupRead, level: Level, buckets: &Buckets) -> Document {
+    let mut filter = doc! {
+        "site_id": site_id,
+        "dim": &read.dim,
+        "level": level.code(),
+    };
+    match buckets {
+        Buckets::Range(from, to) => filter.insert("bucket", doc! {"$gte": from, "$lt": to}),
+        Buckets::Starts(starts) => filter.insert("bucket", doc! {"$in": starts}),
+    };
+    filter
+}
+
+/// The oldest events not yet folded.
+fn pending_filter() -> Document {
+    doc! {"pending": true}
+}
+
+/// The server's plans (`explain`) for the reads a query and a fold make: raw
+/// events of a site over `[start, end)`, its page rollups over the same
+/// buckets, and the pending events. For tests and for checking a
+/// deployment's indexes.
+pub async fn explain_reads(
     db: &Database,
     site_id: &str,
     start: i64,
     end: i64,
-) -> mongodb::error::Result<Document> {
-    db.run_command(doc! {
-        "explain": {"find": COLLECTION, "filter": raw_filter(site_id, start, end)},
-        "verbosity": "queryPlanner",
-    })
-    .await
+) -> mongodb::error::Result<Vec<Document>> {
+    let read = RollupRead {
+        dim: rollup::DIM_PAGE.into(),
+        values: Some(vec!["/".into()]),
+    };
+    let finds = [
+        doc! {"find": COLLECTION, "filter": raw_filter(site_id, start, end)},
+        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, &read, Level::Day, &Buckets::Range(start, end))},
+        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, &read, Level::Hour,
+        &Buckets::Starts(vec![start, start + 2 * crate::query::time::HOUR_MS]))},
+        doc! {"find": COLLECTION, "filter": pending_filter(), "sort": {"pending": 1, "_id": 1},
+        "hint": PENDING_INDEX, "limit": 10},
+    ];
+    let mut plans = Vec::new();
+    for find in finds {
+        plans.push(
+            db.run_command(doc! {"explain": find, "verbosity": "queryPlanner"})
+                .await?,
+        );
+    }
+    Ok(plans)
 }
 
 fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(format!("mongodb: {e}"))
+}
+
+fn is_write_conflict(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Command(c) if c.code == WRITE_CONFLICT)
+}
+
+/// A number a document holds, whichever integer or float type it came as.
+fn number(d: &Document, key: &str) -> Option<i64> {
+    match d.get(key)? {
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+fn binary(bytes: Vec<u8>) -> Binary {
+    Binary {
+        subtype: BinarySubtype::Generic,
+        bytes,
+    }
+}
+
+/// Runs `update` statements in a transaction, checking each was applied
+/// (the command answers `ok` even when single statements failed).
+async fn run_updates(
+    db: &Database,
+    collection: &str,
+    statements: Vec<Document>,
+    session: &mut ClientSession,
+) -> mongodb::error::Result<()> {
+    let mut statements = statements.into_iter().peekable();
+    while statements.peek().is_some() {
+        let chunk: Vec<Document> = statements.by_ref().take(UPDATE_CHUNK).collect();
+        let reply = db
+            .run_command(doc! {"update": collection, "updates": chunk, "ordered": true})
+            .session(&mut *session)
+            .await?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && !errors.is_empty()
+        {
+            return Err(mongodb::error::Error::custom(format!(
+                "update of `{collection}` failed: {errors:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl MongoStore {
@@ -198,6 +469,447 @@ impl MongoStore {
         } else {
             unavailable(e)
         }
+    }
+
+    async fn start_transaction(&self) -> mongodb::error::Result<ClientSession> {
+        let mut session = self.client.start_session().await?;
+        session
+            .start_transaction()
+            .read_concern(ReadConcern::snapshot())
+            .await?;
+        Ok(session)
+    }
+
+    /// Commits, retrying once when the outcome is unknown (the commit is
+    /// idempotent: the driver's spec says to retry it).
+    async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
+        match session.commit_transaction().await {
+            Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => {
+                session.commit_transaction().await
+            }
+            other => other,
+        }
+    }
+
+    /// Sets whether folds may run (the state document).
+    async fn set_ready(&self, ready: bool) -> mongodb::error::Result<()> {
+        for attempt in 0.. {
+            let result = self
+                .state
+                .update_one(doc! {"_id": FOLD_STATE}, doc! {"$set": {"ready": ready}})
+                .upsert(true)
+                .await;
+            match result {
+                // A fold or a reset batch holds the document: wait for it.
+                Err(e) if is_write_conflict(&e) && attempt < 600 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other.map(|_| ()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a reset batch: a transaction in which folding is checked to
+    /// be still not ready (and the state document written, so that the end
+    /// of another reset conflicts with it). `None` once folding is ready:
+    /// another reset finished, and nothing more may be touched.
+    async fn reset_guard(&self) -> mongodb::error::Result<Option<ClientSession>> {
+        let mut session = self.start_transaction().await?;
+        let guard = self
+            .state
+            .find_one_and_update(
+                doc! {"_id": FOLD_STATE, "ready": false},
+                doc! {"$inc": {"resets": 1}},
+            )
+            .session(&mut session)
+            .await;
+        match guard {
+            Ok(Some(_)) => Ok(Some(session)),
+            Ok(None) => {
+                let _ = session.abort_transaction().await;
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a reset batch: commits it if it went well. `Ok(None)`: a
+    /// transient error, try the batch again.
+    async fn end_batch<T>(
+        mut session: ClientSession,
+        result: mongodb::error::Result<T>,
+    ) -> mongodb::error::Result<Option<T>> {
+        let result = match result {
+            Ok(value) => Self::commit(&mut session).await.map(|_| value),
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                Err(e)
+            }
+        };
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The `_id` of the last of the next `RESET_BATCH` documents of
+    /// `filter` in `_id` order; `None` when fewer are left.
+    async fn batch_end(
+        collection: &Collection<Document>,
+        filter: Document,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<Option<Bson>> {
+        Ok(collection
+            .find_one(filter)
+            .sort(doc! {"_id": 1})
+            .skip(RESET_BATCH as u64 - 1)
+            .projection(doc! {"_id": 1})
+            .session(session)
+            .await?
+            .and_then(|d| d.get("_id").cloned()))
+    }
+
+    /// Deletes the next batch of rollups; whether more may be left.
+    async fn delete_rollups_batch(
+        &self,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<bool> {
+        // Ranges of `_id`, not `$in` lists: one index range per batch.
+        let last = Self::batch_end(&self.rollups, doc! {}, session).await?;
+        let filter = match &last {
+            Some(id) => doc! {"_id": {"$lte": id}},
+            None => doc! {},
+        };
+        self.rollups.delete_many(filter).session(session).await?;
+        Ok(last.is_some())
+    }
+
+    /// Puts the next batch of events (after `after` in `_id` order) into
+    /// `pending`; the last `_id` of the batch, `None` at the end.
+    async fn mark_pending_batch(
+        &self,
+        after: Option<&Bson>,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<Option<Bson>> {
+        let mut range = Document::new();
+        if let Some(after) = after {
+            range.insert("$gt", after.clone());
+        }
+        let from = if range.is_empty() {
+            doc! {}
+        } else {
+            doc! {"_id": range.clone()}
+        };
+        let last = Self::batch_end(&self.events, from, session).await?;
+        if let Some(last) = &last {
+            range.insert("$lte", last.clone());
+        }
+        let mut filter = doc! {"pending": {"$ne": true}};
+        if !range.is_empty() {
+            filter.insert("_id", range);
+        }
+        self.events
+            .update_many(filter, doc! {"$set": {"pending": true}})
+            .session(session)
+            .await?;
+        Ok(last)
+    }
+
+    /// Empties the rollups and puts every event back into `pending`, with
+    /// folding stopped meanwhile (see the module docs). The visitor ids stay:
+    /// other processes may hold them in their caches, and they stay right.
+    async fn reset(&self) -> mongodb::error::Result<()> {
+        self.set_ready(false).await?;
+        loop {
+            let Some(mut session) = self.reset_guard().await? else {
+                return Ok(());
+            };
+            let result = self.delete_rollups_batch(&mut session).await;
+            match Self::end_batch(session, result).await? {
+                Some(true) | None => continue,
+                Some(false) => break,
+            }
+        }
+        let mut after: Option<Bson> = None;
+        loop {
+            let Some(mut session) = self.reset_guard().await? else {
+                return Ok(());
+            };
+            let result = self.mark_pending_batch(after.as_ref(), &mut session).await;
+            match Self::end_batch(session, result).await? {
+                None => continue,
+                Some(Some(last)) => after = Some(last),
+                Some(None) => break,
+            }
+        }
+        self.set_ready(true).await
+    }
+
+    /// Visitor ids of the events' visitors: the cache, else the dictionary,
+    /// else new ones, written in `session`. Returns the map and the new
+    /// mappings (to cache once committed).
+    async fn visitor_ids_for(
+        &self,
+        events: &[Event],
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<(HashMap<(String, String), u32>, Vec<(String, String)>)> {
+        let mut ids: HashMap<(String, String), u32> = HashMap::new();
+        let mut missing: Vec<(String, String)> = Vec::new();
+        {
+            let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+            for e in events {
+                let Some(visitor) = crate::query::visitor_of(e) else {
+                    continue;
+                };
+                let key = (e.site_id.clone(), visitor.to_owned());
+                if ids.contains_key(&key) {
+                    continue;
+                }
+                match cache.get(&key) {
+                    Some(v) => {
+                        ids.insert(key, v);
+                    }
+                    None => {
+                        ids.insert(key.clone(), u32::MAX);
+                        missing.push(key);
+                    }
+                }
+            }
+        }
+        let mut fresh = Vec::new();
+        for chunk in missing.chunks(IN_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|(s, v)| document_id(s, v)).collect();
+            let mut known: HashMap<String, u32> = HashMap::new();
+            let mut cursor = self
+                .visitor_ids
+                .find(doc! {"_id": {"$in": &keys}})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                if let (Ok(id), Some(vid)) = (d.get_str("_id"), number(&d, "vid")) {
+                    known.insert(id.to_owned(), vid as u32);
+                }
+            }
+            for (key, id) in chunk.iter().zip(keys) {
+                if let Some(&vid) = known.get(&id) {
+                    ids.insert(key.clone(), vid);
+                    fresh.push(key.clone());
+                }
+            }
+        }
+        // Still unknown: new visitors, numbered per site from its counter.
+        let mut new_of: HashMap<&str, Vec<&(String, String)>> = HashMap::new();
+        for key in &missing {
+            if ids.get(key) == Some(&u32::MAX) {
+                new_of.entry(key.0.as_str()).or_default().push(key);
+            }
+        }
+        let mut docs = Vec::new();
+        let mut assigned = Vec::new();
+        for (site, keys) in new_of {
+            let counter = self
+                .visitor_counters
+                .find_one_and_update(
+                    doc! {"_id": site},
+                    doc! {"$inc": {"next": keys.len() as i64}},
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .session(&mut *session)
+                .await?;
+            let next = counter
+                .as_ref()
+                .and_then(|d| number(d, "next"))
+                .unwrap_or(0);
+            let first = next - keys.len() as i64;
+            for (i, key) in keys.into_iter().enumerate() {
+                let vid = u32::try_from(first + i as i64).map_err(|_| {
+                    mongodb::error::Error::custom(format!(
+                        "site {site} has more than 2^32 visitors"
+                    ))
+                })?;
+                docs.push(doc! {"_id": document_id(&key.0, &key.1), "vid": i64::from(vid)});
+                assigned.push((key.clone(), vid));
+            }
+        }
+        for chunk in docs.chunks(UPDATE_CHUNK) {
+            self.visitor_ids
+                .insert_many(chunk.to_vec())
+                .session(&mut *session)
+                .await?;
+        }
+        for (key, vid) in assigned {
+            ids.insert(key.clone(), vid);
+            fresh.push(key);
+        }
+        Ok((ids, fresh))
+    }
+
+    /// One fold transaction; `Ok(None)` when another process holds the fold
+    /// (or a reset is under way).
+    async fn fold_once(&self, max: usize) -> mongodb::error::Result<Option<usize>> {
+        let mut session = self.start_transaction().await?;
+        let result = self.fold_in(max, &mut session).await;
+        match result {
+            Ok(Some((n, fresh, ids))) if n > 0 => {
+                Self::commit(&mut session).await?;
+                // Only committed mappings are cached: a rolled-back id may
+                // be given to another visitor by the next fold.
+                let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+                for key in fresh {
+                    if let Some(&vid) = ids.get(&key) {
+                        cache.put(key, vid);
+                    }
+                }
+                Ok(Some(n))
+            }
+            Ok(other) => {
+                let _ = session.abort_transaction().await;
+                Ok(other.map(|(n, _, _)| n))
+            }
+            Err(e) => {
+                let _ = session.abort_transaction().await;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn fold_in(
+        &self,
+        max: usize,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<
+        Option<(usize, Vec<(String, String)>, HashMap<(String, String), u32>)>,
+    > {
+        // Take the fold: concurrent folds conflict here, at once.
+        let lock = self
+            .state
+            .find_one_and_update(
+                doc! {"_id": FOLD_STATE, "ready": true},
+                doc! {"$inc": {"folds": 1}},
+            )
+            .session(&mut *session)
+            .await;
+        match lock {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(e) if is_write_conflict(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut events = Vec::new();
+        let mut last: Option<Bson> = None;
+        let mut count = 0usize;
+        {
+            let mut cursor = self
+                .events
+                .find(pending_filter())
+                .sort(doc! {"pending": 1, "_id": 1})
+                .hint(Hint::Name(PENDING_INDEX.into()))
+                .limit(max as i64)
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                count += 1;
+                last = d.get("_id").cloned();
+                // A document that is not an event is taken out of pending
+                // uncounted, as raw reads skip it too.
+                if let Some(e) = from_document(&d) {
+                    events.push(e);
+                }
+            }
+        }
+        let Some(last) = last else {
+            return Ok(Some((0, Vec::new(), HashMap::new())));
+        };
+        let (ids, fresh) = self.visitor_ids_for(&events, session).await?;
+        let mut deltas = Deltas::default();
+        for e in &events {
+            let vid = crate::query::visitor_of(e)
+                .and_then(|v| ids.get(&(e.site_id.clone(), v.to_owned())).copied());
+            deltas.add(e, vid);
+        }
+        // Read the rows this fold changes, merge, write back.
+        let rows: Vec<(String, RowKey<'_>, u64, &roaring::RoaringBitmap)> = deltas
+            .rows()
+            .map(|(k, n, b)| (rollup_id(&k), k, n, b))
+            .collect();
+        let mut existing: HashMap<String, (i64, Vec<u8>)> = HashMap::new();
+        for chunk in rows.chunks(IN_CHUNK) {
+            let keys: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+            let mut cursor = self
+                .rollups
+                .find(doc! {"_id": {"$in": keys}})
+                .projection(doc! {"events": 1, "visitors": 1})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                let (Ok(id), Ok(bytes)) = (d.get_str("_id"), d.get_binary_generic("visitors"))
+                else {
+                    continue;
+                };
+                existing.insert(
+                    id.to_owned(),
+                    (number(&d, "events").unwrap_or(0), bytes.clone()),
+                );
+            }
+        }
+        // Rows new to the rollups are inserted (no other fold can insert
+        // them meanwhile: folds take turns), the others updated.
+        let mut inserts = Vec::new();
+        let mut statements = Vec::new();
+        for (id, k, n, bitmap) in &rows {
+            let n = *n as i64;
+            match existing.get(id) {
+                Some((events, old)) => {
+                    let mut merged = rollup::decode(old).ok_or_else(|| {
+                        mongodb::error::Error::custom(format!(
+                            "rollup {id:?} holds no roaring bitmap; rebuild the rollups"
+                        ))
+                    })?;
+                    merged |= *bitmap;
+                    statements.push(doc! {"q": {"_id": id}, "u": {"$set": {
+                        "events": events + n,
+                        "visitors": binary(rollup::encode(&merged)),
+                    }}});
+                }
+                None => inserts.push(doc! {
+                    "_id": id,
+                    "site_id": k.site_id,
+                    "dim": k.dim,
+                    "level": k.level.code(),
+                    "bucket": k.bucket,
+                    "value": k.value,
+                    "name": k.name,
+                    "events": n,
+                    "visitors": binary(rollup::encode(bitmap)),
+                }),
+            }
+        }
+        for chunk in inserts.chunks(UPDATE_CHUNK) {
+            self.rollups
+                .insert_many(chunk.to_vec())
+                .session(&mut *session)
+                .await?;
+        }
+        run_updates(&self.db, ROLLUPS, statements, session).await?;
+        // The same snapshot's pending events up to `last`: exactly those read.
+        self.events
+            .update_many(
+                doc! {"pending": true, "_id": {"$lte": last}},
+                doc! {"$unset": {"pending": ""}},
+            )
+            .session(&mut *session)
+            .await?;
+        Ok(Some((count, fresh, ids)))
     }
 }
 
@@ -211,7 +923,8 @@ impl EventSink for MongoStore {
         let mut positions = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             match to_document(e) {
-                Ok(d) => {
+                Ok(mut d) => {
+                    d.insert("pending", true);
                     docs.push(d);
                     positions.push(i);
                     outcomes.push(InsertOutcome::Inserted);
@@ -261,8 +974,6 @@ impl EventSink for MongoStore {
 
 #[async_trait]
 impl QueryStore for MongoStore {
-    /// Reads the raw events of the plan's ranges (a plan of this store asks
-    /// for no rollups: see [`QueryStore::has_rollups`]).
     async fn fetch(&self, plan: Plan, mut agg: Aggregator) -> Result<Aggregator, StoreError> {
         // One limit for the whole answer: each read gets what the ones
         // before it left.
@@ -273,6 +984,39 @@ impl QueryStore for MongoStore {
                 .filter(|d| d.as_millis() > 0)
                 .ok_or(StoreError::Timeout(self.query_timeout))
         };
+        let bucket_reads = bucket_reads(&plan);
+        for read in &plan.reads {
+            for (level, buckets) in &bucket_reads {
+                let level = *level;
+                let mut cursor = self
+                    .rollups
+                    .find(rollup_filter(&plan.site_id, read, level, buckets))
+                    .projection(doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1, "visitors": 1})
+                    .max_time(left()?)
+                    .await
+                    .map_err(|e| self.read_error(e))?;
+                while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
+                    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
+                        number(&d, "bucket"),
+                        d.get_str("value"),
+                        d.get_str("name"),
+                        d.get_binary_generic("visitors"),
+                    ) else {
+                        continue;
+                    };
+                    agg.add_row(RowRef {
+                        dim: &read.dim,
+                        level,
+                        bucket,
+                        value,
+                        name,
+                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
+                        visitors,
+                    });
+                }
+            }
+        }
+        let mut raw = Vec::new();
         for &(start, end) in &plan.raw {
             let mut cursor = self
                 .events
@@ -281,9 +1025,22 @@ impl QueryStore for MongoStore {
                 .await
                 .map_err(|e| self.read_error(e))?;
             while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
-                if let Some(e) = from_document(&d) {
-                    agg.add_event(&e, None);
+                if d.get_bool("pending") == Ok(true) {
+                    continue;
                 }
+                let Some(e) = from_document(&d) else { continue };
+                if !plan.raw_vids {
+                    agg.add_event(&e, None);
+                } else {
+                    raw.push(e);
+                }
+            }
+        }
+        if !raw.is_empty() {
+            let vids = self.known_vids(&plan.site_id, &raw, left()?).await?;
+            for e in &raw {
+                let vid = crate::query::visitor_of(e).and_then(|v| vids.get(v).copied());
+                agg.add_event(e, vid);
             }
         }
         Ok(agg)
@@ -304,26 +1061,100 @@ impl QueryStore for MongoStore {
                 .map(|t| t.timestamp_millis())
         }))
     }
+}
 
-    fn has_rollups(&self) -> bool {
-        false
+impl MongoStore {
+    /// The dictionary ids of folded events' visitors (all of them are in the
+    /// dictionary), from the cache or the server.
+    async fn known_vids(
+        &self,
+        site_id: &str,
+        events: &[Event],
+        limit: Duration,
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let mut vids = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+            for e in events {
+                let Some(v) = crate::query::visitor_of(e) else {
+                    continue;
+                };
+                if vids.contains_key(v) {
+                    continue;
+                }
+                match cache.get(&(site_id.to_owned(), v.to_owned())) {
+                    Some(id) => {
+                        vids.insert(v.to_owned(), id);
+                    }
+                    None => {
+                        vids.insert(v.to_owned(), u32::MAX);
+                        missing.push(v.to_owned());
+                    }
+                }
+            }
+        }
+        for chunk in missing.chunks(IN_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|v| document_id(site_id, v)).collect();
+            let mut cursor = self
+                .visitor_ids
+                .find(doc! {"_id": {"$in": keys}})
+                .max_time(limit)
+                .await
+                .map_err(|e| self.read_error(e))?;
+            while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
+                if let (Ok(id), Some(vid)) = (d.get_str("_id"), number(&d, "vid"))
+                    && let Some(visitor) = id
+                        .strip_prefix(site_id)
+                        .and_then(|r| r.strip_prefix(ID_SEPARATOR))
+                {
+                    vids.insert(visitor.to_owned(), vid as u32);
+                }
+            }
+        }
+        // A visitor the dictionary lacks (a document changed behind the
+        // store's back) cannot be counted from rollups: leave it out rather
+        // than count it as id u32::MAX.
+        vids.retain(|_, v| *v != u32::MAX);
+        Ok(vids)
     }
 }
 
 #[async_trait]
 impl StoreAdmin for MongoStore {
-    /// Nothing to fold: no rollups are kept.
-    async fn fold(&self, _max_events: usize) -> Result<usize, StoreError> {
+    /// One transaction of at most 2,000 events (see the module docs); 0 when
+    /// nothing is pending or another process is folding.
+    async fn fold(&self, max_events: usize) -> Result<usize, StoreError> {
+        let max = max_events.clamp(1, FOLD_BATCH);
+        for attempt in 0..3 {
+            match self.fold_once(max).await {
+                Ok(n) => return Ok(n.unwrap_or(0)),
+                Err(e) if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && attempt < 2 => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
         Ok(0)
+    }
+
+    fn fold_batch(&self) -> usize {
+        FOLD_BATCH
     }
 
     async fn unfolded(&self) -> Result<u64, StoreError> {
-        Ok(0)
+        self.events
+            .count_documents(pending_filter())
+            .hint(Hint::Name(PENDING_INDEX.into()))
+            .await
+            .map_err(unavailable)
     }
 
-    /// Nothing to rebuild: returns the number of events.
+    /// Empties the rollups, puts every event back into `pending` and folds
+    /// them all; returns how many were folded.
     async fn rebuild_rollups(&self) -> Result<u64, StoreError> {
-        self.count_all().await
+        self.reset().await.map_err(unavailable)?;
+        super::fold_all(self).await
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -336,7 +1167,7 @@ impl StoreAdmin for MongoStore {
 
     async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError> {
         let mut n = 0;
-        for chunk in ids.chunks(10_000) {
+        for chunk in ids.chunks(IN_CHUNK) {
             let keys: Vec<String> = chunk.iter().map(|id| document_id(site_id, id)).collect();
             n += self
                 .events

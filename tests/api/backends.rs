@@ -117,6 +117,16 @@ impl MongoServer {
         if let Ok(uri) = std::env::var("EVTRACK_TEST_MONGO_URI") {
             return MongoServer { uri, proc: None };
         }
+        Self::spawn("")
+    }
+
+    /// A server that presents itself as a standalone `mongod` (no replica
+    /// set, hence no transactions); always spawned.
+    pub fn start_standalone() -> MongoServer {
+        Self::spawn("--standalone")
+    }
+
+    fn spawn(extra: &str) -> MongoServer {
         let bin = std::env::var_os("EVTRACK_SECANTUSD").map(PathBuf::from);
         let bin = bin.unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-test/bin/secantusd-py")
@@ -131,11 +141,17 @@ impl MongoServer {
         // An explicit (empty) config disables secantusd's auto-discovery of
         // ./secantusd.toml, ~/.secantus/ and /etc/secantus/.
         fs::write(dir.path().join("secantusd.toml"), "").expect("write secantusd.toml");
+        // A single-node replica set (SecantusDB's default): the MongoDB
+        // store's rollups need transactions, which standalone servers lack.
+        // Its cache (default 1G; allocated as used) must hold a fold's
+        // transaction: with 64M, a transaction of a few thousand writes
+        // stalled its commit for good.
         let args = "--config secantusd.toml --host 127.0.0.1 --port {port} \
-                    --storage-path data --standalone --cache-size 64M"; // default: 1G
+                    --storage-path data --cache-size 256M";
+        let args = format!("{args} {extra}");
         // It listens only once storage is open, but we still demand a real
         // `hello` reply (see mongo_hello). Stopping it takes ~2 s.
-        let proc = Proc::start(bin, dir, args, mongo_hello);
+        let proc = Proc::start(bin, dir, &args, mongo_hello);
         let uri = format!("mongodb://127.0.0.1:{}/", proc.port);
         MongoServer {
             uri,
