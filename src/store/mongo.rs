@@ -410,8 +410,26 @@ pub async fn explain_reads(
     Ok(plans)
 }
 
+/// What a reset batch may do.
+enum Guard {
+    /// Go on, in this transaction.
+    Go(Box<ClientSession>),
+    /// Another process holds the state document for a moment: try again.
+    Retry,
+    /// Folding is ready: another reset finished, touch nothing more.
+    Ready,
+}
+
 fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(format!("mongodb: {e}"))
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match &*e.kind {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
 }
 
 fn is_write_conflict(e: &mongodb::error::Error) -> bool {
@@ -501,7 +519,14 @@ impl MongoStore {
                 .await;
             match result {
                 // A fold or a reset batch holds the document: wait for it.
-                Err(e) if is_write_conflict(&e) && attempt < 600 => {
+                // (Or another process created it at the same moment: the
+                // next attempt updates it.)
+                Err(e)
+                    if (is_write_conflict(&e)
+                        || e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        || is_duplicate_key(&e))
+                        && attempt < 600 =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return other.map(|_| ()),
@@ -512,9 +537,8 @@ impl MongoStore {
 
     /// Starts a reset batch: a transaction in which folding is checked to
     /// be still not ready (and the state document written, so that the end
-    /// of another reset conflicts with it). `None` once folding is ready:
-    /// another reset finished, and nothing more may be touched.
-    async fn reset_guard(&self) -> mongodb::error::Result<Option<ClientSession>> {
+    /// of another reset conflicts with it). See [`Guard`].
+    async fn reset_guard(&self) -> mongodb::error::Result<Guard> {
         let mut session = self.start_transaction().await?;
         let guard = self
             .state
@@ -525,10 +549,17 @@ impl MongoStore {
             .session(&mut session)
             .await;
         match guard {
-            Ok(Some(_)) => Ok(Some(session)),
+            Ok(Some(_)) => Ok(Guard::Go(Box::new(session))),
             Ok(None) => {
                 let _ = session.abort_transaction().await;
-                Ok(None)
+                Ok(Guard::Ready)
+            }
+            // Another process resetting at the same time (every process
+            // that starts on a new database does) holds the state document.
+            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                let _ = session.abort_transaction().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Guard::Retry)
             }
             Err(e) => {
                 let _ = session.abort_transaction().await;
@@ -629,8 +660,10 @@ impl MongoStore {
     async fn reset(&self) -> mongodb::error::Result<()> {
         self.set_ready(false).await?;
         loop {
-            let Some(mut session) = self.reset_guard().await? else {
-                return Ok(());
+            let mut session = match self.reset_guard().await? {
+                Guard::Go(session) => *session,
+                Guard::Retry => continue,
+                Guard::Ready => return Ok(()),
             };
             let result = self.delete_rollups_batch(&mut session).await;
             match Self::end_batch(session, result).await? {
@@ -640,8 +673,10 @@ impl MongoStore {
         }
         let mut after: Option<Bson> = None;
         loop {
-            let Some(mut session) = self.reset_guard().await? else {
-                return Ok(());
+            let mut session = match self.reset_guard().await? {
+                Guard::Go(session) => *session,
+                Guard::Retry => continue,
+                Guard::Ready => return Ok(()),
             };
             let result = self.mark_pending_batch(after.as_ref(), &mut session).await;
             match Self::end_batch(session, result).await? {
