@@ -275,6 +275,34 @@ pub fn decode(bytes: &[u8]) -> Option<RoaringBitmap> {
     RoaringBitmap::deserialize_from(bytes).ok()
 }
 
+/// The cardinality of a stored bitmap, from its header alone (the portable
+/// format lists each container's size before its contents); `None` if the
+/// header is not one.
+pub fn cardinality(bytes: &[u8]) -> Option<u64> {
+    const NO_RUNS: u32 = 12_346;
+    const WITH_RUNS: u16 = 12_347;
+    let word = |at: usize| -> Option<u32> {
+        let b = bytes.get(at..at + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let cookie = word(0)?;
+    let (containers, descriptions) = if cookie == NO_RUNS {
+        (word(4)? as usize, 8)
+    } else if cookie as u16 == WITH_RUNS {
+        let n = (cookie >> 16) as usize + 1;
+        (n, 4 + n.div_ceil(8))
+    } else {
+        return None;
+    };
+    let table = bytes.get(descriptions..descriptions.checked_add(containers.checked_mul(4)?)?)?;
+    Some(
+        table
+            .chunks_exact(4)
+            .map(|d| u64::from(u16::from_le_bytes([d[2], d[3]])) + 1)
+            .sum(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +358,21 @@ mod tests {
         let (pieces, _) = cover(at("2025-10-31T18:30:00Z"), at("2025-11-30T18:30:00Z"));
         let days = pieces.iter().filter(|p| p.level == Level::Day).count();
         assert_eq!(days, 29);
+    }
+
+    #[test]
+    fn cardinalities_are_read_from_the_header() {
+        let mut sparse = RoaringBitmap::new();
+        sparse.extend([1u32, 5, 70_000, 1 << 30]);
+        let mut dense: RoaringBitmap = (0..200_000u32).collect();
+        dense.remove(7);
+        let mut runs: RoaringBitmap = (10..100_000u32).collect();
+        runs.optimize();
+        for b in [RoaringBitmap::new(), sparse, dense, runs] {
+            assert_eq!(cardinality(&encode(&b)), Some(b.len()));
+        }
+        assert_eq!(cardinality(b"junk"), None);
+        assert_eq!(cardinality(&[]), None);
     }
 
     #[test]

@@ -51,6 +51,9 @@ enum Cmd {
     /// Inserts one site-day into a fresh SQLite store, batch by batch, and
     /// prints the rate: the store alone, for profiling.
     StoreInsert(store_insert::StoreInsertArgs),
+    /// Answers the query benchmark's shapes in process from a SQLite store
+    /// seeded once into a directory: the engine alone, for profiling.
+    QueryLocal(query::QueryLocalArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
             stream,
         } => runtime.block_on(ceiling::serve(port, redis_url, stream)),
         Cmd::StoreInsert(args) => runtime.block_on(store_insert::run(args)),
+        Cmd::QueryLocal(args) => runtime.block_on(query::local(args)),
         Cmd::Run(args) => {
             let r = runtime.block_on(run::run(args));
             // Whatever happened, no child outlives us.

@@ -886,3 +886,81 @@ async fn visible_case(ctx: &mut Ctx) -> anyhow::Result<VisibleCase> {
         accepted_s,
     })
 }
+
+/// `evtrack-bench query-local`: the query shapes answered in process by the
+/// engine over a SQLite store (no HTTP), seeded once into `--dir` and kept
+/// there between runs, for profiling the engine and the store's reads.
+#[derive(Debug, clap::Args)]
+pub struct QueryLocalArgs {
+    #[arg(long, default_value_t = 10)]
+    days: usize,
+    #[arg(long, default_value_t = 300_000)]
+    per_day: usize,
+    #[arg(long, default_value_t = 50_000)]
+    visitors: usize,
+    /// Timed runs of each shape.
+    #[arg(long, default_value_t = 10)]
+    requests: usize,
+    /// Only shapes whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Directory of the database; seeded when it holds none.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
+    let data = &args.dir;
+    let fresh = !data.join(evtrack::store::sqlite::FILE_NAME).exists();
+    let mut generator = Generator::new(21, args.days, args.per_day, args.visitors, 1_000);
+    let store = SqliteStore::open(data)?;
+    if fresh {
+        let (insert_s, fold_s) = seed(&store, &mut generator).await?;
+        eprintln!("seeded: insert {insert_s:.1} s, fold {fold_s:.1} s");
+    } else {
+        // The truth, without storing again.
+        while !generator.take(50_000).is_empty() {}
+        // Rollups dropped by a migration are folded again.
+        let t = Instant::now();
+        let n = evtrack::store::fold_all(&store).await?;
+        if n > 0 {
+            eprintln!("folded {n} events in {:.1} s", t.elapsed().as_secs_f64());
+        }
+    }
+    let truth = std::mem::take(&mut generator.truth);
+    for shape in shapes(&truth, args.days) {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !shape.name.contains(o.as_str()))
+        {
+            continue;
+        }
+        let mut samples = Vec::new();
+        let mut exact = false;
+        for i in 0..=args.requests {
+            let request = evtrack::query::parse::parse_request(&shape.body)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let query = std::sync::Arc::new(
+                request
+                    .resolve(first_day_ms() + 365 * DAY_MS, None)
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            );
+            let t = Instant::now();
+            let answer = evtrack::query::engine::run(&store, query.clone()).await?;
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            if i == 0 {
+                exact = answer.to_json(&query)["results"] == shape.expected;
+                samples.clear();
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        eprintln!(
+            "{:<42} p50 {:>8.2} ms  min {:>8.2} ms  exact {exact}",
+            shape.name,
+            percentile(&samples, 0.5),
+            samples.first().copied().unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -20,8 +20,8 @@ use roaring::RoaringBitmap;
 
 use super::time::buckets;
 use super::{
-    Answer, Dimension, Filter, FilterOp, GroupKey, NONE, PAGEVIEW, Query, Totals, value_of,
-    visitor_of,
+    Answer, Dimension, Direction, Filter, FilterOp, GroupKey, Metric, NONE, OrderKey, PAGEVIEW,
+    Query, Totals, row_dimensions, row_order, value_of, visitor_of,
 };
 use crate::event::Event;
 use crate::rollup::{self, DIM_KEYS, DIM_PAGE, Level, PROP_PREFIX, Piece};
@@ -65,8 +65,17 @@ pub struct RowRef<'a> {
     pub value: &'a str,
     pub name: &'a str,
     pub events: u64,
-    /// The visitors bitmap as stored.
-    pub visitors: &'a [u8],
+    pub visitors: Bits<'a>,
+}
+
+/// A rollup row's visitors bitmap, as a store reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Bits<'a> {
+    /// The bitmap's bytes.
+    Bytes(&'a [u8]),
+    /// Only its cardinality, and where the store keeps it: the store reads
+    /// it by that id for the groups [`Aggregator::select`] must count.
+    Stored { id: i64, cardinality: u64 },
 }
 
 /// The one dimension besides the name that rollups can serve a query by.
@@ -92,7 +101,70 @@ impl Family {
 struct Group {
     events: u64,
     pageviews: u64,
-    visitors: RoaringBitmap,
+    visitors: Visitors,
+}
+
+/// A group's visitors: those united so far, and stored bitmaps not decoded
+/// yet, of which only the cardinalities (in their headers) are known. A top
+/// list needs exact counts for its own rows only: for the rest, bounds
+/// (the largest bitmap, the sum of all) are enough to know they come later
+/// (see [`Aggregator::finish`]).
+#[derive(Debug, Default)]
+struct Visitors {
+    united: RoaringBitmap,
+    pending: Vec<Pending>,
+    pending_max: u64,
+    pending_sum: u64,
+    pending_bytes: usize,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Bytes(Vec<u8>),
+    Stored(i64),
+}
+
+/// Bytes of undecoded bitmaps an aggregator holds at most; past it, groups
+/// are united as their rows come (as if every group were needed).
+const PENDING_BYTES: usize = 64 << 20;
+
+impl Visitors {
+    /// Fewest and most visitors the group can have.
+    fn bounds(&self) -> (u64, u64) {
+        let united = self.united.len();
+        (united.max(self.pending_max), united + self.pending_sum)
+    }
+
+    /// Decodes and unites the pending bitmaps (those a store keeps read
+    /// through `load`); `false` if one is missing or corrupt.
+    fn settle(&mut self, load: &mut dyn FnMut(i64) -> Option<Vec<u8>>) -> bool {
+        self.pending_max = 0;
+        self.pending_sum = 0;
+        self.pending_bytes = 0;
+        for p in self.pending.drain(..) {
+            let bytes = match p {
+                Pending::Bytes(b) => Some(b),
+                Pending::Stored(id) => load(id),
+            };
+            match bytes.as_deref().and_then(rollup::decode) {
+                Some(b) => self.united |= b,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The exact count: without decoding when the bounds meet (one bitmap).
+    fn count(&mut self, load: &mut dyn FnMut(i64) -> Option<Vec<u8>>) -> Option<u64> {
+        let (lo, hi) = self.bounds();
+        if lo == hi {
+            Some(lo)
+        } else if self.settle(load) {
+            Some(self.united.len())
+        } else {
+            None
+        }
+    }
 }
 
 enum Mode {
@@ -110,11 +182,18 @@ enum Mode {
     Raw { visitors: HashMap<String, u32> },
 }
 
+/// A group's dimension values ([`row_dimensions`]) and totals.
+type LaidOut = (Vec<String>, Totals);
+
 /// Collects what a store reads into groups. See the module docs.
 pub struct Aggregator {
     query: Arc<Query>,
     mode: Mode,
     groups: HashMap<GroupKey, Group>,
+    /// Bytes of undecoded bitmaps held by the groups.
+    pending_bytes: usize,
+    /// The counted groups ([`Aggregator::select`]) and the number of groups.
+    selected: Option<(Vec<LaidOut>, usize)>,
     /// A stored bitmap that did not decode: the answer would be wrong.
     corrupt: bool,
 }
@@ -157,6 +236,8 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
                 visitors: HashMap::new(),
             },
             groups: HashMap::new(),
+            pending_bytes: 0,
+            selected: None,
             corrupt: false,
         };
         return (plan, agg);
@@ -221,6 +302,8 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             labels,
         },
         groups: HashMap::new(),
+        pending_bytes: 0,
+        selected: None,
         corrupt: false,
     };
     (plan, agg)
@@ -298,7 +381,11 @@ impl Aggregator {
         if !query.filters.iter().all(|f| f.holds(&mut lookup)) {
             return;
         }
-        let Some(visitors) = rollup::decode(row.visitors) else {
+        let cardinality = match row.visitors {
+            Bits::Bytes(bytes) => rollup::cardinality(bytes),
+            Bits::Stored { cardinality, .. } => Some(cardinality),
+        };
+        let Some(cardinality) = cardinality else {
             self.corrupt = true;
             return;
         };
@@ -315,7 +402,24 @@ impl Aggregator {
         if row.name == PAGEVIEW {
             group.pageviews += row.events;
         }
-        group.visitors |= visitors;
+        if cardinality > 0 {
+            let v = &mut group.visitors;
+            v.pending_max = v.pending_max.max(cardinality);
+            v.pending_sum += cardinality;
+            match row.visitors {
+                Bits::Stored { id, .. } => v.pending.push(Pending::Stored(id)),
+                Bits::Bytes(bytes) => {
+                    v.pending.push(Pending::Bytes(bytes.to_vec()));
+                    v.pending_bytes += bytes.len();
+                    self.pending_bytes += bytes.len();
+                    if self.pending_bytes > PENDING_BYTES {
+                        self.pending_bytes -= v.pending_bytes;
+                        // Bytes only: nothing to load.
+                        self.corrupt |= !v.settle(&mut |_| None);
+                    }
+                }
+            }
+        }
     }
 
     /// Adds one raw event read for the plan, with its visitor's dictionary
@@ -357,34 +461,155 @@ impl Aggregator {
             group.pageviews += 1;
         }
         if let Some(v) = vid {
-            group.visitors.insert(v);
+            group.visitors.united.insert(v);
         }
     }
 
-    /// The answer.
-    pub fn finish(self) -> Result<Answer, StoreError> {
-        if self.corrupt {
-            return Err(StoreError::Unavailable(
-                "a stored rollup bitmap does not decode; rebuild the rollups".into(),
-            ));
+    /// The answer. Visitors are counted exactly for the groups that can be
+    /// among the answer's rows, and only bounded for the others: groups are
+    /// taken best first by the order they would have at their best bounds,
+    /// counted, and kept in a top list of `offset + limit`; once the last of
+    /// that list comes before the next group's best, no group left can
+    /// enter it (a top 10 of 1,000 pages decodes the bitmaps of a few
+    /// dozen pages, not of all).
+    ///
+    /// A store that reads bitmaps as [`Bits::Stored`] calls this in its
+    /// read's snapshot, with `load` reading a bitmap by its id; for other
+    /// stores [`Aggregator::finish`] calls it.
+    pub fn select(
+        &mut self,
+        load: &mut dyn FnMut(i64) -> Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        if self.selected.is_some() {
+            return Ok(());
         }
-        let groups = self
-            .groups
+        let corrupt = || {
+            StoreError::Unavailable(
+                "a stored rollup bitmap does not decode; rebuild the rollups".into(),
+            )
+        };
+        if self.corrupt {
+            return Err(corrupt());
+        }
+        let query = Arc::clone(&self.query);
+        let query = &*query;
+        let groups = std::mem::take(&mut self.groups);
+        let total_rows = groups.len().max(usize::from(query.dims.is_empty()));
+        let wanted = query.offset.saturating_add(query.limit);
+        let needs_visitors = query.metrics.contains(&Metric::Visitors);
+        let visitor_order: Vec<Direction> = query
+            .order_by
+            .iter()
+            .filter(|(k, _)| *k == OrderKey::Metric(Metric::Visitors))
+            .map(|(_, d)| *d)
+            .collect();
+        // Each group at its best place in the order (when visitors sort one
+        // way only: else every group is counted).
+        let best = match visitor_order.as_slice() {
+            [] => Some(Direction::Asc),
+            [d] => Some(*d),
+            _ => None,
+        };
+        let mut candidates: Vec<(Vec<String>, Totals, Group)> = groups
             .into_iter()
             .map(|(key, g)| {
-                (
-                    key,
-                    Totals {
-                        events: g.events,
-                        pageviews: g.pageviews,
-                        visitors: g.visitors.len(),
+                let (lo, hi) = g.visitors.bounds();
+                let totals = Totals {
+                    events: g.events,
+                    pageviews: g.pageviews,
+                    visitors: if best == Some(Direction::Desc) {
+                        hi
+                    } else {
+                        lo
                     },
-                )
+                };
+                (row_dimensions(query, &key), totals, g)
             })
             .collect();
-        Ok(Answer::shape(&self.query, groups))
+        if !needs_visitors && visitor_order.is_empty() {
+            let rows = candidates
+                .into_iter()
+                .map(|(dims, t, _)| (dims, Totals { visitors: 0, ..t }));
+            self.selected = Some((rows.collect(), total_rows));
+            return Ok(());
+        }
+        let counts_all = best.is_none() || candidates.len() <= wanted;
+        if !counts_all {
+            candidates.sort_by(|(da, ta, _), (db, tb, _)| row_order(query, da, ta, db, tb));
+        }
+        let mut top: std::collections::BinaryHeap<Ranked<'_>> = Default::default();
+        let mut counted = Vec::new();
+        for (dims, mut totals, mut group) in candidates {
+            if !counts_all
+                && top.len() >= wanted
+                && top.peek().is_some_and(|last| {
+                    row_order(query, &last.dims, &last.totals, &dims, &totals).is_lt()
+                })
+            {
+                break;
+            }
+            totals.visitors = group.visitors.count(load).ok_or_else(corrupt)?;
+            if counts_all {
+                counted.push((dims, totals));
+                continue;
+            }
+            top.push(Ranked {
+                query,
+                dims,
+                totals,
+            });
+            if top.len() > wanted {
+                top.pop();
+            }
+        }
+        if !counts_all {
+            counted = top.into_iter().map(|r| (r.dims, r.totals)).collect();
+        }
+        self.selected = Some((counted, total_rows));
+        Ok(())
+    }
+
+    /// The answer (see [`Aggregator::select`]).
+    pub fn finish(mut self) -> Result<Answer, StoreError> {
+        self.select(&mut |_| None)?;
+        let (rows, total_rows) = self.selected.take().unwrap_or_default();
+        Ok(Answer::shape_rows(&self.query, rows, total_rows))
     }
 }
+
+/// A counted row in the top list: the heap's greatest is the last in the
+/// answer's order.
+struct Ranked<'q> {
+    query: &'q Query,
+    dims: Vec<String>,
+    totals: Totals,
+}
+
+impl Ord for Ranked<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        row_order(
+            self.query,
+            &self.dims,
+            &self.totals,
+            &other.dims,
+            &other.totals,
+        )
+    }
+}
+
+impl PartialOrd for Ranked<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ranked<'_> {}
 
 /// Answers a query from a store.
 pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {

@@ -313,6 +313,43 @@ pub struct GroupKey {
     pub value: Option<String>,
 }
 
+/// A group's dimension values, in the order of the query's dimensions.
+pub fn row_dimensions(query: &Query, key: &GroupKey) -> Vec<String> {
+    query
+        .dims
+        .iter()
+        .map(|d| match d {
+            Dim::Time(_) => key.time.clone().unwrap_or_default(),
+            Dim::Event(_) => key.value.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The order of an answer's rows: the query's `order_by`, then the
+/// dimension values (so that the order is total: no two groups share them).
+pub fn row_order(
+    query: &Query,
+    da: &[String],
+    ta: &Totals,
+    db: &[String],
+    tb: &Totals,
+) -> Ordering {
+    for (key, dir) in &query.order_by {
+        let ord = match key {
+            OrderKey::Metric(m) => m.of(ta).cmp(&m.of(tb)),
+            OrderKey::Dimension(i) => da.get(*i).cmp(&db.get(*i)),
+        };
+        let ord = match dir {
+            Direction::Asc => ord,
+            Direction::Desc => ord.reverse(),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    da.cmp(db)
+}
+
 /// One row of an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
@@ -333,40 +370,32 @@ impl Answer {
     /// Orders, paginates and shapes groups; one rule for every evaluator.
     /// Without dimensions there is exactly one row, zeros if nothing matched.
     pub fn shape(query: &Query, groups: Vec<(GroupKey, Totals)>) -> Answer {
-        let mut rows: Vec<(Vec<String>, Totals)> = groups
+        let total_rows = groups.len().max(usize::from(query.dims.is_empty()));
+        Self::shape_top(query, groups, total_rows)
+    }
+
+    /// [`Answer::shape`] of groups that hold at least the first
+    /// `offset + limit` groups of the whole answer in its order (the others
+    /// are known to come after them), of `total_rows` groups in all.
+    pub fn shape_top(query: &Query, groups: Vec<(GroupKey, Totals)>, total_rows: usize) -> Answer {
+        let rows = groups
             .into_iter()
-            .map(|(key, totals)| {
-                let dims = query
-                    .dims
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Time(_) => key.time.clone().unwrap_or_default(),
-                        Dim::Event(_) => key.value.clone().unwrap_or_default(),
-                    })
-                    .collect();
-                (dims, totals)
-            })
+            .map(|(key, totals)| (row_dimensions(query, &key), totals))
             .collect();
+        Self::shape_rows(query, rows, total_rows)
+    }
+
+    /// [`Answer::shape_top`] of rows whose dimension values are laid out
+    /// already ([`row_dimensions`]).
+    pub fn shape_rows(
+        query: &Query,
+        mut rows: Vec<(Vec<String>, Totals)>,
+        total_rows: usize,
+    ) -> Answer {
         if query.dims.is_empty() && rows.is_empty() {
             rows.push((Vec::new(), Totals::default()));
         }
-        rows.sort_by(|(da, ta), (db, tb)| {
-            for (key, dir) in &query.order_by {
-                let ord = match key {
-                    OrderKey::Metric(m) => m.of(ta).cmp(&m.of(tb)),
-                    OrderKey::Dimension(i) => da.get(*i).cmp(&db.get(*i)),
-                };
-                let ord = match dir {
-                    Direction::Asc => ord,
-                    Direction::Desc => ord.reverse(),
-                };
-                if ord != Ordering::Equal {
-                    return ord;
-                }
-            }
-            da.cmp(db)
-        });
-        let total_rows = rows.len();
+        rows.sort_by(|(da, ta), (db, tb)| row_order(query, da, ta, db, tb));
         let rows = rows
             .into_iter()
             .skip(query.offset)

@@ -65,7 +65,7 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
 use crate::event::Event;
-use crate::query::engine::{Aggregator, Plan, RollupRead, RowRef};
+use crate::query::engine::{Aggregator, Bits, Plan, RollupRead, RowRef};
 use crate::rollup::{self, Deltas, Level, RowKey};
 
 pub const COLLECTION: &str = "events";
@@ -1046,7 +1046,7 @@ impl QueryStore for MongoStore {
                         value,
                         name,
                         events: number(&d, "events").unwrap_or(0).max(0) as u64,
-                        visitors,
+                        visitors: Bits::Bytes(visitors),
                     });
                 }
             }

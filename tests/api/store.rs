@@ -734,7 +734,21 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         }
         let mut body = json!({"site_id": site, "metrics": metrics, "date_range": date_range,
             "timezone": zone, "dimensions": dimensions, "filters": filters});
-        if rng.random_range(0..4) == 0 {
+        // Orders by metrics (visitors among them: a top list counts only
+        // the groups that can make it) and dimensions, either way.
+        if rng.random_range(0..2) == 0 {
+            let mut keys: Vec<Value> = metrics.iter().map(|m| json!(m)).collect();
+            keys.extend(dimensions.iter().cloned());
+            let order: Vec<Value> = (0..rng.random_range(1..3))
+                .map(|_| {
+                    let key = keys[rng.random_range(0..keys.len())].clone();
+                    let direction = ["asc", "desc"][rng.random_range(0..2)];
+                    json!([key, direction])
+                })
+                .collect();
+            body["order_by"] = json!(order);
+        }
+        if rng.random_range(0..3) == 0 {
             body["pagination"] =
                 json!({"limit": rng.random_range(1..5), "offset": rng.random_range(0..3)});
         }
