@@ -54,6 +54,16 @@ pub struct Plan {
     /// Whether raw events need their visitor's dictionary id (they are
     /// combined with rollups), or only the visitor itself.
     pub raw_vids: bool,
+    /// Whether the query looks at raw events' properties at all.
+    pub raw_props: bool,
+    /// A cheap test a store may apply to raw events before reading them
+    /// (all optional: every event read is checked by the query's filters
+    /// anyway): of each list, the event's properties as stored (compact
+    /// JSON) contain at least one of the strings. Derived from top-level
+    /// `is` and `contains` conditions on properties: an event whose
+    /// property value is (or contains) `v` has `v` verbatim in its JSON,
+    /// for values that JSON does not escape.
+    pub raw_needles: Vec<Vec<String>>,
 }
 
 /// One rollup row as a store reads it.
@@ -216,6 +226,8 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     {
         dims.push(d.clone());
     }
+    let raw_props = dims.iter().any(|d| matches!(d, Dimension::Prop(_)));
+    let raw_needles = needles(&query.filters);
     dims.retain(|d| *d != Dimension::Name);
     let family = match dims.as_slice() {
         _ if !rollups => None,
@@ -228,6 +240,8 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         let plan = Plan {
             site_id: query.site_id.clone(),
             raw: vec![(query.start, query.end)],
+            raw_props,
+            raw_needles,
             ..Plan::default()
         };
         let agg = Aggregator {
@@ -292,6 +306,8 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         spans: spans_of(owners.keys().copied()),
         raw: slivers.iter().map(|&(a, b, _)| (a, b)).collect(),
         raw_vids: true,
+        raw_props,
+        raw_needles,
     };
     let agg = Aggregator {
         query,
@@ -319,6 +335,27 @@ fn pushed_down(filters: &[Filter], dim: Option<&Dimension>) -> Option<Vec<String
         }
         _ => None,
     })
+}
+
+/// See [`Plan::raw_needles`].
+fn needles(filters: &[Filter]) -> Vec<Vec<String>> {
+    let verbatim = |v: &str| {
+        !v.is_empty() && v != NONE && !v.chars().any(|c| c == '"' || c == '\\' || c < ' ')
+    };
+    filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::Condition(c)
+                if matches!(c.op, FilterOp::Is | FilterOp::Contains)
+                    && c.case_sensitive
+                    && matches!(c.dimension, Dimension::Prop(_))
+                    && c.values.iter().all(|v| verbatim(v)) =>
+            {
+                Some(c.values.clone())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Runs of consecutive buckets per level.
