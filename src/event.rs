@@ -30,19 +30,128 @@ const KNOWN_FIELDS: [&str; 7] = [
     "props",
 ];
 
+/// Declares a validated text id: made only by `parse` (or by deserializing,
+/// which parses), read as a `&str`.
+macro_rules! text_id {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// The id, if `s` is a valid one: 1 to
+            #[doc = concat!("`", stringify!($max), "`")]
+            /// characters, no control characters.
+            pub fn parse(s: impl Into<String>) -> Result<Self, FieldError> {
+                let s = s.into();
+                check_chars(&s, $field, $max)?;
+                Ok(Self(s))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = FieldError;
+            fn try_from(s: String) -> Result<Self, FieldError> {
+                Self::parse(s)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = FieldError;
+            fn from_str(s: &str) -> Result<Self, FieldError> {
+                Self::parse(s)
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+    };
+}
+
+text_id!(
+    /// A site's id, as clients send it in `site_id`.
+    SiteId,
+    "site_id",
+    MAX_NAME_CHARS
+);
+text_id!(
+    /// An event's id within its site: the client's `event_id`, or a UUIDv7
+    /// made on receipt. With the site, the store's idempotency key.
+    EventId,
+    "event_id",
+    MAX_EVENT_ID_CHARS
+);
+text_id!(
+    /// An event's type (`event_type`; `page_view` for page views).
+    EventName,
+    "event_type",
+    MAX_NAME_CHARS
+);
+
 /// One validated event, as it travels through the queue into the store.
 ///
-/// The queue carries it as JSON with exactly these field names; the worker
-/// re-validates what it reads (another program may write into the stream).
+/// The queue carries it as JSON with exactly these field names. Reading it
+/// back validates it as [`parse_event`] does (another program may write
+/// into the stream): the ids are their types, and the rest is checked by
+/// [`TryFrom<EventFields>`], so an `Event` is valid however it was made.
 ///
 /// Unknown fields are ignored when reading it back, so that during a rolling
 /// upgrade an older worker can still read what a newer API wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "EventFields")]
 pub struct Event {
-    /// Client-chosen `event_id`, or a UUIDv7 made on receipt. The store key.
-    pub id: String,
-    pub site_id: String,
-    pub event_type: String,
+    pub id: EventId,
+    pub site_id: SiteId,
+    pub event_type: EventName,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +162,50 @@ pub struct Event {
     pub created_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub props: Option<Map<String, Value>>,
+}
+
+/// An [`Event`] as read, before the checks that are not in its field types.
+#[derive(Deserialize)]
+pub struct EventFields {
+    id: EventId,
+    site_id: SiteId,
+    event_type: EventName,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    userid: Option<String>,
+    ts: i64,
+    created_at: i64,
+    #[serde(default)]
+    props: Option<Map<String, Value>>,
+}
+
+impl TryFrom<EventFields> for Event {
+    type Error = FieldError;
+    fn try_from(f: EventFields) -> Result<Self, FieldError> {
+        if let Some(p) = &f.path {
+            check_text(p, "path", MAX_PATH_BYTES)?;
+        }
+        if let Some(u) = &f.userid {
+            check_text(u, "userid", MAX_USERID_BYTES)?;
+        }
+        if f.ts < 0 || f.created_at < 0 {
+            return Err(FieldError::invalid("timestamp", "negative timestamp"));
+        }
+        if let Some(props) = &f.props {
+            check_props(props)?;
+        }
+        Ok(Event {
+            id: f.id,
+            site_id: f.site_id,
+            event_type: f.event_type,
+            path: f.path,
+            userid: f.userid,
+            ts: f.ts,
+            created_at: f.created_at,
+            props: f.props,
+        })
+    }
 }
 
 /// Why an event was refused. `code` is stable and machine-readable.
@@ -134,8 +287,8 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         ));
     }
 
-    let site_id = name(obj.remove("site_id"), "site_id")?;
-    let event_type = name(obj.remove("event_type"), "event_type")?;
+    let site_id = SiteId::parse(name(obj.remove("site_id"), "site_id")?)?;
+    let event_type = EventName::parse(name(obj.remove("event_type"), "event_type")?)?;
     let path = optional_text(obj.remove("path"), "path", MAX_PATH_BYTES)?;
     let userid = optional_text(obj.remove("userid"), "userid", MAX_USERID_BYTES)?;
     let ts = match obj.remove("timestamp") {
@@ -143,11 +296,8 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         Some(v) => parse_timestamp(&v, now_ms)?,
     };
     let id = match obj.remove("event_id") {
-        None | Some(Value::Null) => uuid::Uuid::now_v7().to_string(),
-        Some(Value::String(s)) => {
-            check_chars(&s, "event_id", MAX_EVENT_ID_CHARS)?;
-            s
-        }
+        None | Some(Value::Null) => EventId(uuid::Uuid::now_v7().to_string()),
+        Some(Value::String(s)) => EventId::parse(s)?,
         Some(_) => return Err(FieldError::wrong_type("event_id", "a string")),
     };
     let props = match obj.remove("props") {
@@ -168,26 +318,6 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         created_at: now_ms,
         props,
     })
-}
-
-/// Checks an event read back from the queue against the same rules.
-pub fn revalidate(event: &Event) -> Result<(), FieldError> {
-    check_chars(&event.id, "event_id", MAX_EVENT_ID_CHARS)?;
-    check_chars(&event.site_id, "site_id", MAX_NAME_CHARS)?;
-    check_chars(&event.event_type, "event_type", MAX_NAME_CHARS)?;
-    if let Some(p) = &event.path {
-        check_text(p, "path", MAX_PATH_BYTES)?;
-    }
-    if let Some(u) = &event.userid {
-        check_text(u, "userid", MAX_USERID_BYTES)?;
-    }
-    if event.ts < 0 || event.created_at < 0 {
-        return Err(FieldError::invalid("timestamp", "negative timestamp"));
-    }
-    if let Some(props) = &event.props {
-        check_props(props)?;
-    }
-    Ok(())
 }
 
 /// Parses `timestamp`: an RFC 3339 string with an offset (or `Z`), or integer
@@ -241,13 +371,11 @@ pub fn parse_timestamp(value: &Value, now_ms: i64) -> Result<i64, FieldError> {
     Ok(ms)
 }
 
+/// A required string field (checked further by its type's `parse`).
 fn name(value: Option<Value>, field: &str) -> Result<String, FieldError> {
     match value {
         None | Some(Value::Null) => Err(FieldError::missing(field)),
-        Some(Value::String(s)) => {
-            check_chars(&s, field, MAX_NAME_CHARS)?;
-            Ok(s)
-        }
+        Some(Value::String(s)) => Ok(s),
         Some(_) => Err(FieldError::wrong_type(field, "a string")),
     }
 }
@@ -545,11 +673,27 @@ mod tests {
         let text = serde_json::to_string(&e).unwrap();
         let back: Event = serde_json::from_str(&text).unwrap();
         assert_eq!(back, e);
-        assert!(revalidate(&back).is_ok());
         assert!(serde_json::from_str::<Event>(r#"{"id":"x"}"#).is_err());
-        let mut bad = e.clone();
-        bad.site_id = String::new();
-        assert!(revalidate(&bad).is_err());
+        // What another program writes into the queue is held to the same
+        // rules as what clients send.
+        let mut raw = serde_json::to_value(&e).unwrap();
+        for (field, bad) in [
+            ("site_id", json!("")),
+            ("id", json!("a\u{0}b")),
+            ("event_type", json!("x".repeat(MAX_NAME_CHARS + 1))),
+            ("path", json!("/a\nb")),
+            ("ts", json!(-1)),
+            ("props", json!({"$set": 1})),
+        ] {
+            let good = raw[field].clone();
+            raw[field] = bad;
+            assert!(
+                serde_json::from_value::<Event>(raw.clone()).is_err(),
+                "{field}"
+            );
+            raw[field] = good;
+        }
+        assert!(serde_json::from_value::<Event>(raw).is_ok());
     }
 
     /// Property tests: whatever a client sends, parsing ends in an event that
@@ -618,7 +762,6 @@ mod tests {
             let now = 1_764_000_000_000;
             match parse_event(value, now) {
                 Ok(e) => {
-                    prop_assert!(revalidate(&e).is_ok(), "{e:?}");
                     let text = serde_json::to_string(&e)
                         .map_err(|x| TestCaseError::fail(x.to_string()))?;
                     let back: Event = serde_json::from_str(&text)

@@ -221,9 +221,11 @@ mod tests {
 
     fn ev(site: &str, ty: &str, path: Option<&str>, user: Option<&str>, ts: i64) -> Event {
         Event {
-            id: format!("{site}-{ty}-{path:?}-{user:?}-{ts}"),
-            site_id: site.into(),
-            event_type: ty.into(),
+            id: format!("{site}-{ty}-{path:?}-{user:?}-{ts}")
+                .parse()
+                .unwrap(),
+            site_id: site.parse().unwrap(),
+            event_type: ty.parse().unwrap(),
             path: path.map(Into::into),
             userid: user.map(Into::into),
             ts,

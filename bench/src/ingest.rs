@@ -197,9 +197,9 @@ async fn embedded(
 /// stream to be empty again (the store then holds the probe: one extra row).
 async fn wait_worker(ctx: &mut Ctx, stream: &str, worker: &mut Proc) -> anyhow::Result<()> {
     let probe = evtrack::event::Event {
-        id: "bench-probe".into(),
-        site_id: "bench-probe".into(),
-        event_type: "probe".into(),
+        id: crate::data::parse("bench-probe"),
+        site_id: crate::data::parse("bench-probe"),
+        event_type: crate::data::parse("probe"),
         path: None,
         userid: None,
         ts: evtrack::event::now_ms(),

@@ -122,9 +122,9 @@ impl Generator {
                 p.1 += pv;
             }
             out.push(Event {
-                id: format!("q{i:010}"),
-                site_id: SITE.to_owned(),
-                event_type: name.to_owned(),
+                id: crate::data::parse(format!("q{i:010}")),
+                site_id: crate::data::parse(SITE),
+                event_type: crate::data::parse(name),
                 path: Some(page),
                 userid: Some(format!("visitor-{visitor:07}")),
                 ts,
@@ -263,17 +263,21 @@ pub struct QuerySection {
     pub visible: Option<VisibleCase>,
 }
 
-pub async fn run(ctx: &mut Ctx) -> anyhow::Result<QuerySection> {
+pub async fn run(ctx: &mut Ctx, queries: bool, visible: bool) -> anyhow::Result<QuerySection> {
     let mut out = QuerySection::default();
-    let (days, per_day) = ctx.p.query_small;
-    out.cases.push(sqlite_case(ctx, days, per_day, true).await?);
-    if let Some((days, per_day)) = ctx.p.query_large {
-        out.cases
-            .push(sqlite_case(ctx, days, per_day, false).await?);
+    if queries {
+        let (days, per_day) = ctx.p.query_small;
+        out.cases.push(sqlite_case(ctx, days, per_day, true).await?);
+        if let Some((days, per_day)) = ctx.p.query_large {
+            out.cases
+                .push(sqlite_case(ctx, days, per_day, false).await?);
+        }
+        let (days, per_day) = ctx.p.query_mongo;
+        out.cases.push(mongo_case(ctx, days, per_day).await?);
     }
-    let (days, per_day) = ctx.p.query_mongo;
-    out.cases.push(mongo_case(ctx, days, per_day).await?);
-    out.visible = Some(visible_case(ctx).await?);
+    if visible {
+        out.visible = Some(visible_case(ctx).await?);
+    }
     Ok(out)
 }
 
@@ -802,7 +806,13 @@ async fn visible_case(ctx: &mut Ctx) -> anyhow::Result<VisibleCase> {
     )?;
     procs::wait_http(&mut app, &ctx.http, port).await?;
     let mut generator = Generator::new(23, 1, events, ctx.p.query_visitors, 1_000);
+    // Live traffic: the events of the last ten minutes, in time order (as
+    // a server forwarding its visitors' events sends them), not a backfill
+    // of a day (the query cases' fold rate is that).
+    let now = chrono::Utc::now().timestamp_millis();
+    let span = 600_000i64;
     let mut bodies = Vec::new();
+    let mut sent = 0i64;
     loop {
         let b = generator.take(batch);
         if b.is_empty() {
@@ -811,12 +821,16 @@ async fn visible_case(ctx: &mut Ctx) -> anyhow::Result<VisibleCase> {
         let items: Vec<Value> = b
             .iter()
             .map(|e| {
+                let ts = now - span + sent * span / events.max(1) as i64;
+                sent += 1;
                 json!({"site_id": e.site_id, "event_type": e.event_type, "path": e.path,
-                       "userid": e.userid, "timestamp": e.ts, "event_id": e.id, "props": e.props})
+                       "userid": e.userid, "timestamp": ts, "event_id": e.id, "props": e.props})
             })
             .collect();
         bodies.push(bytes::Bytes::from(Value::Array(items).to_string()));
     }
+    // Taken from the end: the oldest first.
+    bodies.reverse();
     let bodies = std::sync::Arc::new(std::sync::Mutex::new(bodies));
     let url = format!("http://127.0.0.1:{port}/events");
     let t = Instant::now();

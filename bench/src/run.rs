@@ -19,6 +19,8 @@ pub enum Section {
     Drain,
     Stats,
     Query,
+    /// Batches until visible in queries (reported with the queries).
+    Visible,
 }
 
 #[derive(Debug, clap::Args)]
@@ -249,11 +251,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Section::Drain,
             Section::Stats,
             Section::Query,
+            Section::Visible,
         ]
     } else {
         args.only.clone()
     };
-    let wants_mongo = sections.iter().any(|s| *s != Section::Ingest);
+    let wants_mongo = sections
+        .iter()
+        .any(|s| !matches!(s, Section::Ingest | Section::Visible));
     let mut secantusd = secantusd_path();
     if wants_mongo {
         secantusd = require_file(
@@ -314,9 +319,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         section("stats");
         report.stats = Some(stats::run(&mut ctx).await?);
     }
-    if sections.contains(&Section::Query) {
+    let (queries, visible) = (
+        sections.contains(&Section::Query),
+        sections.contains(&Section::Visible),
+    );
+    if queries || visible {
         section("query");
-        report.query = Some(query::run(&mut ctx).await?);
+        report.query = Some(query::run(&mut ctx, queries, visible).await?);
     }
     report.notes = std::mem::take(&mut ctx.notes);
     report.finish(clock.elapsed().as_secs_f64());

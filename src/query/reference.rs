@@ -62,9 +62,9 @@ mod tests {
         props: Value,
     ) -> Event {
         Event {
-            id: id.to_string(),
-            site_id: "s".into(),
-            event_type: name.into(),
+            id: id.to_string().parse().unwrap(),
+            site_id: "s".parse().unwrap(),
+            event_type: name.parse().unwrap(),
             path: path.map(Into::into),
             userid: user.map(Into::into),
             ts: chrono::DateTime::parse_from_rfc3339(ts)

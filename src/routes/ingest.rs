@@ -461,7 +461,7 @@ async fn accept_events(
             }
         }
     }
-    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let ids: Vec<String> = events.iter().map(|e| e.id.as_str().to_owned()).collect();
     if events.is_empty() && not_allowed == rejected.len() {
         // Every event is already counted as refused, item by item.
         return Err(ApiError::new(

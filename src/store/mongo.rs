@@ -64,7 +64,7 @@ use mongodb::options::{
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
-use crate::event::Event;
+use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RollupRead, RowRef};
 use crate::rollup::{self, Deltas, Level, RowKey};
 
@@ -251,9 +251,9 @@ impl MongoStore {
 pub fn to_document(e: &Event) -> Result<Document, String> {
     let mut d = doc! {
         "_id": document_id(&e.site_id, &e.id),
-        "event_id": &e.id,
-        "site_id": &e.site_id,
-        "event_type": &e.event_type,
+        "event_id": e.id.as_str(),
+        "site_id": e.site_id.as_str(),
+        "event_type": e.event_type.as_str(),
     };
     if let Some(p) = &e.path {
         d.insert("path", p);
@@ -272,12 +272,13 @@ pub fn to_document(e: &Event) -> Result<Document, String> {
 
 /// An event read back; `None` for a document that is not one.
 pub fn from_document(d: &Document) -> Option<Event> {
-    let site_id = d.get_str("site_id").ok()?.to_owned();
+    let site_id = SiteId::parse(d.get_str("site_id").ok()?).ok()?;
     let id = match d.get_str("event_id") {
-        Ok(id) => id.to_owned(),
+        Ok(id) => id,
         // Stored before ids were per site: `_id` is the event id.
-        Err(_) => d.get_str("_id").ok()?.to_owned(),
+        Err(_) => d.get_str("_id").ok()?,
     };
+    let id = EventId::parse(id).ok()?;
     let text = |k: &str| d.get_str(k).ok().map(str::to_owned);
     let props = match d.get("props") {
         Some(Bson::Document(p)) => match Bson::Document(p.clone()).into_relaxed_extjson() {
@@ -289,7 +290,7 @@ pub fn from_document(d: &Document) -> Option<Event> {
     Some(Event {
         id,
         site_id,
-        event_type: d.get_str("event_type").ok()?.to_owned(),
+        event_type: EventName::parse(d.get_str("event_type").ok()?).ok()?,
         path: text("path"),
         userid: text("userid"),
         ts: d.get_datetime("timestamp").ok()?.timestamp_millis(),
@@ -704,7 +705,7 @@ impl MongoStore {
                 let Some(visitor) = crate::query::visitor_of(e) else {
                     continue;
                 };
-                let key = (e.site_id.clone(), visitor.to_owned());
+                let key = (e.site_id.as_str().to_owned(), visitor.to_owned());
                 if ids.contains_key(&key) {
                     continue;
                 }
@@ -868,8 +869,10 @@ impl MongoStore {
         let (ids, fresh) = self.visitor_ids_for(&events, session).await?;
         let mut deltas = Deltas::default();
         for e in &events {
-            let vid = crate::query::visitor_of(e)
-                .and_then(|v| ids.get(&(e.site_id.clone(), v.to_owned())).copied());
+            let vid = crate::query::visitor_of(e).and_then(|v| {
+                ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
+                    .copied()
+            });
             deltas.add(e, vid);
         }
         // Read the rows this fold changes, merge, write back.

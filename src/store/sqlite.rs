@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError};
-use crate::event::Event;
+use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, Deltas, Level};
 
@@ -378,6 +378,24 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// The ids of events as SQLite values: text, parsed again when read.
+macro_rules! sql_text_id {
+    ($($t:ty),*) => {$(
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                <$t>::parse(v.as_str()?).map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    )*};
+}
+sql_text_id!(SiteId, EventId, EventName);
+
 /// Columns of an event row, in the order [`event_from_row`] reads them.
 const EVENT_COLUMNS: &str =
     "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props";
@@ -432,7 +450,7 @@ fn fold(
             let Some(visitor) = crate::query::visitor_of(e) else {
                 continue;
             };
-            let key = (e.site_id.clone(), visitor.to_owned());
+            let key = (e.site_id.as_str().to_owned(), visitor.to_owned());
             if ids.contains_key(&key) {
                 continue;
             }
@@ -484,8 +502,10 @@ fn fold(
     }
     let mut deltas = Deltas::default();
     for e in &events {
-        let vid = crate::query::visitor_of(e)
-            .and_then(|v| ids.get(&(e.site_id.clone(), v.to_owned())).copied());
+        let vid = crate::query::visitor_of(e).and_then(|v| {
+            ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
+                .copied()
+        });
         deltas.add(e, vid);
     }
     {
@@ -619,7 +639,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
         }
     }
     if !plan.raw.is_empty() {
-        // Only the columns a query looks at (no id, no arrival time; the
+        // Only the columns a query looks at (no arrival time; the
         // properties only when it groups or filters by one), and the
         // store-side test of the plan's needles: most of a raw read's time
         // is spent per row read.
@@ -638,7 +658,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             needle_args.extend(any.iter().map(|v| v.clone().into()));
         }
         let mut stmt = tx.prepare(&format!(
-            "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid} FROM events e {join}
+            "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid}, e.id FROM events e {join}
              WHERE e.site_id = ? AND e.ts >= ? AND e.ts < ? AND e.seq <= ?{needles_sql}"
         ))?;
         for (start, end) in &plan.raw {
@@ -653,7 +673,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             while let Some(r) = rows.next()? {
                 let props: Option<&str> = r.get_ref(5)?.as_str_or_null()?;
                 let e = Event {
-                    id: String::new(),
+                    id: r.get(7)?,
                     site_id: r.get(0)?,
                     event_type: r.get(1)?,
                     path: r.get(2)?,

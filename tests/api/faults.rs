@@ -145,7 +145,10 @@ async fn assert_user_sees_exactly(
 ) {
     let mut by_site: HashMap<&str, Vec<String>> = HashMap::new();
     for e in acked {
-        by_site.entry(&e.site_id).or_default().push(e.id.clone());
+        by_site
+            .entry(&e.site_id)
+            .or_default()
+            .push(e.id.as_str().to_owned());
     }
     let distinct: HashSet<(&str, &str)> = acked
         .iter()
@@ -385,7 +388,7 @@ async fn killed_worker_mid_drain(backend: Backend) {
         let ids: Vec<String> = held_events
             .iter()
             .filter(|e| e.site_id == site)
-            .map(|e| e.id.clone())
+            .map(|e| e.id.as_str().to_owned())
             .collect();
         already += store.count_ids(site, &ids).await.unwrap();
     }

@@ -78,9 +78,9 @@ fn day_start() -> i64 {
 
 fn event(id: &str, site: &str, path: Option<&str>, user: Option<&str>, ts: i64) -> Event {
     Event {
-        id: id.into(),
-        site_id: site.into(),
-        event_type: "page_view".into(),
+        id: id.parse().unwrap(),
+        site_id: site.parse().unwrap(),
+        event_type: "page_view".parse().unwrap(),
         path: path.map(Into::into),
         userid: user.map(Into::into),
         ts,
@@ -187,7 +187,7 @@ async fn stats_match_the_reference_on_random_data(s: Subject) {
         let ts = t + rng.random_range(-3_600_000..86_400_000 + 3_600_000);
         let mut e = event(&format!("e{i}"), site, path, user, ts);
         if rng.random_range(0..10) == 0 {
-            e.event_type = "click".into();
+            e.event_type = "click".parse().unwrap();
         }
         events.push(e);
     }
@@ -591,7 +591,7 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             user.as_deref(),
             base + rng.random_range(0..span),
         );
-        e.event_type = names[rng.random_range(0..names.len())].into();
+        e.event_type = names[rng.random_range(0..names.len())].parse().unwrap();
         let mut props = serde_json::Map::new();
         if rng.random_range(0..3) == 0 {
             props.insert(
