@@ -983,5 +983,21 @@ pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
             samples.first().copied().unwrap_or_default()
         );
     }
+    // Resident memory: the process's own (anonymous) and the database
+    // pages the reader maps (the OS's file cache, shared and reclaimable).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "resident: {} anonymous, {} of mapped files (peak {})",
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("VmHWM:")
+    );
     Ok(())
 }
