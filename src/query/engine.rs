@@ -187,6 +187,9 @@ enum Mode {
         slivers: Vec<(i64, i64, usize)>,
         /// Query buckets' labels (`None` without a time dimension).
         labels: Vec<Option<String>>,
+        /// The months the range overlaps, when their rows bound the groups'
+        /// visitors (see [`Aggregator::add_row`]).
+        bound_months: Vec<i64>,
     },
     /// Raw events only; visitors numbered as they come.
     Raw { visitors: HashMap<String, u32> },
@@ -202,6 +205,9 @@ pub struct Aggregator {
     groups: HashMap<GroupKey, Group>,
     /// Bytes of undecoded bitmaps held by the groups.
     pending_bytes: usize,
+    /// Per group, the visitors of the months its range overlaps, counted
+    /// with repeats: at least its visitors.
+    bounds: HashMap<GroupKey, u64>,
     /// The counted groups ([`Aggregator::select`]) and the number of groups.
     selected: Option<(Vec<LaidOut>, usize)>,
     /// A stored bitmap that did not decode: the answer would be wrong.
@@ -251,6 +257,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             },
             groups: HashMap::new(),
             pending_bytes: 0,
+            bounds: HashMap::new(),
             selected: None,
             corrupt: false,
         };
@@ -272,6 +279,27 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         owners.extend(pieces.into_iter().map(|p| (p, i)));
         slivers.extend(raw.into_iter().map(|(a, b)| (a, b, i)));
         labels.push(label);
+    }
+    // A top list by visitors over a range, without a time dimension: the
+    // rows of the months the range overlaps bound each group's visitors
+    // from above (the range's visitors are among its months'), much more
+    // tightly than the sum of its buckets when visitors return day after
+    // day. The months not among the pieces (at most the two at the ends)
+    // are read besides.
+    let visitors_desc = query
+        .order_by
+        .iter()
+        .filter(|(k, _)| *k == OrderKey::Metric(Metric::Visitors))
+        .map(|(_, d)| *d)
+        .collect::<Vec<_>>()
+        == [Direction::Desc];
+    let mut bound_months = Vec::new();
+    if visitors_desc && query.dimension().is_some() && query.time_grain().is_none() {
+        let mut m = Level::Month.start(query.start);
+        while m < query.end {
+            bound_months.push(m);
+            m = Level::Month.next(m);
+        }
     }
     let values = pushed_down(&query.filters, family.dimension().as_ref());
     let reads = match &family {
@@ -303,7 +331,17 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     let plan = Plan {
         site_id: query.site_id.clone(),
         reads,
-        spans: spans_of(owners.keys().copied()),
+        spans: spans_of(
+            owners.keys().copied().chain(
+                bound_months
+                    .iter()
+                    .map(|&bucket| Piece {
+                        level: Level::Month,
+                        bucket,
+                    })
+                    .filter(|p| !owners.contains_key(p)),
+            ),
+        ),
         raw: slivers.iter().map(|&(a, b, _)| (a, b)).collect(),
         raw_vids: true,
         raw_props,
@@ -316,9 +354,11 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             owners,
             slivers,
             labels,
+            bound_months,
         },
         groups: HashMap::new(),
         pending_bytes: 0,
+        bounds: HashMap::new(),
         selected: None,
         corrupt: false,
     };
@@ -384,17 +424,22 @@ impl Aggregator {
             family,
             owners,
             labels,
+            bound_months,
             ..
         } = &self.mode
         else {
             return;
         };
-        let Some(&owner) = owners.get(&Piece {
-            level: row.level,
-            bucket: row.bucket,
-        }) else {
+        let owner = owners
+            .get(&Piece {
+                level: row.level,
+                bucket: row.bucket,
+            })
+            .copied();
+        let bounds = row.level == Level::Month && bound_months.contains(&row.bucket);
+        if owner.is_none() && !bounds {
             return;
-        };
+        }
         // The row's value of the family's dimension.
         let value: Option<&str> = match family {
             Family::Totals => None,
@@ -427,13 +472,19 @@ impl Aggregator {
             return;
         };
         let key = GroupKey {
-            time: labels[owner].clone(),
+            time: owner.and_then(|o| labels[o].clone()),
             value: match query.dimension() {
                 None => None,
                 Some(Dimension::Name) => Some(row.name.to_owned()),
                 Some(_) => value.map(str::to_owned),
             },
         };
+        if bounds {
+            *self.bounds.entry(key.clone()).or_default() += cardinality;
+        }
+        if owner.is_none() {
+            return;
+        }
         let group = self.groups.entry(key).or_default();
         group.events += row.events;
         if row.name == PAGEVIEW {
@@ -547,10 +598,12 @@ impl Aggregator {
             [d] => Some(*d),
             _ => None,
         };
+        let month_bounds = std::mem::take(&mut self.bounds);
         let mut candidates: Vec<(Vec<String>, Totals, Group)> = groups
             .into_iter()
             .map(|(key, g)| {
                 let (lo, hi) = g.visitors.bounds();
+                let hi = month_bounds.get(&key).map_or(hi, |&m| hi.min(m));
                 let totals = Totals {
                     events: g.events,
                     pageviews: g.pageviews,
