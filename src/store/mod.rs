@@ -101,7 +101,10 @@ pub trait QueryStore: Send + Sync + 'static {
     /// ([`Aggregator::add_row`]) and each raw event of the site in
     /// `plan.raw` ([`Aggregator::add_event`]), with its visitor id when
     /// `plan.raw_vids`. Raw events not yet counted in the rollups are left
-    /// out, so that rollups and raw events agree. Stopped with
+    /// out, so that rollups and raw events agree. A store that hands rows'
+    /// bitmaps as [`crate::query::engine::Bits::Stored`] (their
+    /// cardinality and an id) calls [`Aggregator::select`] before its
+    /// snapshot ends, reading the bitmaps it asks for by id. Stopped with
     /// [`StoreError::Timeout`] past the query time limit.
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
     /// The time (epoch ms) of the site's first stored event.
