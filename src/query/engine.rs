@@ -118,7 +118,7 @@ struct Group {
 /// yet, of which only the cardinalities (in their headers) are known. A top
 /// list needs exact counts for its own rows only: for the rest, bounds
 /// (the largest bitmap, the sum of all) are enough to know they come later
-/// (see [`Aggregator::finish`]).
+/// (see [`Aggregator::select`]).
 #[derive(Debug, Default)]
 struct Visitors {
     united: RoaringBitmap,
@@ -286,13 +286,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     // tightly than the sum of its buckets when visitors return day after
     // day. The months not among the pieces (at most the two at the ends)
     // are read besides.
-    let visitors_desc = query
-        .order_by
-        .iter()
-        .filter(|(k, _)| *k == OrderKey::Metric(Metric::Visitors))
-        .map(|(_, d)| *d)
-        .collect::<Vec<_>>()
-        == [Direction::Desc];
+    let visitors_desc = visitor_order(&query) == [Direction::Desc];
     let mut bound_months = Vec::new();
     if visitors_desc && query.dimension().is_some() && query.time_grain().is_none() {
         let mut m = Level::Month.start(query.start);
@@ -375,6 +369,16 @@ fn pushed_down(filters: &[Filter], dim: Option<&Dimension>) -> Option<Vec<String
         }
         _ => None,
     })
+}
+
+/// The directions `order_by` sorts visitors in, in its order.
+fn visitor_order(query: &Query) -> Vec<Direction> {
+    query
+        .order_by
+        .iter()
+        .filter(|(k, _)| *k == OrderKey::Metric(Metric::Visitors))
+        .map(|(_, d)| *d)
+        .collect()
 }
 
 /// See [`Plan::raw_needles`].
@@ -585,12 +589,7 @@ impl Aggregator {
         let total_rows = groups.len().max(usize::from(query.dims.is_empty()));
         let wanted = query.offset.saturating_add(query.limit);
         let needs_visitors = query.metrics.contains(&Metric::Visitors);
-        let visitor_order: Vec<Direction> = query
-            .order_by
-            .iter()
-            .filter(|(k, _)| *k == OrderKey::Metric(Metric::Visitors))
-            .map(|(_, d)| *d)
-            .collect();
+        let visitor_order = visitor_order(query);
         // Each group at its best place in the order (when visitors sort one
         // way only: else every group is counted).
         let best = match visitor_order.as_slice() {
