@@ -234,6 +234,20 @@ impl Deltas {
         }
     }
 
+    /// What `events` add, with their visitors' ids from `ids` (by site and
+    /// visitor); what both stores' folds count.
+    pub fn of(events: &[Event], ids: &HashMap<(String, String), u32>) -> Self {
+        let mut deltas = Deltas::default();
+        for e in events {
+            let vid = crate::query::visitor_of(e).and_then(|v| {
+                ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
+                    .copied()
+            });
+            deltas.add(e, vid);
+        }
+        deltas
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }

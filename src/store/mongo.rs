@@ -867,14 +867,7 @@ impl MongoStore {
             return Ok(Some((0, Vec::new(), HashMap::new())));
         };
         let (ids, fresh) = self.visitor_ids_for(&events, session).await?;
-        let mut deltas = Deltas::default();
-        for e in &events {
-            let vid = crate::query::visitor_of(e).and_then(|v| {
-                ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
-                    .copied()
-            });
-            deltas.add(e, vid);
-        }
+        let deltas = Deltas::of(&events, &ids);
         // Read the rows this fold changes, merge, write back.
         let rows: Vec<(String, RowKey<'_>, u64, &roaring::RoaringBitmap)> = deltas
             .rows()

@@ -500,14 +500,7 @@ fn fold(
             set_next.execute(params![site, next])?;
         }
     }
-    let mut deltas = Deltas::default();
-    for e in &events {
-        let vid = crate::query::visitor_of(e).and_then(|v| {
-            ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
-                .copied()
-        });
-        deltas.add(e, vid);
-    }
+    let deltas = Deltas::of(&events, &ids);
     {
         let mut read = tx.prepare_cached(
             "SELECT bitmap FROM rollups
