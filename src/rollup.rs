@@ -25,6 +25,22 @@
 //!
 //! The event name is part of every row's key, so a filter or breakdown on
 //! `event:name` combines with any of them.
+//!
+//! **Sparse days.** Rows pay off where many events share them. A site of
+//! 100 events a day would make rows of one event each at the 15-minute and
+//! hour levels (about three rows per event, against a third of a row for a
+//! site of a million), and reading its raw events back costs less than
+//! keeping them. So each (site, UTC day) keeps rows only from the
+//! [`Density`] its number of events has reached: months always; hours and
+//! days from `Density::hour` events on; 15-minute buckets from
+//! `Density::quarter` on. The state of each site-day ([`DayState`]: its
+//! events and the finest level it keeps) is stored beside the rollups and
+//! updated by the same fold. When a day reaches a finer level, the fold
+//! that gets it there adds the rows of the day's earlier events at the new
+//! levels from the raw events ([`DayChange::backfill`]), so a day keeps,
+//! at each level it keeps, every one of its events. A day never goes back
+//! to coarser levels. Queries read the raw events of the pieces a day does
+//! not keep ([`crate::query::engine::Aggregator::use_density`]).
 
 use std::collections::HashMap;
 
@@ -94,6 +110,143 @@ impl Level {
             Level::Month => Level::Month.start(start + 32 * DAY_MS),
         }
     }
+}
+
+/// From how many events a site's UTC day keeps rows below the month level.
+/// See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Density {
+    /// Hour and day rows from this many events on.
+    pub hour: u64,
+    /// 15-minute rows from this many events on (at least `hour`).
+    pub quarter: u64,
+}
+
+impl Default for Density {
+    /// A day under 1,000 events is read raw (at most 1,000 rows per day of
+    /// a range); 15-minute buckets, which serve only the edges of ranges
+    /// in zones at half or quarter hours and instant ranges, are kept from
+    /// 20,000 events a day (an edge read raw is then at most 45 minutes of
+    /// such a day, a few hundred events).
+    fn default() -> Self {
+        Self {
+            hour: 1_000,
+            quarter: 20_000,
+        }
+    }
+}
+
+impl Density {
+    /// Every level from the first event on (as if no day were sparse).
+    pub const ALL_LEVELS: Density = Density {
+        hour: 0,
+        quarter: 0,
+    };
+
+    /// The finest level a day of `events` events keeps.
+    pub fn finest(&self, events: u64) -> Level {
+        if events >= self.quarter.max(self.hour) {
+            Level::Quarter
+        } else if events >= self.hour {
+            Level::Hour
+        } else {
+            Level::Month
+        }
+    }
+}
+
+/// What is stored about one site's UTC day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayState {
+    /// Events of the day counted in the rollups.
+    pub events: u64,
+    /// The finest level whose rows the day keeps (and every coarser one).
+    pub finest: Level,
+}
+
+impl Default for DayState {
+    fn default() -> Self {
+        Self {
+            events: 0,
+            finest: Level::Month,
+        }
+    }
+}
+
+impl DayState {
+    /// Whether the day keeps rows of `level`.
+    pub fn keeps(&self, level: Level) -> bool {
+        level >= self.finest
+    }
+
+    /// The levels the day keeps, finest first.
+    pub fn levels(&self) -> &'static [Level] {
+        &Level::ALL[self.finest as usize..]
+    }
+}
+
+/// What one fold does to a site-day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayChange {
+    pub before: DayState,
+    pub after: DayState,
+}
+
+impl DayChange {
+    /// The levels the day keeps from this fold on and did not before: the
+    /// rows of its earlier events at these levels are added from the raw
+    /// events.
+    pub fn backfill(&self) -> &'static [Level] {
+        let (from, to) = (self.after.finest as usize, self.before.finest as usize);
+        Level::ALL.get(from..to).unwrap_or_default()
+    }
+}
+
+/// Per site, per UTC day start: a value.
+pub type SiteDays<T> = HashMap<String, HashMap<i64, T>>;
+
+/// How many events of a batch fall on each site-day.
+pub fn day_counts(events: &[Event]) -> SiteDays<u64> {
+    let mut counts: SiteDays<u64> = HashMap::new();
+    for e in events {
+        let days = match counts.get_mut(e.site_id.as_str()) {
+            Some(days) => days,
+            None => counts.entry(e.site_id.as_str().to_owned()).or_default(),
+        };
+        *days.entry(Level::Day.start(e.ts)).or_default() += 1;
+    }
+    counts
+}
+
+/// The changes a batch with `counts` makes to site-days stored as
+/// `stored` says (absent: no event yet).
+pub fn day_changes(
+    counts: &SiteDays<u64>,
+    stored: &SiteDays<DayState>,
+    density: Density,
+) -> SiteDays<DayChange> {
+    counts
+        .iter()
+        .map(|(site, days)| {
+            let changes = days
+                .iter()
+                .map(|(&day, &n)| {
+                    let before = stored
+                        .get(site)
+                        .and_then(|d| d.get(&day))
+                        .copied()
+                        .unwrap_or_default();
+                    let events = before.events + n;
+                    let after = DayState {
+                        events,
+                        finest: before.finest.min(density.finest(events)),
+                    };
+                    (day, DayChange { before, after })
+                })
+                .collect();
+            (site.clone(), changes)
+        })
+        .collect()
 }
 
 /// One whole bucket of some level.
@@ -206,13 +359,17 @@ pub struct Deltas {
 }
 
 impl Deltas {
-    /// Counts one new event, with its visitor's id if it has a visitor.
-    pub fn add(&mut self, e: &Event, vid: Option<u32>) {
+    /// Counts one event at some levels, with its visitor's id if it has a
+    /// visitor.
+    pub fn add(&mut self, e: &Event, vid: Option<u32>, levels: &[Level]) {
+        if levels.is_empty() {
+            return;
+        }
         let site = self.strings.id(&e.site_id);
         let name = self.strings.id(&e.event_type);
         let mut add = |strings: &mut Strings, dim: &str, value: &str| {
             let key = [site, strings.id(dim), strings.id(value), name];
-            for level in Level::ALL {
+            for &level in levels {
                 let entry = self
                     .rows
                     .entry((key, level, level.start(e.ts)))
@@ -234,16 +391,38 @@ impl Deltas {
         }
     }
 
-    /// What `events` add, with their visitors' ids from `ids` (by site and
-    /// visitor); what both stores' folds count.
-    pub fn of(events: &[Event], ids: &HashMap<(String, String), u32>) -> Self {
+    /// What a fold adds: the new `events`, at the levels their site-day
+    /// keeps after the fold (`changes`, from [`day_changes`]), and the
+    /// site-days' `earlier` events (counted before) at the levels their day
+    /// gains ([`DayChange::backfill`]); visitors' ids from `ids` (by site
+    /// and visitor). What both stores' folds count.
+    pub fn of(
+        events: &[Event],
+        earlier: &[Event],
+        changes: &SiteDays<DayChange>,
+        ids: &HashMap<(String, String), u32>,
+    ) -> Self {
+        let change = |e: &Event| {
+            changes
+                .get(e.site_id.as_str())
+                .and_then(|d| d.get(&Level::Day.start(e.ts)))
+        };
         let mut deltas = Deltas::default();
-        for e in events {
+        let add = |deltas: &mut Deltas, e: &Event, levels: &[Level]| {
             let vid = crate::query::visitor_of(e).and_then(|v| {
                 ids.get(&(e.site_id.as_str().to_owned(), v.to_owned()))
                     .copied()
             });
-            deltas.add(e, vid);
+            deltas.add(e, vid, levels);
+        };
+        for e in events {
+            let after = change(e).map_or_else(DayState::default, |c| c.after);
+            add(&mut deltas, e, after.levels());
+        }
+        for e in earlier {
+            if let Some(c) = change(e) {
+                add(&mut deltas, e, c.backfill());
+            }
         }
         deltas
     }
@@ -372,6 +551,60 @@ mod tests {
         let (pieces, _) = cover(at("2025-10-31T18:30:00Z"), at("2025-11-30T18:30:00Z"));
         let days = pieces.iter().filter(|p| p.level == Level::Day).count();
         assert_eq!(days, 29);
+    }
+
+    #[test]
+    fn days_keep_finer_levels_as_they_fill_and_gain_their_earlier_events() {
+        let density = Density {
+            hour: 3,
+            quarter: 5,
+        };
+        let day = at("2025-11-03T00:00:00Z");
+        let event = |id: &str, ts: i64| -> Event {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "site_id": "s", "event_type": "page_view", "ts": ts,
+                "created_at": ts, "path": "/", "userid": id
+            }))
+            .unwrap()
+        };
+        let levels_of = |d: &Deltas| {
+            let mut counts = [0u64; 4];
+            for (k, n, _) in d.rows() {
+                if k.dim == DIM_KEYS {
+                    counts[k.level as usize] += n;
+                }
+            }
+            counts
+        };
+        // Two events: a sparse day, months only.
+        let first = vec![event("a", day + 1), event("b", day + 2)];
+        let changes = day_changes(&day_counts(&first), &HashMap::new(), density);
+        let c = changes["s"][&day];
+        assert_eq!((c.after.events, c.after.finest), (2, Level::Month));
+        assert!(c.backfill().is_empty());
+        let ids = HashMap::new();
+        assert_eq!(
+            levels_of(&Deltas::of(&first, &[], &changes, &ids)),
+            [0, 0, 0, 2]
+        );
+        // Two more: hours and days from now on, with the first two added.
+        let second = vec![event("c", day + 3), event("d", day + 4)];
+        let mut stored: SiteDays<DayState> = HashMap::new();
+        stored.entry("s".into()).or_default().insert(day, c.after);
+        let changes = day_changes(&day_counts(&second), &stored, density);
+        let c = changes["s"][&day];
+        assert_eq!((c.after.events, c.after.finest), (4, Level::Hour));
+        assert_eq!(c.backfill(), [Level::Hour, Level::Day]);
+        assert_eq!(
+            levels_of(&Deltas::of(&second, &first, &changes, &ids)),
+            [0, 4, 4, 2]
+        );
+        // A day never goes back to coarser levels, whatever the thresholds.
+        let mut stored: SiteDays<DayState> = HashMap::new();
+        stored.entry("s".into()).or_default().insert(day, c.after);
+        let changes = day_changes(&day_counts(&second), &stored, Density::default());
+        assert_eq!(changes["s"][&day].after.finest, Level::Hour);
+        assert!(changes["s"][&day].backfill().is_empty());
     }
 
     #[test]

@@ -403,6 +403,7 @@ async fn open_store(
             let options = SqliteOptions {
                 durability,
                 query_timeout: settings.stats_timeout(),
+                ..SqliteOptions::default()
             };
             let store = tokio::task::spawn_blocking(move || SqliteStore::open_with(&dir, options))
                 .await

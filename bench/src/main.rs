@@ -16,6 +16,7 @@ mod procs;
 mod query;
 mod report;
 mod run;
+mod sites;
 mod stats;
 mod store_insert;
 mod wrk;

@@ -93,6 +93,7 @@ pub struct Report {
     pub drain: Option<Drain>,
     pub stats: Option<StatsSection>,
     pub query: Option<QuerySection>,
+    pub sites: Option<crate::sites::SitesSection>,
     pub memory: Vec<MemoryRow>,
     pub notes: Vec<String>,
     #[serde(skip)]
@@ -114,6 +115,7 @@ impl Report {
             drain: None,
             stats: None,
             query: None,
+            sites: None,
             memory: Vec::new(),
             notes: Vec::new(),
             started,
@@ -536,6 +538,45 @@ pub fn table(r: &Report) -> String {
                 v.accepted_s
             );
         }
+    }
+    if let Some(sites) = &r.sites {
+        let _ = writeln!(
+            out,
+            "\nSITES: the embedded store alone, the same number of events over the same days \
+             (evtrack-bench store-insert --sites N --days D --fold)"
+        );
+        let rows: Vec<Vec<String>> = [&sites.small, &sites.one]
+            .into_iter()
+            .map(|m| {
+                vec![
+                    n0(m.sites as f64),
+                    n0(m.events_per_site_day),
+                    n0(m.days as f64),
+                    n0(m.events as f64),
+                    n0(m.insert_events_per_s),
+                    m.fold_events_per_s.map(n0).unwrap_or_else(|| "-".into()),
+                    format!("{:.0}", m.disk_mib_per_million),
+                ]
+            })
+            .collect();
+        grid(
+            &mut out,
+            &[
+                "sites",
+                "events/site/day",
+                "days",
+                "events",
+                "insert events/s",
+                "fold events/s",
+                "MiB per million",
+            ],
+            &rows,
+        );
+        let _ = writeln!(
+            out,
+            "many small sites ÷ one: disk per event {:.2}×, fold rate {:.2}×, insert rate {:.2}×",
+            sites.disk_ratio, sites.fold_ratio, sites.insert_ratio
+        );
     }
     if !r.memory.is_empty() {
         let _ = writeln!(

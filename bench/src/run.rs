@@ -21,6 +21,8 @@ pub enum Section {
     Query,
     /// Batches until visible in queries (reported with the queries).
     Visible,
+    /// Many small sites against one big one: disk and fold per event.
+    Sites,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +68,9 @@ pub struct Params {
     pub query_mongo_requests: usize,
     /// Events sent in batches until visible in queries (embedded).
     pub visible_events: usize,
+    /// Many small sites: (sites, events per site and day, days), against
+    /// one site of as many events a day as all of them.
+    pub sites_case: (usize, usize, usize),
 }
 
 impl Params {
@@ -97,6 +102,7 @@ impl Params {
                 query_requests: 3,
                 query_mongo_requests: 1,
                 visible_events: 20_000,
+                sites_case: (20, 50, 3),
             }
         } else {
             Params {
@@ -130,6 +136,11 @@ impl Params {
                 query_requests: 10,
                 query_mongo_requests: 2,
                 visible_events: 1_000_000,
+                // 3,000,000 events either way: a month of the issue's
+                // "sites of 100 events a day" (1,000 of them rather than
+                // 10,000, to keep the run short; a site's rows depend on
+                // its own events, not on how many other sites there are).
+                sites_case: (1_000, 100, 30),
             }
         }
     }
@@ -253,13 +264,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Section::Stats,
             Section::Query,
             Section::Visible,
+            Section::Sites,
         ]
     } else {
         args.only.clone()
     };
     let wants_mongo = sections
         .iter()
-        .any(|s| !matches!(s, Section::Ingest | Section::Visible));
+        .any(|s| !matches!(s, Section::Ingest | Section::Visible | Section::Sites));
     let mut secantusd = secantusd_path();
     if wants_mongo {
         secantusd = require_file(
@@ -327,6 +339,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if queries || visible {
         section("query");
         report.query = Some(query::run(&mut ctx, queries, visible).await?);
+    }
+    if sections.contains(&Section::Sites) {
+        section("sites");
+        report.sites = Some(crate::sites::run(&ctx).await?);
     }
     report.notes = std::mem::take(&mut ctx.notes);
     report.finish(clock.elapsed().as_secs_f64());

@@ -51,6 +51,11 @@ pub struct Plan {
     pub spans: Vec<Span>,
     /// Raw events of these ranges `[start, end)`.
     pub raw: Vec<(i64, i64)>,
+    /// The first and last UTC day (their starts) of the rollup buckets
+    /// below the month level: the store reads what it keeps of these days
+    /// ([`crate::rollup::DayState`]) and hands it to
+    /// [`Aggregator::use_density`] before reading rows.
+    pub fine_days: Option<(i64, i64)>,
     /// Whether raw events need their visitor's dictionary id (they are
     /// combined with rollups), or only the visitor itself.
     pub raw_vids: bool,
@@ -183,6 +188,10 @@ enum Mode {
         family: Family,
         /// Which query bucket each rollup bucket belongs to.
         owners: HashMap<Piece, usize>,
+        /// The buckets of days too sparse to keep rows of their level, read
+        /// from the raw events instead ([`Aggregator::use_density`]), and
+        /// their query bucket.
+        raw_pieces: HashMap<Piece, usize>,
         /// The raw slivers and their query bucket.
         slivers: Vec<(i64, i64, usize)>,
         /// Query buckets' labels (`None` without a time dimension).
@@ -322,9 +331,17 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             reads
         }
     };
+    let fine_days = owners
+        .keys()
+        .filter(|p| p.level < Level::Month)
+        .map(|p| Level::Day.start(p.bucket))
+        .fold(None, |acc: Option<(i64, i64)>, d| {
+            Some(acc.map_or((d, d), |(a, b)| (a.min(d), b.max(d))))
+        });
     let plan = Plan {
         site_id: query.site_id.clone(),
         reads,
+        fine_days,
         spans: spans_of(
             owners.keys().copied().chain(
                 bound_months
@@ -346,6 +363,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         mode: Mode::Rollups {
             family,
             owners,
+            raw_pieces: HashMap::new(),
             slivers,
             labels,
             bound_months,
@@ -421,6 +439,48 @@ fn spans_of(pieces: impl Iterator<Item = Piece>) -> Vec<Span> {
 }
 
 impl Aggregator {
+    /// Takes what the store keeps of the plan's `fine_days`: the finest
+    /// level each day keeps rows of (a day absent keeps months only; see
+    /// [`crate::rollup`], "Sparse days"). Returns the ranges `[start, end)`
+    /// of the buckets the days do not keep, whose raw events the store
+    /// then reads (in the same snapshot, besides `plan.raw`); rows of those
+    /// buckets are ignored from now on.
+    pub fn use_density(&mut self, finest: &HashMap<i64, Level>) -> Vec<(i64, i64)> {
+        let Mode::Rollups {
+            owners, raw_pieces, ..
+        } = &mut self.mode
+        else {
+            return Vec::new();
+        };
+        let sparse: Vec<Piece> = owners
+            .keys()
+            .filter(|p| {
+                p.level < Level::Month
+                    && p.level
+                        < *finest
+                            .get(&Level::Day.start(p.bucket))
+                            .unwrap_or(&Level::Month)
+            })
+            .copied()
+            .collect();
+        let mut ranges: Vec<(i64, i64)> = Vec::with_capacity(sparse.len());
+        for p in sparse {
+            if let Some(owner) = owners.remove(&p) {
+                raw_pieces.insert(p, owner);
+            }
+            ranges.push((p.bucket, p.level.next(p.bucket)));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => merged.push((a, b)),
+            }
+        }
+        merged
+    }
+
     /// Adds one rollup row read for the plan (rows of other buckets are
     /// ignored: a store may read a little more than asked).
     pub fn add_row(&mut self, row: RowRef<'_>) {
@@ -523,10 +583,27 @@ impl Aggregator {
         }
         let (time, vid) = match &mut self.mode {
             Mode::Rollups {
-                slivers, labels, ..
+                slivers,
+                raw_pieces,
+                labels,
+                ..
             } => {
-                let Some(&(_, _, owner)) = slivers.iter().find(|(a, b, _)| *a <= e.ts && e.ts < *b)
-                else {
+                let sliver = slivers
+                    .iter()
+                    .find(|(a, b, _)| *a <= e.ts && e.ts < *b)
+                    .map(|s| s.2);
+                let owner = sliver.or_else(|| {
+                    [Level::Quarter, Level::Hour, Level::Day]
+                        .into_iter()
+                        .find_map(|level| {
+                            raw_pieces.get(&Piece {
+                                level,
+                                bucket: level.start(e.ts),
+                            })
+                        })
+                        .copied()
+                });
+                let Some(owner) = owner else {
                     return;
                 };
                 (labels[owner].clone(), vid)

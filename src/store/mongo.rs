@@ -66,13 +66,16 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RollupRead, RowRef};
-use crate::rollup::{self, Deltas, Level, RowKey};
+use crate::rollup::{self, DayState, Deltas, Density, Level, RowKey, SiteDays};
 
 pub const COLLECTION: &str = "events";
 pub const ROLLUPS: &str = "rollups";
 pub const VISITOR_IDS: &str = "visitor_ids";
 pub const VISITOR_COUNTERS: &str = "visitor_counters";
 pub const STATE: &str = "rollup_state";
+/// What each site's UTC day keeps (see `crate::rollup`, "Sparse days").
+pub const SITE_DAYS: &str = "site_days";
+const SITE_DAYS_INDEX: &str = "evtrack_site_days";
 pub const DEFAULT_DATABASE: &str = "evtrack";
 const TIME_INDEX: &str = "evtrack_site_time";
 /// Partial index of the events not yet folded (`pending: true`).
@@ -80,6 +83,10 @@ pub const PENDING_INDEX: &str = "evtrack_pending";
 pub const ROLLUP_INDEX: &str = "evtrack_rollups";
 /// The state document's `_id`: folds and resets write it (see the module docs).
 const FOLD_STATE: &str = "fold";
+/// The layout of the rollups this evtrack folds (in the state document): a
+/// database folded by another layout is reset at start-up. 2: sparse days
+/// (`site_days`).
+const ROLLUP_VERSION: i32 = 2;
 const DUPLICATE_KEY: i32 = 11000;
 /// The server's code for an operation stopped by `maxTimeMS`.
 const MAX_TIME_EXPIRED: i32 = 50;
@@ -129,8 +136,10 @@ pub struct MongoStore {
     visitor_ids: Collection<Document>,
     visitor_counters: Collection<Document>,
     state: Collection<Document>,
+    site_days: Collection<Document>,
     /// `maxTimeMS` of the stats queries.
     query_timeout: Duration,
+    density: Density,
     /// Committed (site, visitor) → id mappings; bounded.
     visitors: Arc<Mutex<VisitorCache>>,
 }
@@ -191,9 +200,11 @@ impl MongoStore {
             visitor_ids: db.collection(VISITOR_IDS),
             visitor_counters: db.collection(VISITOR_COUNTERS),
             state: db.collection(STATE),
+            site_days: db.collection(SITE_DAYS),
             client,
             db,
             query_timeout,
+            density: Density::default(),
             visitors: Arc::default(),
         };
         let indexes =
@@ -227,9 +238,14 @@ impl MongoStore {
             ))
             .await
             .map_err(indexes)?;
+        store
+            .site_days
+            .create_index(index(doc! {"site_id": 1, "day": 1}, SITE_DAYS_INDEX))
+            .await
+            .map_err(indexes)?;
         let ready = store
             .state
-            .find_one(doc! {"_id": FOLD_STATE, "ready": true})
+            .find_one(doc! {"_id": FOLD_STATE, "ready": true, "version": ROLLUP_VERSION})
             .await
             .map_err(|e| format!("cannot read `{STATE}`: {e}"))?;
         if ready.is_none() {
@@ -244,6 +260,20 @@ impl MongoStore {
         }
         Ok(store)
     }
+}
+
+impl MongoStore {
+    /// The same store, keeping the rollup levels of each day as `density`
+    /// says (see [`crate::rollup`]); the default is [`Density::default`].
+    pub fn with_density(mut self, density: Density) -> Self {
+        self.density = density;
+        self
+    }
+}
+
+/// The `_id` of a site-day's document.
+fn site_day_id(site_id: &str, day: i64) -> String {
+    format!("{site_id}{ID_SEPARATOR}{day}")
 }
 
 /// The document stored for an event (the original schema plus `props`),
@@ -515,7 +545,10 @@ impl MongoStore {
         for attempt in 0.. {
             let result = self
                 .state
-                .update_one(doc! {"_id": FOLD_STATE}, doc! {"$set": {"ready": ready}})
+                .update_one(
+                    doc! {"_id": FOLD_STATE},
+                    doc! {"$set": {"ready": ready, "version": ROLLUP_VERSION}},
+                )
                 .upsert(true)
                 .await;
             match result {
@@ -609,18 +642,19 @@ impl MongoStore {
             .and_then(|d| d.get("_id").cloned()))
     }
 
-    /// Deletes the next batch of rollups; whether more may be left.
-    async fn delete_rollups_batch(
-        &self,
+    /// Deletes the next batch of documents of `collection` (the rollups
+    /// or the site-days); whether more may be left.
+    async fn delete_batch(
+        collection: &Collection<Document>,
         session: &mut ClientSession,
     ) -> mongodb::error::Result<bool> {
         // Ranges of `_id`, not `$in` lists: one index range per batch.
-        let last = Self::batch_end(&self.rollups, doc! {}, session).await?;
+        let last = Self::batch_end(collection, doc! {}, session).await?;
         let filter = match &last {
             Some(id) => doc! {"_id": {"$lte": id}},
             None => doc! {},
         };
-        self.rollups.delete_many(filter).session(session).await?;
+        collection.delete_many(filter).session(session).await?;
         Ok(last.is_some())
     }
 
@@ -660,16 +694,18 @@ impl MongoStore {
     /// other processes may hold them in their caches, and they stay right.
     async fn reset(&self) -> mongodb::error::Result<()> {
         self.set_ready(false).await?;
-        loop {
-            let mut session = match self.reset_guard().await? {
-                Guard::Go(session) => *session,
-                Guard::Retry => continue,
-                Guard::Ready => return Ok(()),
-            };
-            let result = self.delete_rollups_batch(&mut session).await;
-            match Self::end_batch(session, result).await? {
-                Some(true) | None => continue,
-                Some(false) => break,
+        for collection in [&self.rollups, &self.site_days] {
+            loop {
+                let mut session = match self.reset_guard().await? {
+                    Guard::Go(session) => *session,
+                    Guard::Retry => continue,
+                    Guard::Ready => return Ok(()),
+                };
+                let result = Self::delete_batch(collection, &mut session).await;
+                match Self::end_batch(session, result).await? {
+                    Some(true) | None => continue,
+                    Some(false) => break,
+                }
             }
         }
         let mut after: Option<Bson> = None;
@@ -694,7 +730,7 @@ impl MongoStore {
     /// mappings (to cache once committed).
     async fn visitor_ids_for(
         &self,
-        events: &[Event],
+        events: &[&Event],
         session: &mut ClientSession,
     ) -> mongodb::error::Result<(HashMap<(String, String), u32>, Vec<(String, String)>)> {
         let mut ids: HashMap<(String, String), u32> = HashMap::new();
@@ -830,7 +866,7 @@ impl MongoStore {
         let lock = self
             .state
             .find_one_and_update(
-                doc! {"_id": FOLD_STATE, "ready": true},
+                doc! {"_id": FOLD_STATE, "ready": true, "version": ROLLUP_VERSION},
                 doc! {"$inc": {"folds": 1}},
             )
             .session(&mut *session)
@@ -866,8 +902,88 @@ impl MongoStore {
         let Some(last) = last else {
             return Ok(Some((0, Vec::new(), HashMap::new())));
         };
-        let (ids, fresh) = self.visitor_ids_for(&events, session).await?;
-        let deltas = Deltas::of(&events, &ids);
+        // The site-days the events fall on, and the earlier (folded)
+        // events of those that now keep finer levels (see `crate::rollup`,
+        // "Sparse days").
+        let counts = rollup::day_counts(&events);
+        let mut stored: SiteDays<DayState> = HashMap::new();
+        let keys: Vec<String> = counts
+            .iter()
+            .flat_map(|(site, days)| days.keys().map(|&d| site_day_id(site, d)))
+            .collect();
+        for chunk in keys.chunks(IN_CHUNK) {
+            let mut cursor = self
+                .site_days
+                .find(doc! {"_id": {"$in": chunk}})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                let (Ok(site), Some(day), Some(events), Some(finest)) = (
+                    d.get_str("site_id"),
+                    number(&d, "day"),
+                    number(&d, "events"),
+                    number(&d, "finest"),
+                ) else {
+                    return Err(mongodb::error::Error::custom(format!(
+                        "`{SITE_DAYS}` holds a document that is not a site-day: {d}; rebuild the rollups"
+                    )));
+                };
+                let finest = Level::from_code(finest).ok_or_else(|| {
+                    mongodb::error::Error::custom(format!(
+                        "`{SITE_DAYS}` holds an unknown level {finest}; rebuild the rollups"
+                    ))
+                })?;
+                stored.entry(site.to_owned()).or_default().insert(
+                    day,
+                    DayState {
+                        events: events.max(0) as u64,
+                        finest,
+                    },
+                );
+            }
+        }
+        let changes = rollup::day_changes(&counts, &stored, self.density);
+        let mut earlier = Vec::new();
+        for (site, days) in &changes {
+            for (&day, change) in days {
+                if change.backfill().is_empty() || change.before.events == 0 {
+                    continue;
+                }
+                let mut cursor = self
+                    .events
+                    .find(raw_filter(site, day, Level::Day.next(day)))
+                    .session(&mut *session)
+                    .await?;
+                while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                    // Pending: this fold's events, or newer ones.
+                    if d.get_bool("pending") == Ok(true) {
+                        continue;
+                    }
+                    if let Some(e) = from_document(&d) {
+                        earlier.push(e);
+                    }
+                }
+            }
+        }
+        let all: Vec<&Event> = events.iter().chain(&earlier).collect();
+        let (ids, fresh) = self.visitor_ids_for(&all, session).await?;
+        let deltas = Deltas::of(&events, &earlier, &changes, &ids);
+        let mut day_statements = Vec::new();
+        for (site, days) in &changes {
+            for (&day, change) in days {
+                day_statements.push(doc! {
+                    "q": {"_id": site_day_id(site, day)},
+                    "u": {"$set": {
+                        "site_id": site,
+                        "day": day,
+                        "events": change.after.events as i64,
+                        "finest": change.after.finest.code(),
+                    }},
+                    "upsert": true,
+                });
+            }
+        }
+        run_updates(&self.db, SITE_DAYS, day_statements, session).await?;
         // Read the rows this fold changes, merge, write back.
         let rows: Vec<(String, RowKey<'_>, u64, &roaring::RoaringBitmap)> = deltas
             .rows()
@@ -1015,6 +1131,32 @@ impl QueryStore for MongoStore {
                 .filter(|d| d.as_millis() > 0)
                 .ok_or(StoreError::Timeout(self.query_timeout))
         };
+        // What the days of the range keep, first: rows of the days read raw
+        // are ignored from then on, even if a fold makes them meanwhile.
+        let mut sparse = Vec::new();
+        if let Some((from, to)) = plan.fine_days {
+            let mut finest = HashMap::new();
+            let mut cursor = self
+                .site_days
+                .find(doc! {
+                    "site_id": &plan.site_id,
+                    "day": {"$gte": from, "$lte": to},
+                    "finest": {"$lt": Level::Month.code()},
+                })
+                .projection(doc! {"_id": 0, "day": 1, "finest": 1})
+                .max_time(left()?)
+                .await
+                .map_err(|e| self.read_error(e))?;
+            while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
+                if let (Some(day), Some(level)) = (
+                    number(&d, "day"),
+                    number(&d, "finest").and_then(Level::from_code),
+                ) {
+                    finest.insert(day, level);
+                }
+            }
+            sparse = agg.use_density(&finest);
+        }
         let bucket_reads = bucket_reads(&plan);
         for read in &plan.reads {
             for (level, buckets) in &bucket_reads {
@@ -1048,7 +1190,7 @@ impl QueryStore for MongoStore {
             }
         }
         let mut raw = Vec::new();
-        for &(start, end) in &plan.raw {
+        for &(start, end) in plan.raw.iter().chain(&sparse) {
             let mut cursor = self
                 .events
                 .find(raw_filter(&plan.site_id, start, end))

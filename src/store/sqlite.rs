@@ -41,7 +41,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError};
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
-use crate::rollup::{self, Deltas, Level};
+use crate::rollup::{self, DayState, Deltas, Density, Level, SiteDays};
 
 pub const FILE_NAME: &str = "evtrack.sqlite3";
 
@@ -170,6 +170,19 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX rollups_value ON rollups (site_id, dim, value, level, bucket);
     UPDATE fold_state SET folded = 0;",
+    // 5: sparse days (see `crate::rollup`): what each site's UTC day keeps.
+    // `finest` is the code of the finest level it keeps rows of. The
+    // rollups are folded again from the raw events on the next start.
+    "CREATE TABLE site_days (
+        site_id TEXT NOT NULL,
+        day     INTEGER NOT NULL,
+        events  INTEGER NOT NULL,
+        finest  INTEGER NOT NULL,
+        PRIMARY KEY (site_id, day)
+    ) WITHOUT ROWID;
+    DELETE FROM rollups;
+    DELETE FROM rollup_bitmaps;
+    UPDATE fold_state SET folded = 0;",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -187,6 +200,8 @@ pub struct SqliteOptions {
     pub durability: Durability,
     /// A stats query running longer than this is interrupted.
     pub query_timeout: Duration,
+    /// Which levels of rollups a site's day keeps (see [`crate::rollup`]).
+    pub density: Density,
 }
 
 impl Default for SqliteOptions {
@@ -194,6 +209,7 @@ impl Default for SqliteOptions {
         Self {
             durability: Durability::default(),
             query_timeout: crate::config::DEFAULT_STATS_TIMEOUT,
+            density: Density::default(),
         }
     }
 }
@@ -205,6 +221,7 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
     query_timeout: Duration,
+    density: Density,
     /// Committed (site, visitor) → id mappings; bounded.
     visitors: Arc<Mutex<super::VisitorCache>>,
 }
@@ -266,6 +283,7 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
             query_timeout: options.query_timeout,
+            density: options.density,
             visitors: Arc::default(),
         })
     }
@@ -420,6 +438,7 @@ fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event
 fn fold(
     conn: &mut Connection,
     cache: &Mutex<super::VisitorCache>,
+    density: Density,
     max: usize,
 ) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -439,6 +458,54 @@ fn fold(
     if events.is_empty() {
         return Ok(0);
     }
+    // The site-days the events fall on, and the earlier events of those
+    // that now keep finer levels (see `crate::rollup`, "Sparse days").
+    let counts = rollup::day_counts(&events);
+    let mut stored: SiteDays<DayState> = HashMap::new();
+    {
+        let mut get = tx.prepare_cached(
+            "SELECT events, finest FROM site_days WHERE site_id = ?1 AND day = ?2",
+        )?;
+        for (site, days) in &counts {
+            for &day in days.keys() {
+                let state = get
+                    .query_row(params![site, day], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .optional()?;
+                if let Some((n, finest)) = state {
+                    let finest = Level::from_code(finest)
+                        .ok_or_else(|| rusqlite::Error::IntegralValueOutOfRange(1, finest))?;
+                    stored.entry(site.clone()).or_default().insert(
+                        day,
+                        DayState {
+                            events: n.max(0) as u64,
+                            finest,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let changes = rollup::day_changes(&counts, &stored, density);
+    let mut earlier = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events e
+             WHERE e.site_id = ?1 AND e.ts >= ?2 AND e.ts < ?3 AND e.seq <= ?4"
+        ))?;
+        for (site, days) in &changes {
+            for (&day, change) in days {
+                if change.backfill().is_empty() || change.before.events == 0 {
+                    continue;
+                }
+                let mut rows = stmt.query(params![site, day, Level::Day.next(day), folded])?;
+                while let Some(r) = rows.next()? {
+                    earlier.push(event_from_row(r, 0)?);
+                }
+            }
+        }
+    }
     // Visitor ids: the cache, else the dictionary, else new ones.
     let mut ids: HashMap<(String, String), u32> = HashMap::new();
     let mut fresh: Vec<(String, String)> = Vec::new();
@@ -446,7 +513,7 @@ fn fold(
         let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
         let mut lookup =
             tx.prepare_cached("SELECT vid FROM visitors WHERE site_id = ?1 AND visitor = ?2")?;
-        for e in &events {
+        for e in events.iter().chain(&earlier) {
             let Some(visitor) = crate::query::visitor_of(e) else {
                 continue;
             };
@@ -500,7 +567,23 @@ fn fold(
             set_next.execute(params![site, next])?;
         }
     }
-    let deltas = Deltas::of(&events, &ids);
+    let deltas = Deltas::of(&events, &earlier, &changes, &ids);
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT INTO site_days VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT DO UPDATE SET events = excluded.events, finest = excluded.finest",
+        )?;
+        for (site, days) in &changes {
+            for (&day, change) in days {
+                put.execute(params![
+                    site,
+                    day,
+                    change.after.events as i64,
+                    change.after.finest.code()
+                ])?;
+            }
+        }
+    }
     {
         let mut read = tx.prepare_cached(
             "SELECT bitmap FROM rollups
@@ -585,6 +668,22 @@ fn fold(
 fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+    // What the days of the range keep; the raw events of what they do not.
+    let mut sparse = Vec::new();
+    if let Some((from, to)) = plan.fine_days {
+        let mut stmt = tx.prepare_cached(
+            "SELECT day, finest FROM site_days
+             WHERE site_id = ?1 AND day >= ?2 AND day <= ?3 AND finest < ?4",
+        )?;
+        let mut finest = HashMap::new();
+        let mut rows = stmt.query(params![plan.site_id, from, to, Level::Month.code()])?;
+        while let Some(r) = rows.next()? {
+            if let Some(level) = Level::from_code(r.get(1)?) {
+                finest.insert(r.get::<_, i64>(0)?, level);
+            }
+        }
+        sparse = agg.use_density(&finest);
+    }
     for read in &plan.reads {
         // Given values are found by the value index (a few rows), not by
         // scanning the range's rows of every value, which the planner
@@ -631,7 +730,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             }
         }
     }
-    if !plan.raw.is_empty() {
+    if !plan.raw.is_empty() || !sparse.is_empty() {
         // Only the columns a query looks at (no arrival time; the
         // properties only when it groups or filters by one), and the
         // store-side test of the plan's needles: most of a raw read's time
@@ -654,7 +753,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid}, e.id FROM events e {join}
              WHERE e.site_id = ? AND e.ts >= ? AND e.ts < ? AND e.seq <= ?{needles_sql}"
         ))?;
-        for (start, end) in &plan.raw {
+        for (start, end) in plan.raw.iter().chain(&sparse) {
             let mut args: Vec<rusqlite::types::Value> = vec![
                 plan.site_id.clone().into(),
                 (*start).into(),
@@ -766,7 +865,11 @@ impl QueryStore for SqliteStore {
 impl StoreAdmin for SqliteStore {
     async fn fold(&self, max_events: usize) -> Result<usize, StoreError> {
         let cache = Arc::clone(&self.visitors);
-        Self::with_conn(&self.writer, move |conn| fold(conn, &cache, max_events)).await
+        let density = self.density;
+        Self::with_conn(&self.writer, move |conn| {
+            fold(conn, &cache, density, max_events)
+        })
+        .await
     }
 
     async fn unfolded(&self) -> Result<u64, StoreError> {
@@ -787,7 +890,7 @@ impl StoreAdmin for SqliteStore {
         Self::with_conn(&self.writer, |conn| {
             conn.execute_batch(
                 "BEGIN IMMEDIATE; DELETE FROM rollups; DELETE FROM rollup_bitmaps;
-                 UPDATE fold_state SET folded = 0; COMMIT;",
+                 DELETE FROM site_days; UPDATE fold_state SET folded = 0; COMMIT;",
             )
         })
         .await?;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use evtrack::event::Event;
+use evtrack::rollup::Density;
 use evtrack::stats::{StatsQuery, aggregate};
 use evtrack::store::mongo::MongoStore;
-use evtrack::store::sqlite::SqliteStore;
+use evtrack::store::sqlite::{SqliteOptions, SqliteStore};
 use evtrack::store::{EventSink, InsertOutcome, Store};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -22,8 +23,16 @@ struct Subject {
 }
 
 async fn sqlite() -> Subject {
+    sqlite_with(Density::default()).await
+}
+
+async fn sqlite_with(density: Density) -> Subject {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).expect("open");
+    let options = SqliteOptions {
+        density,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open_with(dir.path(), options).expect("open");
     Subject {
         store: Arc::new(store),
         _mongo: None,
@@ -32,11 +41,16 @@ async fn sqlite() -> Subject {
 }
 
 async fn mongo() -> Subject {
+    mongo_with(Density::default()).await
+}
+
+async fn mongo_with(density: Density) -> Subject {
     let server = MongoServer::start();
     let db = format!("conformance_{}", uuid::Uuid::now_v7().simple());
     let store = MongoStore::connect(&server.uri, Some(&db))
         .await
-        .expect("connect");
+        .expect("connect")
+        .with_density(density);
     Subject {
         store: Arc::new(store),
         _mongo: Some(server),
@@ -61,9 +75,41 @@ store_tests!(
     inserts_are_idempotent,
     the_same_event_id_on_two_sites_is_two_events,
     stats_match_the_reference_on_random_data,
-    queries_match_the_reference_on_random_data,
     empty_and_checks
 );
+
+/// The property test, with days on both sides of the rollups' density
+/// thresholds (see `evtrack::rollup`, "Sparse days"): the random data has
+/// about 30 events a day on its main site, so some days keep every level,
+/// some hours and days only, some months only, and many turn finer between
+/// two folds. On SQLite also with every level kept from the first event,
+/// and with the default thresholds (every day read raw).
+mod queries_match_the_reference_on_random_data {
+    use evtrack::rollup::Density;
+
+    const MIXED: Density = Density {
+        hour: 25,
+        quarter: 35,
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::queries_match_the_reference_on_random_data(super::sqlite_with(MIXED).await).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mongo() {
+        super::queries_match_the_reference_on_random_data(super::mongo_with(MIXED).await).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_every_level() {
+        let s = super::sqlite_with(Density::ALL_LEVELS).await;
+        super::queries_match_the_reference_on_random_data(s).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_default_density() {
+        super::queries_match_the_reference_on_random_data(super::sqlite().await).await
+    }
+}
 
 const DAY: &str = "2025-11-23";
 
@@ -257,7 +303,9 @@ async fn rollups_rebuild_from_raw_events(s: Subject, damage: impl AsyncFnOnce())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_rollups_rebuild_from_raw_events() {
-    let s = sqlite().await;
+    // Every level kept, so that the damage is in rows the query reads (a
+    // day of 300 events is otherwise read raw).
+    let s = sqlite_with(Density::ALL_LEVELS).await;
     let file = s._dir.path().join(evtrack::store::sqlite::FILE_NAME);
     rollups_rebuild_from_raw_events(s, async move || {
         // Damage the rollups behind the store's back.
@@ -277,7 +325,8 @@ async fn mongo_rollups_rebuild_from_raw_events() {
     let db = format!("rebuild_{}", uuid::Uuid::now_v7().simple());
     let store = MongoStore::connect(&server.uri, Some(&db))
         .await
-        .expect("connect");
+        .expect("connect")
+        .with_density(Density::ALL_LEVELS);
     let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
     let rollups = client
         .database(&db)
@@ -605,8 +654,11 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         e.props = (!props.is_empty()).then_some(props);
         events.push(e);
     }
+    // Folded chunk by chunk, as a running service folds: days cross the
+    // density thresholds between folds.
     for chunk in events.chunks(400) {
         s.store.insert(chunk).await.unwrap();
+        crate::helpers::fold_all(&*s.store).await;
     }
     // Redeliveries, some mixed with new events.
     s.store.insert(&events[300..900]).await.unwrap();
