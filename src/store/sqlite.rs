@@ -183,6 +183,12 @@ pub const MIGRATIONS: &[&str] = &[
     DELETE FROM rollups;
     DELETE FROM rollup_bitmaps;
     UPDATE fold_state SET folded = 0;",
+    // 6: the identity index by event id first: ids are mostly given out in
+    // order (time-ordered UUIDs, counters), so a batch's new entries land
+    // at the end of one index instead of at the end of each site's part of
+    // it (with many sites, a page per site and batch).
+    "DROP INDEX events_identity;
+    CREATE UNIQUE INDEX events_identity ON events (id, site_id);",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
