@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{NaiveDate, NaiveTime};
 use serde::Serialize;
 
-use crate::event::Event;
+use crate::event::{Event, EventName, SiteId};
 use crate::query::{self, Condition, Dimension, Filter, FilterOp};
 use crate::store::{QueryStore, StoreError};
 
@@ -22,9 +22,9 @@ pub const MAX_LIMIT: u32 = 100;
 /// A validated stats request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsQuery {
-    pub site_id: String,
+    pub site_id: SiteId,
     pub date: NaiveDate,
-    pub event_type: String,
+    pub event_type: EventName,
     pub limit: u32,
 }
 
@@ -83,9 +83,9 @@ impl Stats {
         sort_paths(&mut paths);
         paths.truncate(query.limit as usize);
         Stats {
-            site_id: query.site_id.clone(),
+            site_id: query.site_id.to_string(),
             date: query.date.format("%Y-%m-%d").to_string(),
-            event_type: query.event_type.clone(),
+            event_type: query.event_type.to_string(),
             total_views,
             unique_users,
             top_paths: paths,
@@ -236,9 +236,9 @@ mod tests {
 
     fn query(limit: u32) -> StatsQuery {
         StatsQuery {
-            site_id: "site-001".into(),
+            site_id: "site-001".parse().unwrap(),
             date: NaiveDate::from_ymd_opt(2025, 11, 23).unwrap(),
-            event_type: "page_view".into(),
+            event_type: "page_view".parse().unwrap(),
             limit,
         }
     }

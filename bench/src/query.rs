@@ -928,22 +928,39 @@ pub struct QueryLocalArgs {
     /// Directory of the database; seeded when it holds none.
     #[arg(long)]
     dir: PathBuf,
+    /// A MongoDB server to answer from instead of SQLite (database
+    /// `bench_local_<days>x<per_day>`, seeded when it holds no events).
+    #[arg(long)]
+    mongo_uri: Option<String>,
 }
 
 pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
     let data = &args.dir;
-    let fresh = !data.join(evtrack::store::sqlite::FILE_NAME).exists();
     let mut generator = Generator::new(21, args.days, args.per_day, args.visitors, 1_000);
-    let store = SqliteStore::open(data)?;
+    let (store, fresh): (Box<dyn Store>, bool) = match &args.mongo_uri {
+        Some(uri) => {
+            let name = format!("bench_local_{}x{}", args.days, args.per_day);
+            let store = MongoStore::connect(uri, Some(&name))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let fresh = evtrack::store::StoreAdmin::count_all(&store).await? == 0;
+            (Box::new(store), fresh)
+        }
+        None => {
+            let fresh = !data.join(evtrack::store::sqlite::FILE_NAME).exists();
+            (Box::new(SqliteStore::open(data)?), fresh)
+        }
+    };
+    let store = &*store;
     if fresh {
-        let (insert_s, fold_s) = seed(&store, &mut generator).await?;
+        let (insert_s, fold_s) = seed(store, &mut generator).await?;
         eprintln!("seeded: insert {insert_s:.1} s, fold {fold_s:.1} s");
     } else {
         // The truth, without storing again.
         while !generator.take(50_000).is_empty() {}
         // Rollups dropped by a migration are folded again.
         let t = Instant::now();
-        let n = evtrack::store::fold_all(&store).await?;
+        let n = evtrack::store::fold_all(store).await?;
         if n > 0 {
             eprintln!("folded {n} events in {:.1} s", t.elapsed().as_secs_f64());
         }
@@ -968,7 +985,7 @@ pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?,
             );
             let t = Instant::now();
-            let answer = evtrack::query::engine::run(&store, query.clone()).await?;
+            let answer = evtrack::query::engine::run(store, query.clone()).await?;
             samples.push(t.elapsed().as_secs_f64() * 1000.0);
             if i == 0 {
                 exact = answer.to_json(&query)["results"] == shape.expected;

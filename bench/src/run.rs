@@ -134,7 +134,7 @@ impl Params {
                 query_mongo: (3, 20_000),
                 query_visitors: 50_000,
                 query_requests: 10,
-                query_mongo_requests: 2,
+                query_mongo_requests: 5,
                 visible_events: 1_000_000,
                 // 3,000,000 events either way: a month of the issue's
                 // "sites of 100 events a day" (1,000 of them rather than

@@ -23,7 +23,7 @@ use super::{
     Answer, Dimension, Direction, Filter, FilterOp, GroupKey, Metric, NONE, OrderKey, PAGEVIEW,
     Query, Totals, row_dimensions, row_order, value_of, visitor_of,
 };
-use crate::event::Event;
+use crate::event::{Event, SiteId};
 use crate::rollup::{self, DIM_KEYS, DIM_PAGE, Level, PROP_PREFIX, Piece};
 use crate::store::{QueryStore, StoreError};
 
@@ -43,12 +43,18 @@ pub struct Span {
 }
 
 /// What a store reads for a query.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Plan {
-    pub site_id: String,
+    pub site_id: SiteId,
     pub reads: Vec<RollupRead>,
     /// The rollup buckets, as runs of consecutive buckets per level.
     pub spans: Vec<Span>,
+    /// Month buckets whose rows only bound the groups' visitors from above
+    /// (see [`Aggregator::add_row`]): they let the aggregator decode fewer
+    /// bitmaps. Optional: a store whose reads cost per row, not per byte,
+    /// and that hands over bitmaps with their rows anyway (MongoDB), reads
+    /// fewer rows without them.
+    pub bound_spans: Vec<Span>,
     /// Raw events of these ranges `[start, end)`.
     pub raw: Vec<(i64, i64)>,
     /// The first and last UTC day (their starts) of the rollup buckets
@@ -56,6 +62,10 @@ pub struct Plan {
     /// ([`crate::rollup::DayState`]) and hands it to
     /// [`Aggregator::use_density`] before reading rows.
     pub fine_days: Option<(i64, i64)>,
+    /// Whether the query looks at no event name (neither groups nor
+    /// filters by one): a store that keeps rows of every name together
+    /// ([`RowRef::pageviews`]) may read those instead of one row per name.
+    pub any_name: bool,
     /// Whether raw events need their visitor's dictionary id (they are
     /// combined with rollups), or only the visitor itself.
     pub raw_vids: bool,
@@ -80,6 +90,11 @@ pub struct RowRef<'a> {
     pub value: &'a str,
     pub name: &'a str,
     pub events: u64,
+    /// `None` for a row of one name (its events are page views if the
+    /// name is `page_view`). A row of every name together (only read for
+    /// a plan's [`Plan::any_name`]) says how many of its events are page
+    /// views; its `name` is meaningless.
+    pub pageviews: Option<u64>,
     pub visitors: Bits<'a>,
 }
 
@@ -243,6 +258,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     }
     let raw_props = dims.iter().any(|d| matches!(d, Dimension::Prop(_)));
     let raw_needles = needles(&query.filters);
+    let any_name = !dims.contains(&Dimension::Name);
     dims.retain(|d| *d != Dimension::Name);
     let family = match dims.as_slice() {
         _ if !rollups => None,
@@ -254,10 +270,15 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     let Some(family) = family else {
         let plan = Plan {
             site_id: query.site_id.clone(),
+            reads: Vec::new(),
+            spans: Vec::new(),
+            bound_spans: Vec::new(),
             raw: vec![(query.start, query.end)],
+            fine_days: None,
+            any_name,
+            raw_vids: false,
             raw_props,
             raw_needles,
-            ..Plan::default()
         };
         let agg = Aggregator {
             query,
@@ -342,18 +363,18 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         site_id: query.site_id.clone(),
         reads,
         fine_days,
-        spans: spans_of(
-            owners.keys().copied().chain(
-                bound_months
-                    .iter()
-                    .map(|&bucket| Piece {
-                        level: Level::Month,
-                        bucket,
-                    })
-                    .filter(|p| !owners.contains_key(p)),
-            ),
+        spans: spans_of(owners.keys().copied()),
+        bound_spans: spans_of(
+            bound_months
+                .iter()
+                .map(|&bucket| Piece {
+                    level: Level::Month,
+                    bucket,
+                })
+                .filter(|p| !owners.contains_key(p)),
         ),
         raw: slivers.iter().map(|&(a, b, _)| (a, b)).collect(),
+        any_name,
         raw_vids: true,
         raw_props,
         raw_needles,
@@ -551,9 +572,11 @@ impl Aggregator {
         }
         let group = self.groups.entry(key).or_default();
         group.events += row.events;
-        if row.name == PAGEVIEW {
-            group.pageviews += row.events;
-        }
+        group.pageviews += match row.pageviews {
+            Some(n) => n,
+            None if row.name == PAGEVIEW => row.events,
+            None => 0,
+        };
         if cardinality > 0 {
             let v = &mut group.visitors;
             v.pending_max = v.pending_max.max(cardinality);

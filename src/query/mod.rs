@@ -25,7 +25,7 @@ use std::cmp::Ordering;
 
 use serde_json::Value;
 
-use crate::event::Event;
+use crate::event::{Event, SiteId};
 pub use parse::{QueryError, Request, parse_request};
 pub use time::{TimeGrain, Zone};
 
@@ -257,7 +257,7 @@ pub enum OrderKey {
 /// A resolved query: every default filled in, the range as UTC instants.
 #[derive(Debug, Clone)]
 pub struct Query {
-    pub site_id: String,
+    pub site_id: SiteId,
     pub metrics: Vec<Metric>,
     pub zone: Zone,
     /// `[start, end)` in epoch milliseconds.

@@ -15,7 +15,7 @@ use super::{
     Condition, Dim, Dimension, Direction, Filter, FilterOp, MAX_BUCKETS, MAX_ROWS, Metric,
     OrderKey, PAGEVIEW, PLAUSIBLE_PAGEVIEW, Query, VISIT_FIELDS,
 };
-use crate::event::{MAX_NAME_CHARS, MAX_PROP_KEY_CHARS};
+use crate::event::{MAX_NAME_CHARS, MAX_PROP_KEY_CHARS, SiteId};
 
 /// Bounds on what one request may ask.
 pub const MAX_FILTER_DEPTH: usize = 8;
@@ -95,7 +95,7 @@ enum DimSpec {
 /// A validated request, not yet resolved against the clock.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub site_id: String,
+    pub site_id: SiteId,
     pub range: RangeSpec,
     metrics: Vec<Metric>,
     zone: Zone,
@@ -133,19 +133,14 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
                 "`site_id` is required",
             ));
         }
-        Some(Value::String(s))
-            if !s.is_empty()
-                && s.chars().nth(MAX_NAME_CHARS).is_none()
-                && !s.chars().any(char::is_control) =>
-        {
-            s.clone()
+        // The rules of the events' own `site_id`.
+        Some(Value::String(s)) => {
+            SiteId::parse(s.as_str()).map_err(|e| QueryError::invalid("site_id", e.message))?
         }
         Some(_) => {
             return Err(QueryError::invalid(
                 "site_id",
-                format!(
-                    "`site_id` must be 1-{MAX_NAME_CHARS} characters without control characters"
-                ),
+                format!("`site_id` must be a string of 1-{MAX_NAME_CHARS} characters"),
             ));
         }
     };
@@ -337,7 +332,7 @@ impl Request {
             include.insert("time_labels".into(), true.into());
         }
         let echo = json!({
-            "site_id": self.site_id,
+            "site_id": self.site_id.as_str(),
             "metrics": self.metrics.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "date_range": [zone.format_instant(start), zone.format_instant(end - SECOND_MS)],
             "timezone": zone.name(),

@@ -10,6 +10,7 @@ use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
+use crate::event::{EventName, FieldError, SiteId};
 use crate::stats::{DEFAULT_EVENT_TYPE, DEFAULT_LIMIT, MAX_LIMIT, StatsQuery};
 use crate::store::StoreError;
 
@@ -26,24 +27,20 @@ pub fn parse_query(
         ApiError::bad_request("missing_parameter", format!("`{p}` is required")).with_field(p)
     };
     let invalid = |p: &str, m: String| ApiError::bad_request("invalid_parameter", m).with_field(p);
-    let name = |p: &str, v: &str| -> Result<String, ApiError> {
-        if v.is_empty() || v.chars().count() > 100 || v.chars().any(char::is_control) {
-            return Err(invalid(
-                p,
-                format!("`{p}` must be 1-100 characters without control characters"),
-            ));
-        }
-        Ok(v.to_owned())
-    };
+    // The same rules as the events' own fields; only the error code says
+    // that a query parameter was wrong.
+    let reword = |p: &str, e: FieldError| invalid(p, e.message);
     let site_id = match params.get("site_id") {
         None => return Err(missing("site_id")),
         Some(v) if v.is_empty() => return Err(missing("site_id")),
-        Some(v) => name("site_id", v)?,
+        Some(v) => SiteId::parse(v.as_str()).map_err(|e| reword("site_id", e))?,
     };
-    let event_type = match params.get("event_type") {
-        None => DEFAULT_EVENT_TYPE.to_owned(),
-        Some(v) => name("event_type", v)?,
-    };
+    let event_type = EventName::parse(
+        params
+            .get("event_type")
+            .map_or(DEFAULT_EVENT_TYPE, String::as_str),
+    )
+    .map_err(|e| reword("event_type", e))?;
     let date = match params.get("date") {
         None => today,
         Some(v) => {

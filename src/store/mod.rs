@@ -98,7 +98,8 @@ pub trait EventSink: Send + Sync + 'static {
 pub trait QueryStore: Send + Sync + 'static {
     /// Reads what the plan names, in one consistent snapshot, into `agg`:
     /// each rollup row of `plan.reads` × `plan.spans` of the site
-    /// ([`Aggregator::add_row`]) and each raw event of the site in
+    /// ([`Aggregator::add_row`]), and of `plan.bound_spans` if it chooses
+    /// to, and each raw event of the site in
     /// `plan.raw` ([`Aggregator::add_event`]), with its visitor id when
     /// `plan.raw_vids`. Raw events not yet counted in the rollups are left
     /// out, so that rollups and raw events agree. A store that hands rows'

@@ -16,7 +16,9 @@
 //!
 //! Rollups ([`crate::rollup`]) live in the collection `rollups`, one document
 //! per (site, dimension, level, bucket, name, value) with its number of
-//! events and its visitors' bitmap; visitor ids come from `visitor_ids`
+//! events and its visitors' bitmap, and at the day and month levels one
+//! more per (site, dimension, level, bucket, value) of every name together
+//! ([`ANY_NAME_LEVELS`]); visitor ids come from `visitor_ids`
 //! (one document per site and visitor) and per-site counters in
 //! `visitor_counters`. [`MongoStore::fold`] counts pending events into them
 //! in one multi-document transaction, which also takes them out of
@@ -45,8 +47,9 @@
 //! Queries are answered by the query engine ([`crate::query::engine`]) from
 //! the rollups, read through the index `evtrack_rollups`, and from the raw
 //! events of the slivers no bucket covers (or of the whole range, for
-//! filters the rollups cannot serve) through `(site_id, timestamp)`. Raw
-//! events still pending are left out, as are their counts in the rollups.
+//! filters the rollups cannot serve) through `(site_id, timestamp)`, all in
+//! one read-only snapshot transaction. Raw events still pending are left
+//! out, as are their counts in the rollups.
 //! Reads carry a server-side time limit (`maxTimeMS`): a slow query is
 //! stopped by the server rather than left running after its client gave up.
 
@@ -55,7 +58,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::TryStreamExt;
 use mongodb::bson::{Binary, Bson, DateTime, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::{
@@ -65,7 +67,7 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
 use crate::event::{Event, EventId, EventName, SiteId};
-use crate::query::engine::{Aggregator, Bits, Plan, RollupRead, RowRef};
+use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, DayState, Deltas, Density, Level, RowKey, SiteDays};
 
 pub const COLLECTION: &str = "events";
@@ -85,8 +87,23 @@ pub const ROLLUP_INDEX: &str = "evtrack_rollups";
 const FOLD_STATE: &str = "fold";
 /// The layout of the rollups this evtrack folds (in the state document): a
 /// database folded by another layout is reset at start-up. 2: sparse days
-/// (`site_days`).
-const ROLLUP_VERSION: i32 = 2;
+/// (`site_days`); 3: rows of every name together ([`ANY_NAME_LEVELS`]).
+const ROLLUP_VERSION: i32 = 3;
+/// The levels at which a fold also keeps, per (dimension, value, bucket),
+/// one row of every event name together, with its page views
+/// (`pageviews`), under the dimension [`any_name_dim`] and the name `""`.
+/// A query that looks at no name (top pages, totals, a daily series)
+/// reads those: one document per page and day instead of one per page,
+/// name and day. A server's cost is per document read, and these levels
+/// serve every range of whole days; hours and quarters, which serve only
+/// a range's edges, are many more documents for little gain.
+const ANY_NAME_LEVELS: [Level; 2] = [Level::Day, Level::Month];
+
+/// The dimension of the rows of every name together (no dimension starts
+/// with `any:`).
+fn any_name_dim(dim: &str) -> String {
+    format!("any:{dim}")
+}
 const DUPLICATE_KEY: i32 = 11000;
 /// The server's code for an operation stopped by `maxTimeMS`.
 const MAX_TIME_EXPIRED: i32 = 50;
@@ -391,10 +408,10 @@ fn bucket_reads(plan: &Plan) -> Vec<(Level, Buckets)> {
 /// value's rows of those buckets are read, and the aggregator keeps those
 /// that pass the query's filters. (A condition on `value` kept the test's
 /// stand-in server off the index altogether.)
-fn rollup_filter(site_id: &str, read: &RollupRead, level: Level, buckets: &Buckets) -> Document {
+fn rollup_filter(site_id: &str, dim: &str, level: Level, buckets: &Buckets) -> Document {
     let mut filter = doc! {
         "site_id": site_id,
-        "dim": &read.dim,
+        "dim": dim,
         "level": level.code(),
     };
     match buckets {
@@ -419,14 +436,12 @@ pub async fn explain_reads(
     start: i64,
     end: i64,
 ) -> mongodb::error::Result<Vec<Document>> {
-    let read = RollupRead {
-        dim: rollup::DIM_PAGE.into(),
-        values: Some(vec!["/".into()]),
-    };
+    let page = rollup::DIM_PAGE;
     let finds = [
         doc! {"find": COLLECTION, "filter": raw_filter(site_id, start, end)},
-        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, &read, Level::Day, &Buckets::Range(start, end))},
-        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, &read, Level::Hour,
+        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, page, Level::Day, &Buckets::Range(start, end))},
+        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, &any_name_dim(page), Level::Day, &Buckets::Range(start, end))},
+        doc! {"find": ROLLUPS, "filter": rollup_filter(site_id, page, Level::Hour,
         &Buckets::Starts(vec![start, start + 2 * crate::query::time::HOUR_MS]))},
         doc! {"find": COLLECTION, "filter": pending_filter(), "sort": {"pending": 1, "_id": 1},
         "hint": PENDING_INDEX, "limit": 10},
@@ -439,6 +454,41 @@ pub async fn explain_reads(
         );
     }
     Ok(plans)
+}
+
+/// A rollup row a fold adds to: its `_id`, key, and what the fold adds.
+struct FoldRow<'a> {
+    id: String,
+    key: RowKey<'a>,
+    events: u64,
+    /// Rows of every name together only.
+    pageviews: Option<u64>,
+    visitors: &'a roaring::RoaringBitmap,
+}
+
+/// A fold's rows of every name together ([`ANY_NAME_LEVELS`]), keyed by
+/// site, dimension ([`any_name_dim`]), level, bucket and value: events,
+/// page views and visitors. Made from the fold's own deltas, so they follow
+/// the same density rules and backfills as the rows by name.
+type AnyNameRows<'a> =
+    HashMap<(&'a str, String, Level, i64, &'a str), (u64, u64, roaring::RoaringBitmap)>;
+
+fn any_name_rows(deltas: &Deltas) -> AnyNameRows<'_> {
+    let mut rows: AnyNameRows<'_> = HashMap::new();
+    for (k, events, visitors) in deltas.rows() {
+        if !ANY_NAME_LEVELS.contains(&k.level) {
+            continue;
+        }
+        let row = rows
+            .entry((k.site_id, any_name_dim(k.dim), k.level, k.bucket, k.value))
+            .or_default();
+        row.0 += events;
+        if k.name == crate::query::PAGEVIEW {
+            row.1 += events;
+        }
+        row.2 |= visitors;
+    }
+    rows
 }
 
 /// What a reset batch may do.
@@ -985,60 +1035,100 @@ impl MongoStore {
         }
         run_updates(&self.db, SITE_DAYS, day_statements, session).await?;
         // Read the rows this fold changes, merge, write back.
-        let rows: Vec<(String, RowKey<'_>, u64, &roaring::RoaringBitmap)> = deltas
+        let any_name = any_name_rows(&deltas);
+        let rows: Vec<FoldRow<'_>> = deltas
             .rows()
-            .map(|(k, n, b)| (rollup_id(&k), k, n, b))
+            .map(|(key, events, visitors)| FoldRow {
+                id: rollup_id(&key),
+                key,
+                events,
+                pageviews: None,
+                visitors,
+            })
+            .chain(
+                any_name
+                    .iter()
+                    .map(|((site_id, dim, level, bucket, value), row)| {
+                        let key = RowKey {
+                            site_id,
+                            dim,
+                            level: *level,
+                            bucket: *bucket,
+                            value,
+                            name: "",
+                        };
+                        FoldRow {
+                            id: rollup_id(&key),
+                            key,
+                            events: row.0,
+                            pageviews: Some(row.1),
+                            visitors: &row.2,
+                        }
+                    }),
+            )
             .collect();
-        let mut existing: HashMap<String, (i64, Vec<u8>)> = HashMap::new();
+        let mut existing: HashMap<String, Document> = HashMap::new();
         for chunk in rows.chunks(IN_CHUNK) {
-            let keys: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+            let keys: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
             let mut cursor = self
                 .rollups
                 .find(doc! {"_id": {"$in": keys}})
-                .projection(doc! {"events": 1, "visitors": 1})
+                .projection(doc! {"events": 1, "pageviews": 1, "visitors": 1})
                 .session(&mut *session)
                 .await?;
             while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-                let (Ok(id), Ok(bytes)) = (d.get_str("_id"), d.get_binary_generic("visitors"))
-                else {
-                    continue;
-                };
-                existing.insert(
-                    id.to_owned(),
-                    (number(&d, "events").unwrap_or(0), bytes.clone()),
-                );
+                if let Ok(id) = d.get_str("_id") {
+                    existing.insert(id.to_owned(), d.clone());
+                }
             }
         }
         // Rows new to the rollups are inserted (no other fold can insert
         // them meanwhile: folds take turns), the others updated.
         let mut inserts = Vec::new();
         let mut statements = Vec::new();
-        for (id, k, n, bitmap) in &rows {
-            let n = *n as i64;
+        for row in &rows {
+            let (id, k, n) = (&row.id, &row.key, row.events as i64);
             match existing.get(id) {
-                Some((events, old)) => {
-                    let mut merged = rollup::decode(old).ok_or_else(|| {
-                        mongodb::error::Error::custom(format!(
-                            "rollup {id:?} holds no roaring bitmap; rebuild the rollups"
-                        ))
-                    })?;
-                    merged |= *bitmap;
-                    statements.push(doc! {"q": {"_id": id}, "u": {"$set": {
-                        "events": events + n,
+                Some(old) => {
+                    let mut merged = old
+                        .get_binary_generic("visitors")
+                        .ok()
+                        .and_then(|b| rollup::decode(b))
+                        .ok_or_else(|| {
+                            mongodb::error::Error::custom(format!(
+                                "rollup {id:?} holds no roaring bitmap; rebuild the rollups"
+                            ))
+                        })?;
+                    merged |= row.visitors;
+                    let mut set = doc! {
+                        "events": number(old, "events").unwrap_or(0) + n,
                         "visitors": binary(rollup::encode(&merged)),
-                    }}});
+                    };
+                    if let Some(p) = row.pageviews {
+                        set.insert(
+                            "pageviews",
+                            number(old, "pageviews").unwrap_or(0) + p as i64,
+                        );
+                    }
+                    statements.push(doc! {"q": {"_id": id}, "u": {"$set": set}});
                 }
-                None => inserts.push(doc! {
-                    "_id": id,
-                    "site_id": k.site_id,
-                    "dim": k.dim,
-                    "level": k.level.code(),
-                    "bucket": k.bucket,
-                    "value": k.value,
-                    "name": k.name,
-                    "events": n,
-                    "visitors": binary(rollup::encode(bitmap)),
-                }),
+                None => {
+                    let mut d = doc! {
+                        "_id": id,
+                        "site_id": k.site_id,
+                        "dim": k.dim,
+                        "level": k.level.code(),
+                        "bucket": k.bucket,
+                        "value": k.value,
+                        "name": k.name,
+                        "events": n,
+                        "visitors": binary(rollup::encode(row.visitors)),
+                    };
+                    if let Some(p) = row.pageviews {
+                        d.insert("pageviews", p as i64);
+                    }
+                    inserts.push(d);
+                }
             }
         }
         for chunk in inserts.chunks(UPDATE_CHUNK) {
@@ -1121,102 +1211,25 @@ impl EventSink for MongoStore {
 
 #[async_trait]
 impl QueryStore for MongoStore {
-    async fn fetch(&self, plan: Plan, mut agg: Aggregator) -> Result<Aggregator, StoreError> {
-        // One limit for the whole answer: each read gets what the ones
-        // before it left.
-        let deadline = std::time::Instant::now() + self.query_timeout;
-        let left = || {
-            deadline
-                .checked_duration_since(std::time::Instant::now())
-                .filter(|d| d.as_millis() > 0)
-                .ok_or(StoreError::Timeout(self.query_timeout))
-        };
-        // What the days of the range keep, first: rows of the days read raw
-        // are ignored from then on, even if a fold makes them meanwhile.
-        let mut sparse = Vec::new();
-        if let Some((from, to)) = plan.fine_days {
-            let mut finest = HashMap::new();
-            let mut cursor = self
-                .site_days
-                .find(doc! {
-                    "site_id": &plan.site_id,
-                    "day": {"$gte": from, "$lte": to},
-                    "finest": {"$lt": Level::Month.code()},
-                })
-                .projection(doc! {"_id": 0, "day": 1, "finest": 1})
-                .max_time(left()?)
-                .await
-                .map_err(|e| self.read_error(e))?;
-            while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
-                if let (Some(day), Some(level)) = (
-                    number(&d, "day"),
-                    number(&d, "finest").and_then(Level::from_code),
-                ) {
-                    finest.insert(day, level);
-                }
-            }
-            sparse = agg.use_density(&finest);
-        }
-        let bucket_reads = bucket_reads(&plan);
-        for read in &plan.reads {
-            for (level, buckets) in &bucket_reads {
-                let level = *level;
-                let mut cursor = self
-                    .rollups
-                    .find(rollup_filter(&plan.site_id, read, level, buckets))
-                    .projection(doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1, "visitors": 1})
-                    .max_time(left()?)
-                    .await
-                    .map_err(|e| self.read_error(e))?;
-                while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
-                    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
-                        number(&d, "bucket"),
-                        d.get_str("value"),
-                        d.get_str("name"),
-                        d.get_binary_generic("visitors"),
-                    ) else {
-                        continue;
-                    };
-                    agg.add_row(RowRef {
-                        dim: &read.dim,
-                        level,
-                        bucket,
-                        value,
-                        name,
-                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
-                        visitors: Bits::Bytes(visitors),
-                    });
-                }
-            }
-        }
-        let mut raw = Vec::new();
-        for &(start, end) in plan.raw.iter().chain(&sparse) {
-            let mut cursor = self
-                .events
-                .find(raw_filter(&plan.site_id, start, end))
-                .max_time(left()?)
-                .await
-                .map_err(|e| self.read_error(e))?;
-            while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
-                if d.get_bool("pending") == Ok(true) {
-                    continue;
-                }
-                let Some(e) = from_document(&d) else { continue };
-                if !plan.raw_vids {
-                    agg.add_event(&e, None);
-                } else {
-                    raw.push(e);
-                }
-            }
-        }
-        if !raw.is_empty() {
-            let vids = self.known_vids(&plan.site_id, &raw, left()?).await?;
-            for e in &raw {
-                let vid = crate::query::visitor_of(e).and_then(|v| vids.get(v).copied());
-                agg.add_event(e, vid);
-            }
-        }
-        Ok(agg)
+    async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError> {
+        // Every read in one snapshot (a read-only transaction): the rows,
+        // the days' density and the raw events agree with one state of the
+        // store, whatever folds commit meanwhile.
+        let mut session = self
+            .client
+            .start_session()
+            .await
+            .map_err(|e| self.read_error(e))?;
+        session
+            .start_transaction()
+            .read_concern(ReadConcern::snapshot())
+            .await
+            .map_err(|e| self.read_error(e))?;
+        let result = self.fetch_in(&plan, agg, &mut session).await;
+        // Nothing was written: ending it either way only frees the server's
+        // snapshot.
+        let _ = session.abort_transaction().await;
+        result
     }
 
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
@@ -1237,6 +1250,138 @@ impl QueryStore for MongoStore {
 }
 
 impl MongoStore {
+    /// [`QueryStore::fetch`]'s reads, in `session`'s transaction.
+    async fn fetch_in(
+        &self,
+        plan: &Plan,
+        mut agg: Aggregator,
+        session: &mut ClientSession,
+    ) -> Result<Aggregator, StoreError> {
+        // One limit for the whole answer: each read gets what the ones
+        // before it left.
+        let deadline = std::time::Instant::now() + self.query_timeout;
+        let left = || {
+            deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| d.as_millis() > 0)
+                .ok_or(StoreError::Timeout(self.query_timeout))
+        };
+        // What the days of the range keep, first: rows of the days read raw
+        // are ignored from then on, even if a fold makes them meanwhile.
+        let mut sparse = Vec::new();
+        if let Some((from, to)) = plan.fine_days {
+            let mut finest = HashMap::new();
+            let mut cursor = self
+                .site_days
+                .find(doc! {
+                    "site_id": plan.site_id.as_str(),
+                    "day": {"$gte": from, "$lte": to},
+                    "finest": {"$lt": Level::Month.code()},
+                })
+                .projection(doc! {"_id": 0, "day": 1, "finest": 1})
+                .max_time(left()?)
+                .session(&mut *session)
+                .await
+                .map_err(|e| self.read_error(e))?;
+            while let Some(d) = cursor
+                .next(&mut *session)
+                .await
+                .transpose()
+                .map_err(|e| self.read_error(e))?
+            {
+                if let (Some(day), Some(level)) = (
+                    number(&d, "day"),
+                    number(&d, "finest").and_then(Level::from_code),
+                ) {
+                    finest.insert(day, level);
+                }
+            }
+            sparse = agg.use_density(&finest);
+        }
+        let bucket_reads = bucket_reads(plan);
+        for read in &plan.reads {
+            let any_dim = any_name_dim(&read.dim);
+            for (level, buckets) in &bucket_reads {
+                let level = *level;
+                let any_name = plan.any_name && ANY_NAME_LEVELS.contains(&level);
+                let dim = if any_name { &any_dim } else { &read.dim };
+                let mut cursor = self
+                    .rollups
+                    .find(rollup_filter(&plan.site_id, dim, level, buckets))
+                    .projection(
+                        doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1,
+                        "pageviews": 1, "visitors": 1},
+                    )
+                    .max_time(left()?)
+                    .session(&mut *session)
+                    .await
+                    .map_err(|e| self.read_error(e))?;
+                while let Some(d) = cursor
+                    .next(&mut *session)
+                    .await
+                    .transpose()
+                    .map_err(|e| self.read_error(e))?
+                {
+                    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
+                        number(&d, "bucket"),
+                        d.get_str("value"),
+                        d.get_str("name"),
+                        d.get_binary_generic("visitors"),
+                    ) else {
+                        continue;
+                    };
+                    agg.add_row(RowRef {
+                        dim: &read.dim,
+                        level,
+                        bucket,
+                        value,
+                        name,
+                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
+                        pageviews: any_name
+                            .then(|| number(&d, "pageviews").unwrap_or(0).max(0) as u64),
+                        visitors: Bits::Bytes(visitors),
+                    });
+                }
+            }
+        }
+        let mut raw = Vec::new();
+        for &(start, end) in plan.raw.iter().chain(&sparse) {
+            let mut cursor = self
+                .events
+                .find(raw_filter(&plan.site_id, start, end))
+                .max_time(left()?)
+                .session(&mut *session)
+                .await
+                .map_err(|e| self.read_error(e))?;
+            while let Some(d) = cursor
+                .next(&mut *session)
+                .await
+                .transpose()
+                .map_err(|e| self.read_error(e))?
+            {
+                if d.get_bool("pending") == Ok(true) {
+                    continue;
+                }
+                let Some(e) = from_document(&d) else { continue };
+                if !plan.raw_vids {
+                    agg.add_event(&e, None);
+                } else {
+                    raw.push(e);
+                }
+            }
+        }
+        if !raw.is_empty() {
+            let vids = self
+                .known_vids(&plan.site_id, &raw, left()?, session)
+                .await?;
+            for e in &raw {
+                let vid = crate::query::visitor_of(e).and_then(|v| vids.get(v).copied());
+                agg.add_event(e, vid);
+            }
+        }
+        Ok(agg)
+    }
+
     /// The dictionary ids of folded events' visitors (all of them are in the
     /// dictionary), from the cache or the server.
     async fn known_vids(
@@ -1244,6 +1389,7 @@ impl MongoStore {
         site_id: &str,
         events: &[Event],
         limit: Duration,
+        session: &mut ClientSession,
     ) -> Result<HashMap<String, u32>, StoreError> {
         let mut vids = HashMap::new();
         let mut missing = Vec::new();
@@ -1273,9 +1419,15 @@ impl MongoStore {
                 .visitor_ids
                 .find(doc! {"_id": {"$in": keys}})
                 .max_time(limit)
+                .session(&mut *session)
                 .await
                 .map_err(|e| self.read_error(e))?;
-            while let Some(d) = cursor.try_next().await.map_err(|e| self.read_error(e))? {
+            while let Some(d) = cursor
+                .next(&mut *session)
+                .await
+                .transpose()
+                .map_err(|e| self.read_error(e))?
+            {
                 if let (Ok(id), Some(vid)) = (d.get_str("_id"), number(&d, "vid"))
                     && let Some(visitor) = id
                         .strip_prefix(site_id)

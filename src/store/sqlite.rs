@@ -705,9 +705,9 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             "SELECT level, bucket, value, name, events, visitors, bitmap FROM rollups{index}
              WHERE site_id = ? AND dim = ? AND level = ? AND bucket >= ? AND bucket < ?{values_sql}"
         ))?;
-        for span in &plan.spans {
+        for span in plan.spans.iter().chain(&plan.bound_spans) {
             let mut args: Vec<rusqlite::types::Value> = vec![
-                plan.site_id.clone().into(),
+                plan.site_id.to_string().into(),
                 read.dim.clone().into(),
                 span.level.code().into(),
                 span.from.into(),
@@ -728,6 +728,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
                     value: r.get_ref(2)?.as_str()?,
                     name: r.get_ref(3)?.as_str()?,
                     events: r.get::<_, i64>(4)?.max(0) as u64,
+                    pageviews: None,
                     visitors: Bits::Stored {
                         cardinality: r.get::<_, i64>(5)?.max(0) as u64,
                         id: r.get(6)?,
@@ -761,7 +762,7 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
         ))?;
         for (start, end) in plan.raw.iter().chain(&sparse) {
             let mut args: Vec<rusqlite::types::Value> = vec![
-                plan.site_id.clone().into(),
+                plan.site_id.to_string().into(),
                 (*start).into(),
                 (*end).into(),
                 folded.into(),

@@ -105,9 +105,9 @@ fn event(value: Value) -> Event {
 
 fn query(site: &str) -> StatsQuery {
     StatsQuery {
-        site_id: site.into(),
+        site_id: site.parse().expect("valid"),
         date: NaiveDate::parse_from_str(DAY, "%Y-%m-%d").unwrap(),
-        event_type: "page_view".into(),
+        event_type: "page_view".parse().expect("valid"),
         limit: MAX_LIMIT,
     }
 }

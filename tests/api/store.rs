@@ -137,9 +137,9 @@ fn event(id: &str, site: &str, path: Option<&str>, user: Option<&str>, ts: i64) 
 
 fn query(site: &str, limit: u32) -> StatsQuery {
     StatsQuery {
-        site_id: site.into(),
+        site_id: site.parse().expect("valid"),
         date: NaiveDate::parse_from_str(DAY, "%Y-%m-%d").unwrap(),
-        event_type: "page_view".into(),
+        event_type: "page_view".parse().expect("valid"),
         limit,
     }
 }
@@ -253,7 +253,7 @@ async fn stats_match_the_reference_on_random_data(s: Subject) {
         }
     }
     let mut q = query("site", 10);
-    q.event_type = "click".into();
+    q.event_type = "click".parse().expect("valid");
     assert_eq!(stats(&s.store, &q).await, aggregate(&events, &q));
 }
 
@@ -462,12 +462,14 @@ async fn mongo_documents_follow_the_original_schema() {
     }
     // Every read a query or a fold makes uses its index: raw events by
     // (site, time), rollups by (site, dimension, level, bucket), by a range
-    // of buckets or a list, pending events by the partial index.
+    // of buckets (one name's rows and every name's) or a list, pending
+    // events by the partial index.
     let plans = evtrack::store::mongo::explain_reads(&client.database(&db), "s", t, t + 86_400_000)
         .await
         .unwrap();
     let indexes = [
         "evtrack_site_time",
+        evtrack::store::mongo::ROLLUP_INDEX,
         evtrack::store::mongo::ROLLUP_INDEX,
         evtrack::store::mongo::ROLLUP_INDEX,
         evtrack::store::mongo::PENDING_INDEX,

@@ -120,9 +120,9 @@ async fn two_workers_under_a_short_claim_timeout(delay: Duration, outage: Durati
     assert_eq!(store.inner.count_ids("slow", &ids).await.unwrap(), N as u64);
     crate::helpers::fold_all(&store.inner).await;
     let query = StatsQuery {
-        site_id: "slow".into(),
+        site_id: "slow".parse().expect("valid"),
         date: NaiveDate::from_ymd_opt(2025, 11, 23).unwrap(),
-        event_type: "page_view".into(),
+        event_type: "page_view".parse().expect("valid"),
         limit: 10,
     };
     let stats = evtrack::stats::compute(&store.inner, &query).await.unwrap();
