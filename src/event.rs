@@ -403,7 +403,8 @@ fn check_chars(s: &str, field: &str, max_chars: usize) -> Result<(), FieldError>
             format!("`{field}` must not be empty"),
         ));
     }
-    if s.chars().nth(max_chars).is_some() {
+    // At most as many characters as bytes: most ids are checked by length.
+    if s.len() > max_chars && s.chars().nth(max_chars).is_some() {
         return Err(FieldError::invalid(
             field,
             format!("`{field}` must be at most {max_chars} characters"),
@@ -424,13 +425,23 @@ fn check_text(s: &str, field: &str, max_bytes: usize) -> Result<(), FieldError> 
 }
 
 fn no_control(s: &str, field: &str) -> Result<(), FieldError> {
-    if s.chars().any(char::is_control) {
+    if has_control(s) {
         return Err(FieldError::invalid(
             field,
             format!("`{field}` must not contain control characters"),
         ));
     }
     Ok(())
+}
+
+/// Whether `s` holds a control character (`char::is_control`: U+0000 to
+/// U+001F and U+007F to U+009F), read from its bytes: U+0080 to U+009F are
+/// 0xC2 0x80 to 0xC2 0x9F in UTF-8, and 0xC2 is only ever a lead byte.
+fn has_control(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c < 0x20 || c == 0x7f || (c == 0xc2 && b.get(i + 1).is_some_and(|n| *n <= 0x9f))
+    })
 }
 
 fn check_props(map: &Map<String, Value>) -> Result<(), FieldError> {
@@ -502,6 +513,19 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_found_from_the_bytes_as_char_is_control_does() {
+        let mut samples: Vec<String> = (0u32..0x300)
+            .chain([0x2028, 0xfeff, 0x1f600])
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b"))
+            .collect();
+        samples.extend(["", "é\u{85}", "\u{9f}", "\u{a0}", "plain"].map(str::to_owned));
+        for s in samples {
+            assert_eq!(has_control(&s), s.chars().any(char::is_control), "{s:?}");
+        }
+    }
     use serde_json::json;
 
     const NOW: i64 = 1_763_916_271_123; // 2025-11-23T16:44:31.123Z
