@@ -15,7 +15,7 @@
 //! 15 minutes (an instant range at odd seconds, an offset of a zone's distant
 //! past) is read from the raw events.
 //!
-//! The dimensions each event is counted under ([`Deltas::add`]):
+//! The dimensions each event is counted under ([`Deltas::of`]):
 //! - `keys`: the sorted list of property keys it carries. Every event has
 //!   exactly one, so these rows are the totals; and an event lacks property
 //!   `k` exactly when its key list lacks `k`, which gives the exact `(none)`
@@ -395,7 +395,8 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 impl Deltas {
     /// Counts one event at some levels (a run of [`Level::ALL`], as
     /// [`DayState::levels`] and [`DayChange::backfill`] give), with its
-    /// visitor's id if it has a visitor.
+    /// visitor's id if it has a visitor: staged at the first level, in
+    /// [`Deltas::rows`] once [`Deltas::settle`] has run.
     fn add(&mut self, e: &Event, vid: Option<u32>, levels: &[Level]) {
         let (Some(&first), Some(&last)) = (levels.first(), levels.last()) else {
             return;

@@ -53,7 +53,9 @@ pub struct Plan {
     /// (see [`Aggregator::add_row`]): they let the aggregator decode fewer
     /// bitmaps. Optional: a store whose reads cost per row, not per byte,
     /// and that hands over bitmaps with their rows anyway (MongoDB), reads
-    /// fewer rows without them.
+    /// fewer rows without them, and then calls
+    /// [`Aggregator::without_month_bounds`] (the bound holds only with
+    /// every month the range overlaps read).
     pub bound_spans: Vec<Span>,
     /// Raw events of these ranges `[start, end)`.
     pub raw: Vec<(i64, i64)>,
@@ -127,7 +129,7 @@ impl Family {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Group {
     events: u64,
     pageviews: u64,
@@ -139,7 +141,7 @@ struct Group {
 /// list needs exact counts for its own rows only: for the rest, bounds
 /// (the largest bitmap, the sum of all) are enough to know they come later
 /// (see [`Aggregator::select`]).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Visitors {
     united: RoaringBitmap,
     pending: Vec<Pending>,
@@ -148,11 +150,15 @@ struct Visitors {
     pending_bytes: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Pending {
     Bytes(Vec<u8>),
     Stored(i64),
 }
+
+/// The longest top list (offset and limit) [`Aggregator::bounded_page_top`]
+/// reads page by page; longer ones read every page's rows.
+const MAX_BOUNDED_TOP: usize = 1_000;
 
 /// Bytes of undecoded bitmaps an aggregator holds at most; past it, groups
 /// are united as their rows come (as if every group were needed).
@@ -197,6 +203,7 @@ impl Visitors {
     }
 }
 
+#[derive(Clone)]
 enum Mode {
     /// Rollup rows, plus raw events in the slivers no bucket covers.
     Rollups {
@@ -222,7 +229,10 @@ enum Mode {
 /// A group's dimension values ([`row_dimensions`]) and totals.
 type LaidOut = (Vec<String>, Totals);
 
-/// Collects what a store reads into groups. See the module docs.
+/// Collects what a store reads into groups. See the module docs. A store
+/// that may have to read again (a transaction to retry) starts from a
+/// clone taken before its reads.
+#[derive(Clone)]
 pub struct Aggregator {
     query: Arc<Query>,
     mode: Mode,
@@ -460,6 +470,94 @@ fn spans_of(pieces: impl Iterator<Item = Piece>) -> Vec<Span> {
 }
 
 impl Aggregator {
+    /// For a store whose reads cost per row (MongoDB): the months to read
+    /// first when this query is a top list of pages by visitors that can be
+    /// answered from the rows of the pages that can make it only. Those
+    /// months' rows bound each page's visitors (their sum, across the
+    /// months the range overlaps, none of them whole); the store then reads
+    /// the pages' rows best bound first ([`Aggregator::bound_candidates`])
+    /// until [`Aggregator::top_is_settled`]. Only when every other read is
+    /// of whole rows of the pages' own (no raw events, no range edges of
+    /// finer levels, no `total_rows`, which counts every page).
+    pub fn bounded_page_top(&self) -> Option<Vec<i64>> {
+        let Mode::Rollups {
+            family: Family::Page,
+            owners,
+            raw_pieces,
+            slivers,
+            labels,
+            bound_months,
+        } = &self.mode
+        else {
+            return None;
+        };
+        let query = &self.query;
+        let visitors_first =
+            query.order_by.first() == Some(&(OrderKey::Metric(Metric::Visitors), Direction::Desc));
+        let whole_rows = slivers.is_empty()
+            && raw_pieces.is_empty()
+            && !owners.keys().any(|p| p.level == Level::Month);
+        (visitors_first
+            && whole_rows
+            && labels.len() == 1
+            && labels[0].is_none()
+            && !bound_months.is_empty()
+            && !query.include_total_rows
+            && query.offset.saturating_add(query.limit) <= MAX_BOUNDED_TOP)
+            .then(|| bound_months.clone())
+    }
+
+    /// How many rows the answer holds at most, counting its offset.
+    pub fn wanted(&self) -> usize {
+        self.query.offset.saturating_add(self.query.limit)
+    }
+
+    /// The pages the month rows read so far bound, with their bound: best
+    /// first, then by page.
+    pub fn bound_candidates(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .bounds
+            .iter()
+            .filter_map(|(k, &hi)| Some((k.value.clone()?, hi)))
+            .collect();
+        out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Whether the answer's rows are among the groups read so far, when
+    /// every group not read has at most `next` visitors: the answer's last
+    /// row, in visitors' order, has more. Counts the groups read exactly.
+    pub fn top_is_settled(&mut self, next: u64) -> bool {
+        let wanted = self.query.offset.saturating_add(self.query.limit);
+        let mut counts = Vec::with_capacity(self.groups.len());
+        for g in self.groups.values_mut() {
+            match g.visitors.count(&mut |_| None) {
+                Some(n) => counts.push(n),
+                None => {
+                    self.corrupt = true;
+                    return true;
+                }
+            }
+        }
+        if wanted == 0 {
+            return true;
+        }
+        if counts.len() < wanted {
+            return false;
+        }
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts[wanted - 1] > next
+    }
+
+    /// For a store that does not read [`Plan::bound_spans`]: month rows then
+    /// bound nothing, even those of whole months the range owns (the
+    /// visitors of some of a range's months are no bound on the range's).
+    pub fn without_month_bounds(&mut self) {
+        if let Mode::Rollups { bound_months, .. } = &mut self.mode {
+            bound_months.clear();
+        }
+    }
+
     /// Takes what the store keeps of the plan's `fine_days`: the finest
     /// level each day keeps rows of (a day absent keeps months only; see
     /// [`crate::rollup`], "Sparse days"). Returns the ranges `[start, end)`

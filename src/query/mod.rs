@@ -361,8 +361,10 @@ pub struct Row {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub rows: Vec<Row>,
-    /// Rows before pagination.
-    pub total_rows: usize,
+    /// Rows before pagination, when the query asks (`include.total_rows`):
+    /// an evaluator that reads only the groups that can make a top list
+    /// does not know it otherwise.
+    pub total_rows: Option<usize>,
     pub time_labels: Option<Vec<String>>,
 }
 
@@ -416,7 +418,7 @@ impl Answer {
         };
         Answer {
             rows,
-            total_rows,
+            total_rows: query.include_total_rows.then_some(total_rows),
             time_labels,
         }
     }
@@ -429,8 +431,8 @@ impl Answer {
             .map(|r| serde_json::json!({"metrics": r.metrics, "dimensions": r.dimensions}))
             .collect();
         let mut meta = serde_json::Map::new();
-        if query.include_total_rows {
-            meta.insert("total_rows".into(), self.total_rows.into());
+        if let Some(total_rows) = self.total_rows {
+            meta.insert("total_rows".into(), total_rows.into());
         }
         if let Some(labels) = &self.time_labels {
             meta.insert("time_labels".into(), labels.clone().into());

@@ -110,7 +110,8 @@ const MAX_TIME_EXPIRED: i32 = 50;
 const WRITE_CONFLICT: i32 = 112;
 /// Between site id and event id in `_id`.
 pub const ID_SEPARATOR: char = '\u{1f}';
-/// Events per fold transaction (up to some ten thousand rollup documents): a
+/// Events per fold transaction (up to some ten thousand rollup documents,
+/// those of every name together included): a
 /// transaction must stay well within the server's 60 s lifetime, its size
 /// limits and its cache (the test stand-in, SecantusDB, stalls a commit for
 /// good when a transaction outgrows its cache).
@@ -368,6 +369,24 @@ enum Buckets {
     Starts(Vec<i64>),
 }
 
+impl Buckets {
+    /// Every bucket start, at `level`.
+    fn starts(&self, level: Level) -> Vec<i64> {
+        match self {
+            Buckets::Starts(starts) => starts.clone(),
+            Buckets::Range(from, to) => {
+                let mut out = Vec::new();
+                let mut b = *from;
+                while b < *to {
+                    out.push(b);
+                    b = level.next(b);
+                }
+                out
+            }
+        }
+    }
+}
+
 /// Most bucket starts one read lists (`$in`); beyond, one read per run.
 const MAX_LISTED_BUCKETS: usize = 2_000;
 
@@ -456,6 +475,30 @@ pub async fn explain_reads(
     Ok(plans)
 }
 
+/// Hands one rollup document read for a query to the aggregator, as a row
+/// of `dim` (the query's dimension, also for rows of every name together,
+/// `any_name`, whose `pageviews` it reads).
+fn add_document(agg: &mut Aggregator, dim: &str, level: Level, any_name: bool, d: &Document) {
+    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
+        number(d, "bucket"),
+        d.get_str("value"),
+        d.get_str("name"),
+        d.get_binary_generic("visitors"),
+    ) else {
+        return;
+    };
+    agg.add_row(RowRef {
+        dim,
+        level,
+        bucket,
+        value,
+        name,
+        events: number(d, "events").unwrap_or(0).max(0) as u64,
+        pageviews: any_name.then(|| number(d, "pageviews").unwrap_or(0).max(0) as u64),
+        visitors: Bits::Bytes(visitors),
+    });
+}
+
 /// A rollup row a fold adds to: its `_id`, key, and what the fold adds.
 struct FoldRow<'a> {
     id: String,
@@ -489,6 +532,20 @@ fn any_name_rows(deltas: &Deltas) -> AnyNameRows<'_> {
         row.2 |= visitors;
     }
     rows
+}
+
+/// Why a query's reads in a transaction stopped.
+enum ReadFailure {
+    /// The server labelled it transient: the whole transaction may be run
+    /// again.
+    Retry(mongodb::error::Error),
+    Fail(StoreError),
+}
+
+impl From<StoreError> for ReadFailure {
+    fn from(e: StoreError) -> Self {
+        ReadFailure::Fail(e)
+    }
 }
 
 /// What a reset batch may do.
@@ -562,6 +619,16 @@ async fn run_updates(
 
 impl MongoStore {
     /// A read's error: its time limit, or the server's trouble.
+    /// A query's read failed: to retry if the server says its transaction
+    /// may succeed when run again.
+    fn read_failure(&self, e: mongodb::error::Error) -> ReadFailure {
+        if e.contains_label(TRANSIENT_TRANSACTION_ERROR) {
+            ReadFailure::Retry(e)
+        } else {
+            ReadFailure::Fail(self.read_error(e))
+        }
+    }
+
     fn read_error(&self, e: mongodb::error::Error) -> StoreError {
         if matches!(&*e.kind, ErrorKind::Command(c) if c.code == MAX_TIME_EXPIRED) {
             StoreError::Timeout(self.query_timeout)
@@ -1212,24 +1279,43 @@ impl EventSink for MongoStore {
 #[async_trait]
 impl QueryStore for MongoStore {
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError> {
-        // Every read in one snapshot (a read-only transaction): the rows,
-        // the days' density and the raw events agree with one state of the
-        // store, whatever folds commit meanwhile.
-        let mut session = self
-            .client
-            .start_session()
-            .await
-            .map_err(|e| self.read_error(e))?;
-        session
-            .start_transaction()
-            .read_concern(ReadConcern::snapshot())
-            .await
-            .map_err(|e| self.read_error(e))?;
-        let result = self.fetch_in(&plan, agg, &mut session).await;
-        // Nothing was written: ending it either way only frees the server's
-        // snapshot.
-        let _ = session.abort_transaction().await;
-        result
+        // One limit for the whole answer, retry included: each read gets
+        // what the ones before it left.
+        let deadline = std::time::Instant::now() + self.query_timeout;
+        let mut retried = false;
+        loop {
+            // Every read in one snapshot (a read-only transaction): the
+            // rows, the days' density and the raw events agree with one
+            // state of the store, whatever folds commit meanwhile.
+            let mut session = self
+                .client
+                .start_session()
+                .await
+                .map_err(|e| self.read_error(e))?;
+            session
+                .start_transaction()
+                .read_concern(ReadConcern::snapshot())
+                .await
+                .map_err(|e| self.read_error(e))?;
+            let result = self
+                .fetch_in(&plan, agg.clone(), deadline, &mut session)
+                .await;
+            // Nothing was written: ending it either way only frees the
+            // server's snapshot.
+            let _ = session.abort_transaction().await;
+            match result {
+                Ok(agg) => return Ok(agg),
+                Err(ReadFailure::Fail(e)) => return Err(e),
+                // Reads in a transaction are not retried by the driver; the
+                // server says when the whole transaction may succeed again
+                // (an election, a snapshot older than a new collection).
+                Err(ReadFailure::Retry(e)) if retried => return Err(self.read_error(e)),
+                Err(ReadFailure::Retry(e)) => {
+                    tracing::debug!(error = %e, "query transaction failed transiently; retrying");
+                    retried = true;
+                }
+            }
+        }
     }
 
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
@@ -1255,11 +1341,9 @@ impl MongoStore {
         &self,
         plan: &Plan,
         mut agg: Aggregator,
+        deadline: std::time::Instant,
         session: &mut ClientSession,
-    ) -> Result<Aggregator, StoreError> {
-        // One limit for the whole answer: each read gets what the ones
-        // before it left.
-        let deadline = std::time::Instant::now() + self.query_timeout;
+    ) -> Result<Aggregator, ReadFailure> {
         let left = || {
             deadline
                 .checked_duration_since(std::time::Instant::now())
@@ -1282,12 +1366,12 @@ impl MongoStore {
                 .max_time(left()?)
                 .session(&mut *session)
                 .await
-                .map_err(|e| self.read_error(e))?;
+                .map_err(|e| self.read_failure(e))?;
             while let Some(d) = cursor
                 .next(&mut *session)
                 .await
                 .transpose()
-                .map_err(|e| self.read_error(e))?
+                .map_err(|e| self.read_failure(e))?
             {
                 if let (Some(day), Some(level)) = (
                     number(&d, "day"),
@@ -1299,6 +1383,97 @@ impl MongoStore {
             sparse = agg.use_density(&finest);
         }
         let bucket_reads = bucket_reads(plan);
+        // A top list of pages by visitors over whole days: the month rows
+        // of every name together first (one document per page), then the
+        // rows of the pages that can make the list only, by `_id`.
+        if let [read] = plan.reads.as_slice()
+            && plan.any_name
+            && bucket_reads
+                .iter()
+                .all(|(level, _)| ANY_NAME_LEVELS.contains(level))
+            && let Some(months) = agg.bounded_page_top()
+        {
+            let any_dim = any_name_dim(&read.dim);
+            let mut cursor = self
+                .rollups
+                .find(rollup_filter(
+                    &plan.site_id,
+                    &any_dim,
+                    Level::Month,
+                    &Buckets::Starts(months),
+                ))
+                .projection(
+                    doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1,
+                    "pageviews": 1, "visitors": 1},
+                )
+                .max_time(left()?)
+                .session(&mut *session)
+                .await
+                .map_err(|e| self.read_failure(e))?;
+            while let Some(d) = cursor
+                .next(&mut *session)
+                .await
+                .transpose()
+                .map_err(|e| self.read_failure(e))?
+            {
+                add_document(&mut agg, &read.dim, Level::Month, true, &d);
+            }
+            let candidates = agg.bound_candidates();
+            let mut batch = agg.wanted().max(16);
+            let mut at = 0;
+            while at < candidates.len() {
+                let end = (at + batch).min(candidates.len());
+                let mut ids = Vec::new();
+                for (value, _) in &candidates[at..end] {
+                    for (level, buckets) in &bucket_reads {
+                        for bucket in buckets.starts(*level) {
+                            ids.push(rollup_id(&RowKey {
+                                site_id: &plan.site_id,
+                                dim: &any_dim,
+                                level: *level,
+                                bucket,
+                                value,
+                                name: "",
+                            }));
+                        }
+                    }
+                }
+                for chunk in ids.chunks(IN_CHUNK) {
+                    let mut cursor = self
+                        .rollups
+                        .find(doc! {"_id": {"$in": chunk}})
+                        .projection(
+                            doc! {"_id": 0, "level": 1, "bucket": 1, "value": 1, "name": 1,
+                            "events": 1, "pageviews": 1, "visitors": 1},
+                        )
+                        .max_time(left()?)
+                        .session(&mut *session)
+                        .await
+                        .map_err(|e| self.read_failure(e))?;
+                    while let Some(d) = cursor
+                        .next(&mut *session)
+                        .await
+                        .transpose()
+                        .map_err(|e| self.read_failure(e))?
+                    {
+                        if let Some(level) = number(&d, "level").and_then(Level::from_code) {
+                            add_document(&mut agg, &read.dim, level, true, &d);
+                        }
+                    }
+                }
+                at = end;
+                // Fewer round trips when the bounds are loose.
+                batch *= 2;
+                match candidates.get(at) {
+                    Some((_, next)) if !agg.top_is_settled(*next) => {}
+                    _ => break,
+                }
+            }
+            return Ok(agg);
+        }
+        // Its reads cost per document: the month rows that only bound
+        // visitors are not worth reading (see `Plan::bound_spans`).
+        agg.without_month_bounds();
         for read in &plan.reads {
             let any_dim = any_name_dim(&read.dim);
             for (level, buckets) in &bucket_reads {
@@ -1315,32 +1490,14 @@ impl MongoStore {
                     .max_time(left()?)
                     .session(&mut *session)
                     .await
-                    .map_err(|e| self.read_error(e))?;
+                    .map_err(|e| self.read_failure(e))?;
                 while let Some(d) = cursor
                     .next(&mut *session)
                     .await
                     .transpose()
-                    .map_err(|e| self.read_error(e))?
+                    .map_err(|e| self.read_failure(e))?
                 {
-                    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
-                        number(&d, "bucket"),
-                        d.get_str("value"),
-                        d.get_str("name"),
-                        d.get_binary_generic("visitors"),
-                    ) else {
-                        continue;
-                    };
-                    agg.add_row(RowRef {
-                        dim: &read.dim,
-                        level,
-                        bucket,
-                        value,
-                        name,
-                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
-                        pageviews: any_name
-                            .then(|| number(&d, "pageviews").unwrap_or(0).max(0) as u64),
-                        visitors: Bits::Bytes(visitors),
-                    });
+                    add_document(&mut agg, &read.dim, level, any_name, &d);
                 }
             }
         }
@@ -1352,12 +1509,12 @@ impl MongoStore {
                 .max_time(left()?)
                 .session(&mut *session)
                 .await
-                .map_err(|e| self.read_error(e))?;
+                .map_err(|e| self.read_failure(e))?;
             while let Some(d) = cursor
                 .next(&mut *session)
                 .await
                 .transpose()
-                .map_err(|e| self.read_error(e))?
+                .map_err(|e| self.read_failure(e))?
             {
                 if d.get_bool("pending") == Ok(true) {
                     continue;
@@ -1390,7 +1547,7 @@ impl MongoStore {
         events: &[Event],
         limit: Duration,
         session: &mut ClientSession,
-    ) -> Result<HashMap<String, u32>, StoreError> {
+    ) -> Result<HashMap<String, u32>, ReadFailure> {
         let mut vids = HashMap::new();
         let mut missing = Vec::new();
         {
@@ -1421,12 +1578,12 @@ impl MongoStore {
                 .max_time(limit)
                 .session(&mut *session)
                 .await
-                .map_err(|e| self.read_error(e))?;
+                .map_err(|e| self.read_failure(e))?;
             while let Some(d) = cursor
                 .next(&mut *session)
                 .await
                 .transpose()
-                .map_err(|e| self.read_error(e))?
+                .map_err(|e| self.read_failure(e))?
             {
                 if let (Ok(id), Some(vid)) = (d.get_str("_id"), number(&d, "vid"))
                     && let Some(visitor) = id

@@ -75,8 +75,65 @@ store_tests!(
     inserts_are_idempotent,
     the_same_event_id_on_two_sites_is_two_events,
     stats_match_the_reference_on_random_data,
-    empty_and_checks
+    empty_and_checks,
+    a_top_list_over_part_months_counts_every_month
 );
+
+/// A top list by visitors over a range that owns one whole month and parts
+/// of the two around it: month rows bound a page's visitors only when every
+/// month the range overlaps is read. Page `/a` has 100 visitors in late
+/// January and one in February, `/b` ten in February: the February rows
+/// alone would "bound" `/a` at 1 and put `/b` first.
+async fn a_top_list_over_part_months_counts_every_month(s: Subject) {
+    use evtrack::query::{engine, parse_request};
+    let at = |d: &str| {
+        chrono::DateTime::parse_from_rfc3339(d)
+            .unwrap()
+            .timestamp_millis()
+    };
+    let mut events = Vec::new();
+    for i in 0..100 {
+        let u = format!("jan-{i}");
+        events.push(event(
+            &u,
+            "s",
+            Some("/a"),
+            Some(&u),
+            at("2025-01-20T10:00:00Z"),
+        ));
+    }
+    events.push(event(
+        "feb-a",
+        "s",
+        Some("/a"),
+        Some("feb-a"),
+        at("2025-02-10T10:00:00Z"),
+    ));
+    for i in 0..10 {
+        let u = format!("feb-{i}");
+        events.push(event(
+            &u,
+            "s",
+            Some("/b"),
+            Some(&u),
+            at("2025-02-11T10:00:00Z"),
+        ));
+    }
+    s.store.insert(&events).await.unwrap();
+    crate::helpers::fold_all(&*s.store).await;
+    let request = parse_request(&serde_json::json!({
+        "site_id": "s", "metrics": ["visitors", "pageviews"],
+        "date_range": ["2025-01-15", "2025-03-15"], "dimensions": ["event:page"],
+        "pagination": {"limit": 1}
+    }))
+    .unwrap();
+    let query = Arc::new(request.resolve(at("2025-06-01T00:00:00Z"), None).unwrap());
+    let answer = engine::run(&*s.store, Arc::clone(&query)).await.unwrap();
+    assert_eq!(
+        answer.to_json(&query)["results"],
+        serde_json::json!([{"metrics": [101, 101], "dimensions": ["/a"]}])
+    );
+}
 
 /// The property test, with days on both sides of the rollups' density
 /// thresholds (see `evtrack::rollup`, "Sparse days"): the random data has
@@ -99,6 +156,23 @@ mod queries_match_the_reference_on_random_data {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mongo() {
         super::queries_match_the_reference_on_random_data(super::mongo_with(MIXED).await).await
+    }
+    /// Every day keeps day rows: top lists of pages over whole UTC days
+    /// are read page by page, best bound first (`Aggregator::bounded_page_top`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mongo_every_level() {
+        let s = super::mongo_with(Density::ALL_LEVELS).await;
+        super::queries_match_the_reference_on_random_data(s).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mongo_top_pages() {
+        let s = super::mongo_with(Density::ALL_LEVELS).await;
+        super::top_pages_match_the_reference(s).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_top_pages() {
+        let s = super::sqlite_with(Density::ALL_LEVELS).await;
+        super::top_pages_match_the_reference(s).await
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_every_level() {
@@ -595,6 +669,72 @@ async fn sqlite_files_keyed_by_event_id_alone_migrate() {
 /// 30 and 45 minutes and daylight saving, every dimension and grain, nested
 /// filters, orders, pages). Every answer must equal the in-memory
 /// reference over the raw events.
+/// Top lists of pages by visitors over whole UTC days, the queries a
+/// store may answer page by page from the month rows' bounds (MongoDB:
+/// `Aggregator::bounded_page_top`): pages of very different popularity,
+/// visitors returning across days and months, ranges within and across
+/// months, limits and offsets, filters on the page.
+async fn top_pages_match_the_reference(s: Subject) {
+    use evtrack::query::{engine, parse_request, reference};
+    use serde_json::json;
+    let mut rng = StdRng::seed_from_u64(0x70b5);
+    let base = day_start() - 60 * 86_400_000;
+    let span = 90 * 86_400_000i64;
+    let mut events = Vec::new();
+    for i in 0..1_500 {
+        // Page k about as often as 1/(k+1): a few popular ones, a long tail.
+        let page = (0..40)
+            .find(|k| rng.random_range(0..k + 2) == 0)
+            .unwrap_or(39);
+        let mut e = event(
+            &format!("t{i}"),
+            "site",
+            Some(&format!("/p{page}")),
+            Some(&format!("u{}", rng.random_range(0..120))),
+            base + rng.random_range(0..span),
+        );
+        if rng.random_range(0..5) == 0 {
+            e.event_type = "signup".parse().unwrap();
+        }
+        events.push(e);
+    }
+    for chunk in events.chunks(500) {
+        s.store.insert(chunk).await.unwrap();
+        crate::helpers::fold_all(&*s.store).await;
+    }
+    for n in 0..60 {
+        let a = base + rng.random_range(0..span);
+        let b = a + rng.random_range(0..45 * 86_400_000i64);
+        let day = |t: i64| {
+            chrono::DateTime::from_timestamp_millis(t)
+                .unwrap()
+                .format("%Y-%m-%d")
+                .to_string()
+        };
+        let mut body = json!({"site_id": "site", "metrics": ["visitors", "pageviews"],
+            "date_range": [day(a), day(b)], "dimensions": ["event:page"],
+            "pagination": {"limit": rng.random_range(1..12), "offset": rng.random_range(0..4)}});
+        if rng.random_range(0..3) == 0 {
+            body["filters"] = json!([["contains", "event:page", ["/p1"]]]);
+        }
+        if rng.random_range(0..3) == 0 {
+            body["order_by"] = json!([["visitors", "desc"], ["event:page", "desc"]]);
+        }
+        let query = Arc::new(
+            parse_request(&body)
+                .unwrap()
+                .resolve(base + 400 * 86_400_000, None)
+                .unwrap(),
+        );
+        let actual = engine::run(&*s.store, Arc::clone(&query)).await.unwrap();
+        assert_eq!(
+            actual,
+            reference::evaluate(&events, &query),
+            "query {n}: {body}"
+        );
+    }
+}
+
 async fn queries_match_the_reference_on_random_data(s: Subject) {
     use evtrack::query::{engine, parse_request, reference};
     use serde_json::{Value, json};
