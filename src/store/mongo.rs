@@ -622,7 +622,11 @@ impl MongoStore {
     /// A query's read failed: to retry if the server says its transaction
     /// may succeed when run again.
     fn read_failure(&self, e: mongodb::error::Error) -> ReadFailure {
-        if e.contains_label(TRANSIENT_TRANSACTION_ERROR) {
+        // No server to select is labelled transient too, but the driver
+        // has waited its whole server selection timeout already: a store
+        // that is down answers as such, at once.
+        let no_server = matches!(&*e.kind, ErrorKind::ServerSelection { .. });
+        if e.contains_label(TRANSIENT_TRANSACTION_ERROR) && !no_server {
             ReadFailure::Retry(e)
         } else {
             ReadFailure::Fail(self.read_error(e))
@@ -1301,15 +1305,22 @@ impl QueryStore for MongoStore {
                 .fetch_in(&plan, agg.clone(), deadline, &mut session)
                 .await;
             // Nothing was written: ending it either way only frees the
-            // server's snapshot.
-            let _ = session.abort_transaction().await;
+            // server's snapshot. After a failure the session is dropped
+            // instead (the driver ends its transaction in the background):
+            // a server that is gone would hold this answer up for another
+            // server selection timeout.
+            if result.is_ok() {
+                let _ = session.abort_transaction().await;
+            }
             match result {
                 Ok(agg) => return Ok(agg),
                 Err(ReadFailure::Fail(e)) => return Err(e),
                 // Reads in a transaction are not retried by the driver; the
                 // server says when the whole transaction may succeed again
                 // (an election, a snapshot older than a new collection).
-                Err(ReadFailure::Retry(e)) if retried => return Err(self.read_error(e)),
+                Err(ReadFailure::Retry(e)) if retried || std::time::Instant::now() >= deadline => {
+                    return Err(self.read_error(e));
+                }
                 Err(ReadFailure::Retry(e)) => {
                     tracing::debug!(error = %e, "query transaction failed transiently; retrying");
                     retried = true;
