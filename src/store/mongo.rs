@@ -475,30 +475,6 @@ pub async fn explain_reads(
     Ok(plans)
 }
 
-/// Hands one rollup document read for a query to the aggregator, as a row
-/// of `dim` (the query's dimension, also for rows of every name together,
-/// `any_name`, whose `pageviews` it reads).
-fn add_document(agg: &mut Aggregator, dim: &str, level: Level, any_name: bool, d: &Document) {
-    let (Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
-        number(d, "bucket"),
-        d.get_str("value"),
-        d.get_str("name"),
-        d.get_binary_generic("visitors"),
-    ) else {
-        return;
-    };
-    agg.add_row(RowRef {
-        dim,
-        level,
-        bucket,
-        value,
-        name,
-        events: number(d, "events").unwrap_or(0).max(0) as u64,
-        pageviews: any_name.then(|| number(d, "pageviews").unwrap_or(0).max(0) as u64),
-        visitors: Bits::Bytes(visitors),
-    });
-}
-
 /// A rollup row a fold adds to: its `_id`, key, and what the fold adds.
 struct FoldRow<'a> {
     id: String,
@@ -1405,30 +1381,10 @@ impl MongoStore {
             && let Some(months) = agg.bounded_page_top()
         {
             let any_dim = any_name_dim(&read.dim);
-            let mut cursor = self
-                .rollups
-                .find(rollup_filter(
-                    &plan.site_id,
-                    &any_dim,
-                    Level::Month,
-                    &Buckets::Starts(months),
-                ))
-                .projection(
-                    doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1,
-                    "pageviews": 1, "visitors": 1},
-                )
-                .max_time(left()?)
-                .session(&mut *session)
-                .await
-                .map_err(|e| self.read_failure(e))?;
-            while let Some(d) = cursor
-                .next(&mut *session)
-                .await
-                .transpose()
-                .map_err(|e| self.read_failure(e))?
-            {
-                add_document(&mut agg, &read.dim, Level::Month, true, &d);
-            }
+            let months = Buckets::Starts(months);
+            let filter = rollup_filter(&plan.site_id, &any_dim, Level::Month, &months);
+            self.read_rows(filter, &read.dim, true, &mut agg, left()?, session)
+                .await?;
             let candidates = agg.bound_candidates();
             let mut batch = agg.wanted().max(16);
             let mut at = 0;
@@ -1450,27 +1406,9 @@ impl MongoStore {
                     }
                 }
                 for chunk in ids.chunks(IN_CHUNK) {
-                    let mut cursor = self
-                        .rollups
-                        .find(doc! {"_id": {"$in": chunk}})
-                        .projection(
-                            doc! {"_id": 0, "level": 1, "bucket": 1, "value": 1, "name": 1,
-                            "events": 1, "pageviews": 1, "visitors": 1},
-                        )
-                        .max_time(left()?)
-                        .session(&mut *session)
-                        .await
-                        .map_err(|e| self.read_failure(e))?;
-                    while let Some(d) = cursor
-                        .next(&mut *session)
-                        .await
-                        .transpose()
-                        .map_err(|e| self.read_failure(e))?
-                    {
-                        if let Some(level) = number(&d, "level").and_then(Level::from_code) {
-                            add_document(&mut agg, &read.dim, level, true, &d);
-                        }
-                    }
+                    let filter = doc! {"_id": {"$in": chunk}};
+                    self.read_rows(filter, &read.dim, true, &mut agg, left()?, session)
+                        .await?;
                 }
                 at = end;
                 // Fewer round trips when the bounds are loose.
@@ -1491,25 +1429,9 @@ impl MongoStore {
                 let level = *level;
                 let any_name = plan.any_name && ANY_NAME_LEVELS.contains(&level);
                 let dim = if any_name { &any_dim } else { &read.dim };
-                let mut cursor = self
-                    .rollups
-                    .find(rollup_filter(&plan.site_id, dim, level, buckets))
-                    .projection(
-                        doc! {"_id": 0, "bucket": 1, "value": 1, "name": 1, "events": 1,
-                        "pageviews": 1, "visitors": 1},
-                    )
-                    .max_time(left()?)
-                    .session(&mut *session)
-                    .await
-                    .map_err(|e| self.read_failure(e))?;
-                while let Some(d) = cursor
-                    .next(&mut *session)
-                    .await
-                    .transpose()
-                    .map_err(|e| self.read_failure(e))?
-                {
-                    add_document(&mut agg, &read.dim, level, any_name, &d);
-                }
+                let filter = rollup_filter(&plan.site_id, dim, level, buckets);
+                self.read_rows(filter, &read.dim, any_name, &mut agg, left()?, session)
+                    .await?;
             }
         }
         let mut raw = Vec::new();
@@ -1548,6 +1470,58 @@ impl MongoStore {
             }
         }
         Ok(agg)
+    }
+
+    /// Reads the rollup documents `filter` selects into `agg`, as rows of
+    /// `dim` (the query's dimension, also for the rows of every name
+    /// together, `any_name`, whose `pageviews` it reads).
+    async fn read_rows(
+        &self,
+        filter: Document,
+        dim: &str,
+        any_name: bool,
+        agg: &mut Aggregator,
+        limit: Duration,
+        session: &mut ClientSession,
+    ) -> Result<(), ReadFailure> {
+        let mut cursor = self
+            .rollups
+            .find(filter)
+            .projection(
+                doc! {"_id": 0, "level": 1, "bucket": 1, "value": 1, "name": 1,
+                "events": 1, "pageviews": 1, "visitors": 1},
+            )
+            .max_time(limit)
+            .session(&mut *session)
+            .await
+            .map_err(|e| self.read_failure(e))?;
+        while let Some(d) = cursor
+            .next(&mut *session)
+            .await
+            .transpose()
+            .map_err(|e| self.read_failure(e))?
+        {
+            let (Some(level), Some(bucket), Ok(value), Ok(name), Ok(visitors)) = (
+                number(&d, "level").and_then(Level::from_code),
+                number(&d, "bucket"),
+                d.get_str("value"),
+                d.get_str("name"),
+                d.get_binary_generic("visitors"),
+            ) else {
+                continue;
+            };
+            agg.add_row(RowRef {
+                dim,
+                level,
+                bucket,
+                value,
+                name,
+                events: number(&d, "events").unwrap_or(0).max(0) as u64,
+                pageviews: any_name.then(|| number(&d, "pageviews").unwrap_or(0).max(0) as u64),
+                visitors: Bits::Bytes(visitors),
+            });
+        }
+        Ok(())
     }
 
     /// The dictionary ids of folded events' visitors (all of them are in the
