@@ -503,7 +503,7 @@ impl Aggregator {
             && labels[0].is_none()
             && !bound_months.is_empty()
             && !query.include_total_rows
-            && query.offset.saturating_add(query.limit) <= MAX_BOUNDED_TOP)
+            && self.wanted() <= MAX_BOUNDED_TOP)
             .then(|| bound_months.clone())
     }
 
@@ -528,7 +528,7 @@ impl Aggregator {
     /// every group not read has at most `next` visitors: the answer's last
     /// row, in visitors' order, has more. Counts the groups read exactly.
     pub fn top_is_settled(&mut self, next: u64) -> bool {
-        let wanted = self.query.offset.saturating_add(self.query.limit);
+        let wanted = self.wanted();
         let mut counts = Vec::with_capacity(self.groups.len());
         for g in self.groups.values_mut() {
             match g.visitors.count(&mut |_| None) {
@@ -785,7 +785,7 @@ impl Aggregator {
         let query = &*query;
         let groups = std::mem::take(&mut self.groups);
         let total_rows = groups.len().max(usize::from(query.dims.is_empty()));
-        let wanted = query.offset.saturating_add(query.limit);
+        let wanted = self.wanted();
         let needs_visitors = query.metrics.contains(&Metric::Visitors);
         let visitor_order = visitor_order(query);
         // Each group at its best place in the order (when visitors sort one
