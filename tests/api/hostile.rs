@@ -308,8 +308,9 @@ async fn a_stats_query_past_its_time_limit_is_answered_503() {
     let mut env = crate::helpers::TestEnv::new(Backend::RedisMongo);
     env.settings.stats_timeout_ms = 50;
     let app = crate::helpers::spawn_app_with(env, evtrack::startup::Role::All).await;
-    // Enough events that the stand-in's scan takes well over 50 ms.
-    let events: Vec<_> = (0..3_000)
+    // Enough events that the stand-in's scan takes well over 50 ms (about
+    // 0.9 s here).
+    let events: Vec<_> = (0..8_000)
         .map(|i| {
             evtrack::event::parse_event(
                 json!({"site_id": "slow", "event_type": "page_view", "path": format!("/{}", i % 50),
@@ -350,8 +351,11 @@ async fn a_stats_query_past_its_time_limit_is_answered_503() {
     let answer = run(&limited, query).await;
     let stopped_after = limited_started.elapsed();
     // Stopped by the server mid-scan, not answered after a whole first scan.
+    // The stand-in checks its limit between batches, so a stopped scan still
+    // takes about a third of a whole one here; 3/4 leaves room for a loaded
+    // machine (3,000 events and a half once failed at 86 ms against 147 ms).
     assert!(
-        stopped_after < unlimited / 2,
+        stopped_after < unlimited * 3 / 4,
         "{stopped_after:?} with a 50 ms limit, {unlimited:?} without"
     );
     assert!(
