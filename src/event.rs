@@ -30,6 +30,14 @@ const KNOWN_FIELDS: [&str; 7] = [
     "props",
 ];
 
+/// The name of an engagement event: activity of a visit (how far a page was
+/// scrolled, how long it was looked at), never an event of its own in any
+/// metric. Reserved: `/event` refuses it as an event type.
+pub const ENGAGEMENT: &str = "engagement";
+
+/// Most bytes of a context text field (a referrer is a URL: `MAX_PATH_BYTES`).
+pub const MAX_CONTEXT_BYTES: usize = 256;
+
 /// Declares a validated text id: made only by `parse` (or by deserializing,
 /// which parses), read as a `&str`.
 macro_rules! text_id {
@@ -162,6 +170,14 @@ pub struct Event {
     pub created_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub props: Option<Map<String, Value>>,
+    /// The cookieless visitor id ([`crate::visitor`]) of an event sent
+    /// without a `userid`; `None` when it has one (the `userid` is then its
+    /// visitor, see [`crate::query::visitor_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor: Option<String>,
+    /// Where it came from and on what ([`Context`]), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<Box<Context>>,
 }
 
 /// An [`Event`] as read, before the checks that are not in its field types.
@@ -178,6 +194,161 @@ pub struct EventFields {
     created_at: i64,
     #[serde(default)]
     props: Option<Map<String, Value>>,
+    #[serde(default)]
+    visitor: Option<String>,
+    #[serde(default)]
+    ctx: Option<Box<Context>>,
+}
+
+/// What is known of where an event came from and on what: found by the API
+/// in the request of a browser's event (`/api/event`: the User-Agent, the
+/// client's address, the page's URL and referrer), or sent as such by a
+/// server (`/event`). Every field is optional; the address itself is never
+/// kept. See [`crate::enrich`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Context {
+    /// The page's host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The referrer, without scheme and leading `www.`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+    /// Where the visitor came from: a known site's name, or the referrer's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm_medium: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm_campaign: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm_term: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub browser: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub browser_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os_version: Option<String>,
+    /// `Desktop`, `Mobile` or `Tablet`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// ISO 3166-1 alpha-2 code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// A custom event that leaves a one-page visit a bounce (Plausible's
+    /// `interactive: false`, e.g. a video that played by itself).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub non_interactive: bool,
+    /// Engagement events: how far down the page was scrolled, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scroll_depth: Option<u8>,
+    /// Engagement events: how long the page was visible and looked at, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engaged_ms: Option<u64>,
+}
+
+/// The text fields of a [`Context`], by their names on `/event`.
+macro_rules! context_texts {
+    ($m:ident) => {
+        $m!(
+            hostname,
+            referrer,
+            source,
+            utm_source,
+            utm_medium,
+            utm_campaign,
+            utm_content,
+            utm_term,
+            browser,
+            browser_version,
+            os,
+            os_version,
+            device,
+            country
+        )
+    };
+}
+
+impl Context {
+    /// The names `/event` accepts for these fields.
+    pub const FIELDS: [&'static str; 14] = {
+        macro_rules! names {
+            ($($f:ident),*) => { [$(stringify!($f)),*] };
+        }
+        context_texts!(names)
+    };
+
+    pub fn is_empty(&self) -> bool {
+        *self == Context::default()
+    }
+
+    /// A text field by its name in [`Context::FIELDS`].
+    pub fn text(&self, field: &str) -> Option<&str> {
+        macro_rules! get {
+            ($($f:ident),*) => {
+                match field {
+                    $(stringify!($f) => self.$f.as_deref(),)*
+                    _ => None,
+                }
+            };
+        }
+        context_texts!(get)
+    }
+
+    /// Sets a text field by its name in [`Context::FIELDS`]; `false` for
+    /// another name.
+    pub fn set_text(&mut self, field: &str, value: Option<String>) -> bool {
+        macro_rules! set {
+            ($($f:ident),*) => {
+                match field {
+                    $(stringify!($f) => { self.$f = value; true })*
+                    _ => false,
+                }
+            };
+        }
+        context_texts!(set)
+    }
+
+    /// The same checks as other text: bounded, no control characters.
+    fn check(&self) -> Result<(), FieldError> {
+        for field in Self::FIELDS {
+            if let Some(v) = self.text(field) {
+                let max = if field == "referrer" {
+                    MAX_PATH_BYTES
+                } else {
+                    MAX_CONTEXT_BYTES
+                };
+                check_text(v, field, max)?;
+            }
+        }
+        if self.scroll_depth.is_some_and(|d| d > 100) {
+            return Err(FieldError::invalid(
+                "scroll_depth",
+                "`scroll_depth` is a percentage, 0 to 100",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Event {
+    /// Whether it is an engagement event ([`ENGAGEMENT`]): activity of a
+    /// visit, not an event in any metric.
+    pub fn is_engagement(&self) -> bool {
+        self.event_type.as_str() == ENGAGEMENT
+    }
+
+    /// Its context, empty when none is known.
+    pub fn context(&self) -> &Context {
+        static EMPTY: std::sync::LazyLock<Context> = std::sync::LazyLock::new(Context::default);
+        self.ctx.as_deref().unwrap_or(&EMPTY)
+    }
 }
 
 impl TryFrom<EventFields> for Event {
@@ -195,6 +366,12 @@ impl TryFrom<EventFields> for Event {
         if let Some(props) = &f.props {
             check_props(props)?;
         }
+        if let Some(v) = &f.visitor {
+            check_text(v, "visitor", MAX_USERID_BYTES)?;
+        }
+        if let Some(ctx) = &f.ctx {
+            ctx.check()?;
+        }
         Ok(Event {
             id: f.id,
             site_id: f.site_id,
@@ -204,6 +381,8 @@ impl TryFrom<EventFields> for Event {
             ts: f.ts,
             created_at: f.created_at,
             props: f.props,
+            visitor: f.visitor,
+            ctx: f.ctx.filter(|c| !c.is_empty()),
         })
     }
 }
@@ -271,7 +450,10 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
     };
     // Unknown fields first: a misspelt `userId` must be reported as such, not
     // silently dropped (and not hidden behind some other error).
-    if let Some(key) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+    if let Some(key) = obj
+        .keys()
+        .find(|k| !KNOWN_FIELDS.contains(&k.as_str()) && !Context::FIELDS.contains(&k.as_str()))
+    {
         let hint = match key.to_ascii_lowercase().as_str() {
             "userid" | "user_id" => " (did you mean `userid`?)",
             "siteid" => " (did you mean `site_id`?)",
@@ -289,6 +471,12 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
 
     let site_id = SiteId::parse(name(obj.remove("site_id"), "site_id")?)?;
     let event_type = EventName::parse(name(obj.remove("event_type"), "event_type")?)?;
+    if event_type.as_str() == ENGAGEMENT {
+        return Err(FieldError::invalid(
+            "event_type",
+            "`engagement` is reserved for engagement events (send them to /api/event)",
+        ));
+    }
     let path = optional_text(obj.remove("path"), "path", MAX_PATH_BYTES)?;
     let userid = optional_text(obj.remove("userid"), "userid", MAX_USERID_BYTES)?;
     let ts = match obj.remove("timestamp") {
@@ -308,6 +496,18 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         }
         Some(_) => return Err(FieldError::wrong_type("props", "a JSON object")),
     };
+    // What a server says of its visitor's request, as the API would have
+    // found it from a browser's.
+    let mut ctx = Context::default();
+    for field in Context::FIELDS {
+        let max = if field == "referrer" {
+            MAX_PATH_BYTES
+        } else {
+            MAX_CONTEXT_BYTES
+        };
+        let value = optional_text(obj.remove(field), field, max)?.filter(|v| !v.is_empty());
+        ctx.set_text(field, value);
+    }
     Ok(Event {
         id,
         site_id,
@@ -317,6 +517,8 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
         ts,
         created_at: now_ms,
         props,
+        visitor: None,
+        ctx: (!ctx.is_empty()).then(|| Box::new(ctx)),
     })
 }
 

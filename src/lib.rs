@@ -5,6 +5,8 @@
 //! - [`routes`]: the HTTP API (`POST /event`, `POST /events`, `POST /api/v2/query`,
 //!   `GET /stats`, health).
 //! - [`event`]: the event model and its validation.
+//! - [`enrich`]: what a browser's request says of its visitor (browser,
+//!   device, country, source), and [`visitor`]: cookieless visitor ids.
 //! - [`queue`]: between the API and the worker (Redis Stream, or in-process).
 //! - [`worker`]: moves events from the queue into the store, in batches.
 //! - [`store`]: where events are kept (MongoDB, or SQLite), with their rollups.
@@ -20,6 +22,7 @@
 
 pub mod access;
 pub mod config;
+pub mod enrich;
 pub mod event;
 pub mod metrics;
 pub mod query;
@@ -32,4 +35,5 @@ pub mod startup;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod visitor;
 pub mod worker;

@@ -401,6 +401,10 @@ impl Deltas {
         let (Some(&first), Some(&last)) = (levels.first(), levels.last()) else {
             return;
         };
+        // Activity of a visit, never an event of its own.
+        if e.is_engagement() {
+            return;
+        }
         let (from, to) = (first as u8, last as u8 + 1);
         let bucket = first.start(e.ts);
         let site = self.strings.id(&e.site_id);

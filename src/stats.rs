@@ -103,11 +103,6 @@ pub fn sort_paths(paths: &mut [PathStats]) {
     });
 }
 
-/// A user counts when the event has a non-empty `userid`.
-pub fn counted_user(userid: Option<&str>) -> Option<&str> {
-    userid.filter(|u| !u.is_empty())
-}
-
 /// A path counts when the event has a non-empty `path`.
 pub fn counted_path(path: Option<&str>) -> Option<&str> {
     path.filter(|p| !p.is_empty())
@@ -123,13 +118,14 @@ pub fn aggregate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &StatsQ
     for e in events {
         if e.site_id != query.site_id
             || e.event_type != query.event_type
+            || e.is_engagement()
             || e.ts < start
             || e.ts >= end
         {
             continue;
         }
         total += 1;
-        let user = counted_user(e.userid.as_deref());
+        let user = crate::query::visitor_of(e);
         users.extend(user);
         if let Some(path) = counted_path(e.path.as_deref()) {
             let entry = per_path.entry(path).or_default();
@@ -231,6 +227,8 @@ mod tests {
             ts,
             created_at: ts,
             props: None,
+            visitor: None,
+            ctx: None,
         }
     }
 

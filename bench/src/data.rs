@@ -110,6 +110,8 @@ impl DayEvents {
                     ts,
                     created_at: ts + 150,
                     props: None,
+                    visitor: None,
+                    ctx: None,
                 }
             })
             .collect()

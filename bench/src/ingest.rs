@@ -205,6 +205,8 @@ async fn wait_worker(ctx: &mut Ctx, stream: &str, worker: &mut Proc) -> anyhow::
         ts: evtrack::event::now_ms(),
         created_at: evtrack::event::now_ms(),
         props: None,
+        visitor: None,
+        ctx: None,
     };
     let _: String = redis::cmd("XADD")
         .arg(stream)

@@ -134,6 +134,8 @@ impl Generator {
                     m.insert("plan".into(), json!(p));
                     m
                 }),
+                visitor: None,
+                ctx: None,
             });
         }
         out

@@ -699,7 +699,7 @@ impl Aggregator {
     /// id when the plan asked for ids.
     pub fn add_event(&mut self, e: &Event, vid: Option<u32>) {
         let query = &self.query;
-        if e.site_id != query.site_id || !query.matches(e) {
+        if e.site_id != query.site_id || e.is_engagement() || !query.matches(e) {
             return;
         }
         let (time, vid) = match &mut self.mode {

@@ -12,7 +12,8 @@
 //!
 //! What an event contributes, in one place ([`value_of`], [`visitor_of`]):
 //! `events` counts matched events, `pageviews` those named `page_view`,
-//! `visitors` the distinct non-empty `userid`s among them. A value an event
+//! `visitors` the distinct visitors among them (a non-empty `userid`, else
+//! the cookieless visitor id). Engagement events are none of these. A value an event
 //! lacks is `(none)`, for grouping and filtering alike.
 
 pub mod engine;
@@ -141,9 +142,13 @@ pub fn prop_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
-/// The visitor an event counts for, if any: its non-empty `userid`.
+/// The visitor an event counts for, if any: its non-empty `userid`, else
+/// its cookieless visitor id.
 pub fn visitor_of(e: &Event) -> Option<&str> {
-    e.userid.as_deref().filter(|u| !u.is_empty())
+    e.userid
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .or(e.visitor.as_deref())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,6 +17,9 @@ pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) 
         if e.site_id != query.site_id || e.ts < query.start || e.ts >= query.end {
             continue;
         }
+        if e.is_engagement() {
+            continue;
+        }
         if !query.matches(e) {
             continue;
         }
@@ -72,6 +75,8 @@ mod tests {
                 .timestamp_millis(),
             created_at: 0,
             props: props.as_object().cloned(),
+            visitor: None,
+            ctx: None,
         }
     }
 

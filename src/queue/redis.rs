@@ -165,6 +165,8 @@ pub struct Keys {
     pub dead: String,
     /// Payload bytes of the entries in `stream` (a string holding a number).
     pub bytes: String,
+    /// Before a UTC day number: that day's visitor salt ([`crate::visitor`]).
+    pub salt: String,
 }
 
 impl Keys {
@@ -173,6 +175,7 @@ impl Keys {
             stream: format!("{prefix}events"),
             dead: format!("{prefix}dead"),
             bytes: format!("{prefix}bytes"),
+            salt: format!("{prefix}salt:"),
         }
     }
 }
@@ -768,5 +771,45 @@ impl Consumer for RedisConsumer {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot leave the consumer group"),
             Err(_) => tracing::warn!("cannot leave the consumer group: redis did not answer"),
         }
+    }
+}
+
+#[async_trait]
+impl crate::visitor::SaltSource for RedisQueue {
+    /// One key per day, made with `SET NX` (the first process's salt is
+    /// everyone's) and expiring by itself at the end of the next day's
+    /// grace period: Redis deletes it, no process has to.
+    async fn salts(&self, now_ms: i64) -> Result<crate::visitor::Salts, crate::visitor::SaltError> {
+        use crate::visitor::{GRACE, Salt, SaltError, Salts, day_of};
+        let (day, grace) = day_of(now_ms);
+        let key = |d: i64| format!("{}{d}", self.keys.salt);
+        let expires = (day + 1) * crate::query::time::DAY_MS + GRACE.as_millis() as i64;
+        let fresh = Salt::random()?;
+        let mut conn = self.conn.clone();
+        let (today, yesterday): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::pipe()
+            .cmd("SET")
+            .arg(key(day))
+            .arg(fresh.0.as_slice())
+            .arg("NX")
+            .arg("PXAT")
+            .arg(expires)
+            .ignore()
+            .get(key(day))
+            .get(key(day - 1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| SaltError(e.to_string()))?;
+        Ok(Salts {
+            day,
+            current: today
+                .as_deref()
+                .and_then(Salt::from_slice)
+                .ok_or_else(|| SaltError("the day's salt is missing".into()))?,
+            previous: if grace {
+                yesterday.as_deref().and_then(Salt::from_slice)
+            } else {
+                None
+            },
+        })
     }
 }

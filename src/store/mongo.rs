@@ -315,6 +315,13 @@ pub fn to_document(e: &Event) -> Result<Document, String> {
         let props = mongodb::bson::to_bson(props).map_err(|err| format!("props: {err}"))?;
         d.insert("props", props);
     }
+    if let Some(v) = &e.visitor {
+        d.insert("visitor", v);
+    }
+    if let Some(ctx) = &e.ctx {
+        let ctx = mongodb::bson::to_bson(ctx).map_err(|err| format!("ctx: {err}"))?;
+        d.insert("ctx", ctx);
+    }
     Ok(d)
 }
 
@@ -347,6 +354,11 @@ pub fn from_document(d: &Document) -> Option<Event> {
             .map(|t| t.timestamp_millis())
             .unwrap_or(0),
         props,
+        visitor: text("visitor"),
+        ctx: match d.get("ctx") {
+            Some(Bson::Document(c)) => mongodb::bson::from_document(c.clone()).ok(),
+            _ => None,
+        },
     })
 }
 

@@ -189,6 +189,12 @@ pub const MIGRATIONS: &[&str] = &[
     // it (with many sites, a page per site and batch).
     "DROP INDEX events_identity;
     CREATE UNIQUE INDEX events_identity ON events (id, site_id);",
+    // 7: the cookieless visitor id of an event without a `userid`, and
+    // what is known of where it came from (`Context`, as JSON).
+    // The salts of cookieless visitor ids (`crate::visitor`), by UTC day.
+    "ALTER TABLE events ADD COLUMN visitor TEXT;
+    ALTER TABLE events ADD COLUMN ctx TEXT;
+    CREATE TABLE salts (day INTEGER PRIMARY KEY, salt BLOB NOT NULL);",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -421,8 +427,7 @@ macro_rules! sql_text_id {
 sql_text_id!(SiteId, EventId, EventName);
 
 /// Columns of an event row, in the order [`event_from_row`] reads them.
-const EVENT_COLUMNS: &str =
-    "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props";
+const EVENT_COLUMNS: &str = "e.id, e.site_id, e.event_type, e.path, e.userid, e.ts, e.created_at, e.props, e.visitor, e.ctx";
 
 fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event> {
     let props: Option<String> = r.get(first + 7)?;
@@ -436,7 +441,14 @@ fn event_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Event
         created_at: r.get(first + 6)?,
         // Written by `insert` from a JSON object; anything else is no props.
         props: props.and_then(|p| serde_json::from_str(&p).ok()),
+        visitor: r.get(first + 8)?,
+        ctx: context_from(r.get_ref(first + 9)?.as_str_or_null()?),
     })
+}
+
+/// A `ctx` column as written by `insert`; anything else is no context.
+fn context_from(text: Option<&str>) -> Option<Box<crate::event::Context>> {
+    text.and_then(|c| serde_json::from_str(c).ok())
 }
 
 /// One fold: up to `max` events past the watermark into the rollups, and
@@ -744,7 +756,8 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
         // is spent per row read.
         let vid = if plan.raw_vids { "v.vid" } else { "NULL" };
         let join = if plan.raw_vids {
-            "LEFT JOIN visitors v ON v.site_id = e.site_id AND v.visitor = e.userid"
+            "LEFT JOIN visitors v ON v.site_id = e.site_id
+             AND v.visitor = COALESCE(NULLIF(e.userid, ''), e.visitor)"
         } else {
             ""
         };
@@ -757,7 +770,8 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             needle_args.extend(any.iter().map(|v| v.clone().into()));
         }
         let mut stmt = tx.prepare(&format!(
-            "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid}, e.id FROM events e {join}
+            "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid}, e.id, e.visitor
+             FROM events e {join}
              WHERE e.site_id = ? AND e.ts >= ? AND e.ts < ? AND e.seq <= ?{needles_sql}"
         ))?;
         for (start, end) in plan.raw.iter().chain(&sparse) {
@@ -780,6 +794,8 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
                     ts: r.get(4)?,
                     created_at: 0,
                     props: props.and_then(|p| serde_json::from_str(p).ok()),
+                    visitor: r.get(8)?,
+                    ctx: None,
                 };
                 let vid: Option<i64> = r.get(6)?;
                 agg.add_event(&e, vid.and_then(|v| u32::try_from(v).ok()));
@@ -816,11 +832,12 @@ impl EventSink for SqliteStore {
             let mut outcomes = Vec::with_capacity(events.len());
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO events (site_id, id, event_type, path, userid, ts, created_at, props)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (site_id, id) DO NOTHING",
+                    "INSERT INTO events (site_id, id, event_type, path, userid, ts, created_at, props, visitor, ctx)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (site_id, id) DO NOTHING",
                 )?;
                 for e in &events {
                     let props = e.props.as_ref().map(|p| serde_json::Value::Object(p.clone()).to_string());
+                    let ctx = e.ctx.as_ref().and_then(|c| serde_json::to_string(c).ok());
                     let n = stmt.execute(params![
                         e.site_id,
                         e.id,
@@ -829,7 +846,9 @@ impl EventSink for SqliteStore {
                         e.userid,
                         e.ts,
                         e.created_at,
-                        props
+                        props,
+                        e.visitor,
+                        ctx
                     ])?;
                     outcomes.push(if n == 1 {
                         InsertOutcome::Inserted
@@ -950,6 +969,48 @@ impl StoreAdmin for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+#[async_trait]
+impl crate::visitor::SaltSource for SqliteStore {
+    async fn salts(&self, now_ms: i64) -> Result<crate::visitor::Salts, crate::visitor::SaltError> {
+        use crate::visitor::{Salt, SaltError, Salts, day_of};
+        let (day, grace) = day_of(now_ms);
+        let fresh = Salt::random()?;
+        let read = Self::with_conn(&self.writer, move |conn| {
+            // Deleted salts are overwritten in the file, not only unlinked
+            // (for the pages this connection frees from now on).
+            conn.pragma_update(None, "secure_delete", "FAST")?;
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO salts (day, salt) VALUES (?1, ?2) ON CONFLICT (day) DO NOTHING",
+                params![day, fresh.0.as_slice()],
+            )?;
+            let keep_from = if grace { day - 1 } else { day };
+            tx.execute("DELETE FROM salts WHERE day < ?1", [keep_from])?;
+            let mut stmt = tx.prepare("SELECT day, salt FROM salts WHERE day >= ?1")?;
+            let rows = stmt
+                .query_map([keep_from], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            tx.commit()?;
+            Ok(rows)
+        })
+        .await
+        .map_err(|e| SaltError(e.to_string()))?;
+        let find = |d: i64| {
+            read.iter()
+                .find(|(x, _)| *x == d)
+                .and_then(|(_, s)| Salt::from_slice(s))
+        };
+        Ok(Salts {
+            day,
+            current: find(day).ok_or_else(|| SaltError("the day's salt is missing".into()))?,
+            previous: if grace { find(day - 1) } else { None },
+        })
     }
 }
 
