@@ -81,6 +81,20 @@ ensure_secantusdb() {
     fi
 }
 
+# ensure_browser: Debian's Chromium (/usr/bin/chromium) and Node.js, and
+# tests/browser's npm packages at the versions of its package-lock.json
+# (playwright-core drives the browser; no browser is downloaded).
+ensure_browser() {
+    [ -x /usr/bin/chromium ] || apt_install chromium
+    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    local lock=tests/browser/package-lock.json stamp=tests/browser/node_modules/.installed-lock.json
+    if ! cmp -s "$lock" "$stamp"; then
+        echo "==> npm ci in tests/browser"
+        (cd tests/browser && npm ci --no-audit --no-fund --silent)
+        cp "$lock" "$stamp"
+    fi
+}
+
 # ensure_schemathesis: schemathesis (API fuzzing against the OpenAPI document)
 # in ./.venv-test; exports EVTRACK_SCHEMATHESIS unless already set.
 ensure_schemathesis() {

@@ -8,7 +8,9 @@
 #     skipped when EVTRACK_TEST_MONGO_URI points at an existing server (then no
 #     server is spawned) or when EVTRACK_SECANTUSD already names a secantusd-py.
 # and schemathesis (PyPI, ./.venv-test), which fuzzes the running API against
-# its OpenAPI document (tests/api/openapi.rs).
+# its OpenAPI document (tests/api/openapi.rs); and for the browser test
+# (tests/api/browser.rs) Debian's chromium with Node.js and the npm packages
+# of tests/browser/package-lock.json (playwright-core, Plausible's tracker).
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +20,7 @@ ensure_commands redis-server wrk strace
 ensure_postgres
 ensure_secantusdb
 ensure_schemathesis
+ensure_browser
 
 # DATA_DIR's default is ./data: a database committed there would be what
 # `cargo run --release` starts on in a fresh clone.

@@ -646,7 +646,7 @@ fn has_control(s: &str) -> bool {
     })
 }
 
-fn check_props(map: &Map<String, Value>) -> Result<(), FieldError> {
+pub fn check_props(map: &Map<String, Value>) -> Result<(), FieldError> {
     if map.len() > MAX_PROPS {
         return Err(FieldError::invalid(
             "props",

@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 pub const EVENTS_RECEIVED: &str = "events_received";
 pub const EVENTS_REJECTED: &str = "events_rejected";
 pub const EVENTS_QUEUED: &str = "events_queued";
+pub const EVENTS_DROPPED: &str = "events_dropped";
 pub const EVENTS_STORED: &str = "events_stored";
 pub const EVENTS_DUPLICATE: &str = "events_duplicate";
 pub const EVENTS_DEAD_LETTERED: &str = "events_dead_lettered";
@@ -63,6 +64,9 @@ pub struct Metrics {
     pub events_rejected: Family<ReasonLabel, Counter>,
     /// Events handed to the queue (202).
     pub events_queued: Counter,
+    /// Events answered 202 but not recorded, on purpose (a bot's, a site's
+    /// not allowed), by reason.
+    pub events_dropped: Family<ReasonLabel, Counter>,
     /// Events the worker wrote to the store for the first time.
     pub events_stored: Counter,
     /// Redeliveries the store already had (harmless, counted once stored).
@@ -95,6 +99,7 @@ impl Metrics {
             events_received: Counter::default(),
             events_rejected: Family::default(),
             events_queued: Counter::default(),
+            events_dropped: Family::default(),
             events_stored: Counter::default(),
             events_duplicate: Counter::default(),
             events_dead_lettered: Counter::default(),
@@ -122,6 +127,11 @@ impl Metrics {
             EVENTS_QUEUED,
             "Events accepted into the queue",
             m.events_queued.clone(),
+        );
+        r.register(
+            EVENTS_DROPPED,
+            "Events answered 202 but not recorded on purpose (bots, sites not allowed), by reason",
+            m.events_dropped.clone(),
         );
         r.register(
             EVENTS_STORED,
@@ -178,6 +188,14 @@ impl Metrics {
 
     pub fn reject(&self, reason: &str, events: u64) {
         self.events_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc_by(events);
+    }
+
+    pub fn drop_events(&self, reason: &str, events: u64) {
+        self.events_dropped
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })

@@ -29,6 +29,7 @@ use crate::routes::{AppState, InFlight, router};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::{Durability, SqliteOptions, SqliteStore};
+use crate::visitor::{SaltSource, VisitorIds};
 use crate::worker::{self, Liveness};
 
 /// How often stored events are counted into the rollups: what a query may
@@ -170,12 +171,15 @@ impl Application {
             Some(_) => Durability::Disk,
             None => Durability::Process,
         };
-        let store = open_store(&settings, durability).await?;
+        let (store, store_salts) = open_backend(&settings, durability).await?;
         let store_kind = store.kind();
         let shutdown = CancellationToken::new();
         let api_done = CancellationToken::new();
         let redis_err = |e: String| StartupError::new("REDIS_URL", e);
 
+        // Salts live where every API process reaches them: in Redis when
+        // there is one, else in the SQLite file.
+        let mut salts = store_salts;
         let (queue, worker): (Option<Arc<dyn Queue>>, Option<Worker>) = match &redis {
             None => {
                 let (queue, consumer) =
@@ -195,9 +199,11 @@ impl Application {
                 };
                 let queue: Option<Arc<dyn Queue>> = match role {
                     Role::Worker => None,
-                    _ => Some(Arc::new(
-                        RedisQueue::connect(config).await.map_err(redis_err)?,
-                    )),
+                    _ => {
+                        let queue = Arc::new(RedisQueue::connect(config).await.map_err(redis_err)?);
+                        salts = Some(Arc::clone(&queue) as Arc<dyn SaltSource>);
+                        Some(queue)
+                    }
                 };
                 (queue, worker)
             }
@@ -227,6 +233,18 @@ impl Application {
                     .map_err(|e| StartupError::new(setting, e.to_string()))?,
             ),
         };
+
+        // What the API needs before its first event: the User-Agent rules
+        // compiled (a tenth of a second), the day's salt read or made (in
+        // embedded mode from the same file the writer locks: a store busy
+        // at start-up does not fail the first requests).
+        let visitors = salts.map(|salts| Arc::new(VisitorIds::new(salts)));
+        if let Some(visitors) = &visitors {
+            let _ = tokio::task::spawn_blocking(crate::enrich::ua::warm_up).await;
+            if let Err(e) = visitors.prefetch(crate::event::now_ms()).await {
+                tracing::warn!(error = %e, "visitor salts not read at start-up; retried per request");
+            }
+        }
 
         let metrics = Arc::new(Metrics::new());
         let mut tasks = Tasks::new(shutdown.clone());
@@ -269,8 +287,8 @@ impl Application {
             ),
             _ => {}
         }
-        match (queue, listener) {
-            (Some(queue), Some(listener)) => {
+        match (queue, listener, visitors) {
+            (Some(queue), Some(listener), Some(visitors)) => {
                 let limit = settings.client_limit().map(Arc::new);
                 if let Some(limit) = &limit {
                     tasks.spawn(
@@ -290,6 +308,9 @@ impl Application {
                         settings.max_body_bytes_in_flight,
                     )),
                     stats_timeout: settings.stats_timeout(),
+                    proxies: settings.trusted_proxies.clone(),
+                    agents: Arc::new(crate::enrich::ua::Agents::default()),
+                    visitors,
                 };
                 let app = router(state, stats_origins);
                 let stop = shutdown.clone();
@@ -300,7 +321,7 @@ impl Application {
                     crate::server::serve(listener, app, stop).await;
                 });
             }
-            (None, Some(listener)) => {
+            (None, Some(listener), _) => {
                 let app = crate::routes::metrics::worker_router(metrics, liveness);
                 tasks.spawn(
                     "metrics server",
@@ -387,6 +408,15 @@ async fn open_store(
     settings: &Settings,
     durability: Durability,
 ) -> Result<Arc<dyn Store>, StartupError> {
+    Ok(open_backend(settings, durability).await?.0)
+}
+
+/// The store, and the salts of visitor ids when it keeps them (SQLite:
+/// embedded mode, one process).
+async fn open_backend(
+    settings: &Settings,
+    durability: Durability,
+) -> Result<(Arc<dyn Store>, Option<Arc<dyn SaltSource>>), StartupError> {
     match settings.mongo_uri() {
         Some(uri) => {
             let store = MongoStore::connect_with(
@@ -396,7 +426,7 @@ async fn open_store(
             )
             .await
             .map_err(|e| StartupError::new("MONGO_URI", e))?;
-            Ok(Arc::new(store))
+            Ok((Arc::new(store), None))
         }
         None => {
             let dir = settings.data_dir.clone();
@@ -409,7 +439,7 @@ async fn open_store(
                 .await
                 .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?
                 .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
-            Ok(Arc::new(store))
+            Ok((Arc::new(store.clone()), Some(Arc::new(store))))
         }
     }
 }

@@ -139,6 +139,11 @@ impl VisitorIds {
         Ok(salts)
     }
 
+    /// Reads (or makes) the salts of `now_ms` ahead of the first event.
+    pub async fn prefetch(&self, now_ms: i64) -> Result<(), SaltError> {
+        self.salts(now_ms).await.map(|_| ())
+    }
+
     /// The ids of the visitor at `ip` with `user_agent` on `site`, at `now_ms`.
     pub async fn ids(
         &self,

@@ -25,6 +25,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::browser::{Client, identify};
 use super::{ApiError, AppState, InFlight};
 use crate::event::{Event, now_ms, parse_event};
 use crate::ratelimit::retry_after_secs;
@@ -76,7 +77,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// promised: clients that declare large bodies and send nothing hold
 /// nothing. The reservation is returned with the bytes and released when
 /// the handler is done with them.
-async fn read_body(
+pub(super) async fn read_body(
     state: &AppState,
     request: Request,
     limit: usize,
@@ -164,7 +165,7 @@ async fn discard(body: &mut Body, mut seen: usize) {
     }
 }
 
-fn invalid_json(e: &serde_json::Error) -> ApiError {
+pub(super) fn invalid_json(e: &serde_json::Error) -> ApiError {
     ApiError::bad_request(
         "invalid_json",
         format!(
@@ -193,16 +194,16 @@ fn check_site(state: &AppState, event: &Event) -> Result<(), ApiError> {
 /// What one ingest request did, for the metrics: events read, events
 /// queued, and each refusal's code with how many events it covers.
 #[derive(Default)]
-struct Tally {
-    received: u64,
-    queued: u64,
-    rejected: Vec<(&'static str, u64)>,
+pub(super) struct Tally {
+    pub(super) received: u64,
+    pub(super) queued: u64,
+    pub(super) rejected: Vec<(&'static str, u64)>,
 }
 
 impl Tally {
     /// Records the request; an error that refused the request before its
     /// events could be counted (a bad body) counts as one event.
-    fn record<T>(mut self, state: &AppState, result: &Result<T, ApiError>) {
+    pub(super) fn record<T>(mut self, state: &AppState, result: &Result<T, ApiError>) {
         if let Err(e) = result {
             if self.received == 0 {
                 self.received = 1;
@@ -413,11 +414,14 @@ async fn accept_event(
     let _slot = state.limits.admit()?;
     let kind = body_kind(request.headers(), false)?;
     debug_assert_eq!(kind, BodyKind::Json);
+    let client = Client::of(state, &request);
     let (bytes, _room) = read_body(state, request, MAX_EVENT_BYTES).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid_json(&e))?;
     tally.received = 1;
-    let event = parse_event(value, now_ms())?;
+    let now = now_ms();
+    let mut event = parse_event(value, now)?;
     check_site(state, &event)?;
+    identify(state, &client, &mut event, now).await?;
     let id = event.id.clone();
     state.queue.enqueue(vec![event]).await?;
     tally.queued = 1;
@@ -434,6 +438,7 @@ async fn accept_events(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let _slot = state.limits.admit()?;
     let kind = body_kind(request.headers(), true)?;
+    let client = Client::of(state, &request);
     let (bytes, _room) = read_body(state, request, MAX_BATCH_BYTES).await?;
     let items = split_batch(&bytes, kind, tally)?;
     if items.is_empty() {
@@ -477,6 +482,9 @@ async fn accept_events(
             "accepted": 0, "ids": ids, "rejected": rejected,
         });
         return Ok((StatusCode::BAD_REQUEST, Json(body)));
+    }
+    for event in &mut events {
+        identify(state, &client, event, now).await?;
     }
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;

@@ -1,18 +1,22 @@
 //! HTTP routes and handlers.
 //!
 //! - `POST /event`, `POST /events`: [`ingest`]
+//! - `POST /api/event` (Plausible's Events API): [`browser`]
 //! - `POST /api/v2/query`: [`query`]
 //! - `GET /stats`: [`stats`]
 //! - `GET /health`, `GET /ready`: [`health`]
 //! - `GET /metrics`: [`metrics`]
 //! - `GET /openapi.json`: [`openapi`]
+//! - `GET /js/script.js`: the tracker, [`script`]
 
+pub mod browser;
 pub mod error;
 pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod openapi;
 pub mod query;
+pub mod script;
 pub mod stats;
 
 use std::sync::Arc;
@@ -49,6 +53,12 @@ pub struct AppState {
     pub limits: Arc<InFlight>,
     /// How long a stats query may take (`STATS_TIMEOUT_MS`).
     pub stats_timeout: Duration,
+    /// Who a request's client is (`TRUSTED_PROXIES`).
+    pub proxies: crate::ratelimit::TrustedProxies,
+    /// Parsed User-Agents.
+    pub agents: Arc<crate::enrich::ua::Agents>,
+    /// Cookieless visitor ids.
+    pub visitors: Arc<crate::visitor::VisitorIds>,
 }
 
 /// Global bounds on what clients hold at once, whatever the number of
@@ -164,7 +174,11 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         )
         .route(
             "/events",
-            with_cors(limited(post(ingest::post_events)), ingest_cors),
+            with_cors(limited(post(ingest::post_events)), ingest_cors.clone()),
+        )
+        .route(
+            "/api/event",
+            with_cors(limited(post(browser::post_api_event)), ingest_cors),
         );
     // Stats stay closed to other origins unless configured.
     let stats_cors_layer = stats_origins.map(|origins| {
@@ -197,6 +211,8 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::get_metrics))
         .route("/openapi.json", get(openapi::get_openapi))
+        .route("/js/script.js", get(script::get_script))
+        .route("/js/{name}", get(script::get_versioned))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(

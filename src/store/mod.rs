@@ -134,6 +134,9 @@ pub trait StoreAdmin: Send + Sync + 'static {
     async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError>;
     /// Total number of stored events.
     async fn count_all(&self) -> Result<u64, StoreError>;
+    /// A site's stored events, oldest first (by time, then id), at most
+    /// `limit` (tests and tooling; the base of a raw export).
+    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
     /// A short name for logs and `/ready`.
     fn kind(&self) -> &'static str;
 }

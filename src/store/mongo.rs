@@ -1664,6 +1664,21 @@ impl StoreAdmin for MongoStore {
             .map_err(unavailable)
     }
 
+    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        use futures::TryStreamExt;
+        let docs: Vec<Document> = self
+            .events
+            .find(doc! {"site_id": site_id})
+            .sort(doc! {"timestamp": 1, "event_id": 1})
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(docs.iter().filter_map(from_document).collect())
+    }
+
     fn kind(&self) -> &'static str {
         "mongodb"
     }

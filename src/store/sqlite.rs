@@ -967,6 +967,19 @@ impl StoreAdmin for SqliteStore {
         .await
     }
 
+    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let site = site_id.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::with_conn(&self.reader, move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e WHERE e.site_id = ?1 ORDER BY e.ts, e.id LIMIT ?2"
+            ))?;
+            stmt.query_map(params![site, limit], |r| event_from_row(r, 0))?
+                .collect()
+        })
+        .await
+    }
+
     fn kind(&self) -> &'static str {
         "sqlite"
     }

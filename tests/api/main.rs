@@ -3,6 +3,8 @@
 
 mod access;
 mod backends;
+mod browser;
+mod events_api;
 mod faults;
 mod helpers;
 mod hostile;
