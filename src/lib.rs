@@ -31,6 +31,7 @@ pub mod ratelimit;
 pub mod rollup;
 pub mod routes;
 pub mod server;
+pub mod session;
 pub mod startup;
 pub mod stats;
 pub mod store;
