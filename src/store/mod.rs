@@ -110,6 +110,15 @@ pub trait QueryStore: Send + Sync + 'static {
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
     /// The time (epoch ms) of the site's first stored event.
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError>;
+    /// The site's visits ([`crate::session`]) that start in `[start, end)`,
+    /// as folded so far (visits grow with the events folded after them).
+    /// Stopped with [`StoreError::Timeout`] past the query time limit.
+    async fn visits(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<crate::session::Visit>, StoreError>;
 }
 
 /// Keeping derived data, and what tests and tools ask.

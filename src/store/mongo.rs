@@ -78,6 +78,12 @@ pub const STATE: &str = "rollup_state";
 /// What each site's UTC day keeps (see `crate::rollup`, "Sparse days").
 pub const SITE_DAYS: &str = "site_days";
 const SITE_DAYS_INDEX: &str = "evtrack_site_days";
+/// Visits ([`crate::session`]), one document per visit, kept by the fold.
+pub const VISITS: &str = "visits";
+/// A visitor's visits by their end: what a fold looks up for new events.
+const VISITS_VISITOR_INDEX: &str = "evtrack_visits_visitor";
+/// A site's visits by their start: what queries read.
+const VISITS_START_INDEX: &str = "evtrack_visits_start";
 pub const DEFAULT_DATABASE: &str = "evtrack";
 const TIME_INDEX: &str = "evtrack_site_time";
 /// Partial index of the events not yet folded (`pending: true`).
@@ -87,8 +93,9 @@ pub const ROLLUP_INDEX: &str = "evtrack_rollups";
 const FOLD_STATE: &str = "fold";
 /// The layout of the rollups this evtrack folds (in the state document): a
 /// database folded by another layout is reset at start-up. 2: sparse days
-/// (`site_days`); 3: rows of every name together ([`ANY_NAME_LEVELS`]).
-const ROLLUP_VERSION: i32 = 3;
+/// (`site_days`); 3: rows of every name together ([`ANY_NAME_LEVELS`]);
+/// 4: visits ([`VISITS`]).
+const ROLLUP_VERSION: i32 = 4;
 /// The levels at which a fold also keeps, per (dimension, value, bucket),
 /// one row of every event name together, with its page views
 /// (`pageviews`), under the dimension [`any_name_dim`] and the name `""`.
@@ -155,6 +162,7 @@ pub struct MongoStore {
     visitor_counters: Collection<Document>,
     state: Collection<Document>,
     site_days: Collection<Document>,
+    visits: Collection<Document>,
     /// `maxTimeMS` of the stats queries.
     query_timeout: Duration,
     density: Density,
@@ -219,6 +227,7 @@ impl MongoStore {
             visitor_counters: db.collection(VISITOR_COUNTERS),
             state: db.collection(STATE),
             site_days: db.collection(SITE_DAYS),
+            visits: db.collection(VISITS),
             client,
             db,
             query_timeout,
@@ -259,6 +268,19 @@ impl MongoStore {
         store
             .site_days
             .create_index(index(doc! {"site_id": 1, "day": 1}, SITE_DAYS_INDEX))
+            .await
+            .map_err(indexes)?;
+        store
+            .visits
+            .create_index(index(
+                doc! {"site_id": 1, "visitor": 1, "end": 1},
+                VISITS_VISITOR_INDEX,
+            ))
+            .await
+            .map_err(indexes)?;
+        store
+            .visits
+            .create_index(index(doc! {"site_id": 1, "start": 1}, VISITS_START_INDEX))
             .await
             .map_err(indexes)?;
         let ready = store
@@ -803,7 +825,7 @@ impl MongoStore {
     /// other processes may hold them in their caches, and they stay right.
     async fn reset(&self) -> mongodb::error::Result<()> {
         self.set_ready(false).await?;
-        for collection in [&self.rollups, &self.site_days] {
+        for collection in [&self.rollups, &self.site_days, &self.visits] {
             loop {
                 let mut session = match self.reset_guard().await? {
                     Guard::Go(session) => *session,
@@ -1197,6 +1219,7 @@ impl MongoStore {
                 .await?;
         }
         run_updates(&self.db, ROLLUPS, statements, session).await?;
+        self.fold_visits(&events, session).await?;
         // The same snapshot's pending events up to `last`: exactly those read.
         self.events
             .update_many(
@@ -1206,6 +1229,97 @@ impl MongoStore {
             .session(&mut *session)
             .await?;
         Ok(Some((count, fresh, ids)))
+    }
+}
+
+/// A visit document's `_id`: site, visitor and first event, joined
+/// unambiguously (none of them holds the separator).
+fn visit_id(site_id: &str, visitor: &str, start: i64, start_id: &str) -> String {
+    format!("{site_id}{ID_SEPARATOR}{visitor}{ID_SEPARATOR}{start}{ID_SEPARATOR}{start_id}")
+}
+
+impl MongoStore {
+    /// Adds a fold's events to their visitors' visits (see
+    /// [`crate::session`]), in the fold's transaction: one read per
+    /// [`IN_CHUNK`] visitors, of the visits that end after each one's
+    /// earliest event less the gap and start before its latest plus the
+    /// gap (a visitor's visits do not overlap, so those are the ones its
+    /// events can reach).
+    async fn fold_visits(
+        &self,
+        events: &[Event],
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<()> {
+        use crate::session::{GAP_MS, Visit, fold_visitor};
+        let mut by_visitor: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
+        for e in events {
+            if let Some(v) = crate::query::visitor_of(e) {
+                by_visitor
+                    .entry((e.site_id.as_str(), v))
+                    .or_default()
+                    .push(e);
+            }
+        }
+        let groups: Vec<((&str, &str), Vec<&Event>)> = by_visitor.into_iter().collect();
+        let mut deletes: Vec<String> = Vec::new();
+        let mut writes = Vec::new();
+        for chunk in groups.chunks(IN_CHUNK) {
+            let clauses: Vec<Document> = chunk
+                .iter()
+                .map(|((site, visitor), list)| {
+                    let lo = list.iter().map(|e| e.ts).min().unwrap_or(0);
+                    let hi = list.iter().map(|e| e.ts).max().unwrap_or(0);
+                    doc! {
+                        "site_id": *site,
+                        "visitor": *visitor,
+                        "end": {"$gte": lo.saturating_sub(GAP_MS)},
+                        "start": {"$lte": hi.saturating_add(GAP_MS)},
+                    }
+                })
+                .collect();
+            let mut stored: HashMap<(String, String), Vec<Visit>> = HashMap::new();
+            let mut cursor = self
+                .visits
+                .find(doc! {"$or": clauses})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                let visit: Visit = mongodb::bson::from_document(d).map_err(|e| {
+                    mongodb::error::Error::custom(format!(
+                        "`{VISITS}` holds a document that is not a visit ({e}); rebuild the rollups"
+                    ))
+                })?;
+                stored
+                    .entry((visit.site_id.clone(), visit.visitor.clone()))
+                    .or_default()
+                    .push(visit);
+            }
+            for ((site, visitor), list) in chunk {
+                let before = stored
+                    .remove(&((*site).to_owned(), (*visitor).to_owned()))
+                    .unwrap_or_default();
+                let change = fold_visitor(before, list);
+                for (start, id) in &change.removed {
+                    deletes.push(visit_id(site, visitor, *start, id));
+                }
+                for v in change.written {
+                    let id = visit_id(site, visitor, v.start, &v.start_id);
+                    let mut d = mongodb::bson::to_document(&v)
+                        .map_err(|e| mongodb::error::Error::custom(format!("visit: {e}")))?;
+                    d.insert("_id", &id);
+                    writes.push(doc! {"q": {"_id": id}, "u": d, "upsert": true});
+                }
+            }
+        }
+        // Removed first: a written visit may reuse a removed one's id
+        // (it grew at its end only).
+        for chunk in deletes.chunks(IN_CHUNK) {
+            self.visits
+                .delete_many(doc! {"_id": {"$in": chunk}})
+                .session(&mut *session)
+                .await?;
+        }
+        run_updates(&self.db, VISITS, writes, session).await
     }
 }
 
@@ -1315,6 +1429,29 @@ impl QueryStore for MongoStore {
                 }
             }
         }
+    }
+
+    async fn visits(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<crate::session::Visit>, StoreError> {
+        use futures::TryStreamExt;
+        let docs: Vec<Document> = self
+            .visits
+            .find(doc! {"site_id": site_id, "start": {"$gte": start, "$lt": end}})
+            .max_time(self.query_timeout)
+            .await
+            .map_err(|e| self.read_error(e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.read_error(e))?;
+        // Written by the fold from a `Visit`; anything else is skipped.
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| mongodb::bson::from_document(d).ok())
+            .collect())
     }
 
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {

@@ -195,6 +195,23 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE events ADD COLUMN visitor TEXT;
     ALTER TABLE events ADD COLUMN ctx TEXT;
     CREATE TABLE salts (day INTEGER PRIMARY KEY, salt BLOB NOT NULL);",
+    // 8: visits (`crate::session`), kept by the fold beside the rollups:
+    // each a summary (`data`, JSON) keyed by its visitor and first event.
+    // Folded again from the raw events on the next start.
+    "CREATE TABLE visits (
+        site_id  TEXT NOT NULL,
+        visitor  TEXT NOT NULL,
+        start_ts INTEGER NOT NULL,
+        start_id TEXT NOT NULL,
+        end_ts   INTEGER NOT NULL,
+        data     TEXT NOT NULL,
+        PRIMARY KEY (site_id, visitor, start_ts, start_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX visits_start ON visits (site_id, start_ts);
+    DELETE FROM rollups;
+    DELETE FROM rollup_bitmaps;
+    DELETE FROM site_days;
+    UPDATE fold_state SET folded = 0;",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -669,6 +686,7 @@ fn fold(
             }
         }
     }
+    fold_visits(&tx, &events)?;
     tx.execute("UPDATE fold_state SET folded = ?1", [last])?;
     tx.commit()?;
     // Only committed mappings are cached: a rolled-back id may be given to
@@ -680,6 +698,69 @@ fn fold(
         }
     }
     Ok(events.len())
+}
+
+/// Adds a fold's events to their visitors' visits (see [`crate::session`]).
+fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
+    use crate::session::{GAP_MS, Visit, fold_visitor};
+    let mut by_visitor: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
+    for e in events {
+        if let Some(v) = crate::query::visitor_of(e) {
+            by_visitor
+                .entry((e.site_id.as_str(), v))
+                .or_default()
+                .push(e);
+        }
+    }
+    // The visits that start within the events' span widened by the gap,
+    // and the one before (visits do not overlap: only the last to start
+    // before the span can reach into it, however long it is), both by the
+    // primary key.
+    let mut load = tx.prepare_cached(
+        "SELECT data FROM visits
+         WHERE site_id = ?1 AND visitor = ?2 AND start_ts >= ?4 AND start_ts <= ?3
+         UNION ALL
+         SELECT * FROM (SELECT data FROM visits
+             WHERE site_id = ?1 AND visitor = ?2 AND start_ts < ?4
+             ORDER BY start_ts DESC LIMIT 1)",
+    )?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM visits WHERE site_id = ?1 AND visitor = ?2 AND start_ts = ?3 AND start_id = ?4",
+    )?;
+    let mut write = tx.prepare_cached(
+        "INSERT INTO visits (site_id, visitor, start_ts, start_id, end_ts, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT DO UPDATE SET end_ts = excluded.end_ts, data = excluded.data",
+    )?;
+    let bad = |e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    };
+    for ((site, visitor), list) in by_visitor {
+        let (lo, hi) = list.iter().fold((i64::MAX, i64::MIN), |(lo, hi), e| {
+            (lo.min(e.ts), hi.max(e.ts))
+        });
+        let stored = load
+            .query_map(
+                params![
+                    site,
+                    visitor,
+                    hi.saturating_add(GAP_MS),
+                    lo.saturating_sub(GAP_MS)
+                ],
+                |r| r.get::<_, String>(0),
+            )?
+            .map(|data| data.and_then(|d| serde_json::from_str::<Visit>(&d).map_err(bad)))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let change = fold_visitor(stored, &list);
+        for (start, id) in &change.removed {
+            delete.execute(params![site, visitor, start, id])?;
+        }
+        for v in &change.written {
+            let data = serde_json::to_string(v).map_err(bad)?;
+            write.execute(params![site, visitor, v.start, v.start_id, v.end, data])?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads a plan (see [`QueryStore::fetch`]) in one read transaction.
@@ -866,6 +947,30 @@ impl EventSink for SqliteStore {
 
 #[async_trait]
 impl QueryStore for SqliteStore {
+    async fn visits(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<crate::session::Visit>, StoreError> {
+        let site = site_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT data FROM visits WHERE site_id = ?1 AND start_ts >= ?2 AND start_ts < ?3",
+            )?;
+            let mut rows = stmt.query(params![site, start, end])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                // Written by the fold from a `Visit`; anything else is skipped.
+                if let Ok(v) = serde_json::from_str(r.get_ref(0)?.as_str()?) {
+                    out.push(v);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn fetch(&self, plan: Plan, mut agg: Aggregator) -> Result<Aggregator, StoreError> {
         self.read(move |conn| {
             fetch(conn, &plan, &mut agg)?;
@@ -916,7 +1021,7 @@ impl StoreAdmin for SqliteStore {
         Self::with_conn(&self.writer, |conn| {
             conn.execute_batch(
                 "BEGIN IMMEDIATE; DELETE FROM rollups; DELETE FROM rollup_bitmaps;
-                 DELETE FROM site_days; UPDATE fold_state SET folded = 0; COMMIT;",
+                 DELETE FROM site_days; DELETE FROM visits; UPDATE fold_state SET folded = 0; COMMIT;",
             )
         })
         .await?;

@@ -76,8 +76,83 @@ store_tests!(
     the_same_event_id_on_two_sites_is_two_events,
     stats_match_the_reference_on_random_data,
     empty_and_checks,
-    a_top_list_over_part_months_counts_every_month
+    a_top_list_over_part_months_counts_every_month,
+    visits_match_the_reference_in_any_arrival_order,
 );
+
+/// Visits as the fold keeps them equal those of the whole set of events
+/// (`evtrack::session::visits_of`), however the events arrive: shuffled
+/// over hours, in batches folded one by one, some redelivered, engagement
+/// and non-interactive events among them, two sites.
+async fn visits_match_the_reference_in_any_arrival_order(s: Subject) {
+    use evtrack::session::{Visit, visits_of};
+    use rand::seq::SliceRandom;
+    let mut rng = StdRng::seed_from_u64(0x5e55_1045);
+    let base = day_start();
+    let minute = 60_000i64;
+    let names = ["page_view", "page_view", "signup", "engagement", "video"];
+    let mut events: Vec<Event> = (0..600)
+        .map(|i| {
+            let site = if i % 7 == 0 { "other" } else { "site" };
+            let user = format!("u{}", rng.random_range(0..12));
+            let mut e = event(
+                &format!("v{i:04}"),
+                site,
+                Some(&format!("/p{}", rng.random_range(0..5))),
+                None,
+                base + rng.random_range(0..(16 * 60 * minute)),
+            );
+            e.event_type = names[rng.random_range(0..names.len())].parse().unwrap();
+            // Some share an instant: ids order them.
+            if rng.random_range(0..6) == 0 {
+                e.ts -= e.ts % (20 * minute);
+            }
+            match rng.random_range(0..3) {
+                0 => e.userid = Some(user),
+                _ => e.visitor = Some(user),
+            }
+            let mut ctx = evtrack::event::Context {
+                source: Some(format!("src{}", rng.random_range(0..3))),
+                browser: Some("Firefox".into()),
+                ..Default::default()
+            };
+            ctx.non_interactive = e.event_type == "video";
+            e.ctx = Some(Box::new(ctx));
+            e
+        })
+        .collect();
+    events.shuffle(&mut rng);
+    let mut at = 0;
+    while at < events.len() {
+        let n = rng.random_range(1..120).min(events.len() - at);
+        s.store.insert(&events[at..at + n]).await.unwrap();
+        crate::helpers::fold_all(&*s.store).await;
+        at += n;
+    }
+    s.store.insert(&events[100..250]).await.unwrap();
+    crate::helpers::fold_all(&*s.store).await;
+    let key = |v: &Visit| (v.visitor.clone(), v.start, v.start_id.clone());
+    for site in ["site", "other"] {
+        let mut want: Vec<Visit> = visits_of(events.iter().filter(|e| e.site_id == site));
+        want.sort_by_key(key);
+        let mut got = s
+            .store
+            .visits(site, base - 86_400_000, base + 2 * 86_400_000)
+            .await
+            .unwrap();
+        got.sort_by_key(key);
+        assert!(want.len() > 30, "{} visits", want.len());
+        assert_eq!(got, want, "{site}");
+    }
+    // A range holds the visits that start in it.
+    let noon = base + 12 * 60 * minute;
+    let late = s
+        .store
+        .visits("site", noon, base + 86_400_000)
+        .await
+        .unwrap();
+    assert!(!late.is_empty() && late.iter().all(|v| v.start >= noon));
+}
 
 /// A top list by visitors over a range that owns one whole month and parts
 /// of the two around it: month rows bound a page's visitors only when every
