@@ -22,12 +22,15 @@
 //! events had arrived in time order. [`visits_of`] computes them directly
 //! from a list of events: the reference the stores are tested against.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Context, Event};
-use crate::query::{PAGEVIEW, page_of, visitor_of};
+use crate::query::{
+    Answer, Dimension, GroupKey, NONE, PAGEVIEW, Query, Totals, page_of, visitor_of,
+};
 
 /// The longest gap between two events of one visit: 30 minutes.
 pub const GAP_MS: i64 = 30 * 60 * 1000;
@@ -175,6 +178,53 @@ pub fn visits_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Visit> 
     visits
 }
 
+/// A visit-scoped query ([`Query::is_visit_scoped`]) over `visits` (any
+/// site, any start): the visits of the query's site that start in its
+/// range, grouped by the time bucket they start in and by their
+/// `visit:*` value, filtered by their `visit:*` values; each group's
+/// visitors, pageviews, events, visits, bounces and durations.
+pub fn answer<'a>(query: &Query, visits: impl IntoIterator<Item = &'a Visit>) -> Answer {
+    let grain = query.time_grain();
+    let field = match query.dimension() {
+        Some(Dimension::Visit(f)) => Some(*f),
+        _ => None,
+    };
+    let mut groups: HashMap<GroupKey, (Totals, HashSet<&str>)> = HashMap::new();
+    for v in visits {
+        if v.site_id != query.site_id.as_str() || v.start < query.start || v.start >= query.end {
+            continue;
+        }
+        let mut value = |d: &Dimension| match d {
+            Dimension::Visit(f) => Cow::Borrowed(f.value_of(v)),
+            // Refused at parsing: a visit-scoped query looks at visit:*
+            // dimensions only.
+            _ => Cow::Borrowed(NONE),
+        };
+        if !query.filters.iter().all(|f| f.holds(&mut value)) {
+            continue;
+        }
+        let key = GroupKey {
+            time: grain.map(|g| g.label_of(&query.zone, v.start)),
+            value: field.map(|f| f.value_of(v).to_owned()),
+        };
+        let (t, visitors) = groups.entry(key).or_default();
+        t.visits += 1;
+        t.bounces += u64::from(v.is_bounce());
+        t.duration_ms += u64::try_from(v.duration_ms()).unwrap_or(0);
+        t.pageviews += v.pageviews;
+        t.events += v.events;
+        visitors.insert(&v.visitor);
+    }
+    let groups = groups
+        .into_iter()
+        .map(|(k, (mut t, visitors))| {
+            t.visitors = visitors.len() as u64;
+            (k, t)
+        })
+        .collect();
+    Answer::shape(query, groups)
+}
+
 /// What a fold does to one visitor's stored visits.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Change {
@@ -285,6 +335,63 @@ mod tests {
         let second = ev("b", "page_view", "/p", MIN);
         let visits = visits_of(&[second, first]);
         assert_eq!(visits[0].context.source.as_deref(), Some("Google"));
+    }
+
+    #[test]
+    fn visit_metrics_are_rounded_as_plausible_shows_them() {
+        // Three visits of two visitors: from Google a bounce, and a visit
+        // of three pageviews over 10 min 1 s (mean 300.5 s: 301); direct,
+        // two pageviews over 61 s. Ties in visitors go by the value.
+        let at = |s: i64| 1_763_900_000_000 + s * 1000;
+        let mut a = ev("a", "page_view", "/", at(0));
+        a.ctx = Some(Box::new(Context {
+            source: Some("Google".into()),
+            ..Context::default()
+        }));
+        let mut b = ev("b", "page_view", "/", at(3_600));
+        b.ctx = a.ctx.clone();
+        let mut c = ev("c", "page_view", "/x", at(3_601));
+        let mut d = ev("d", "page_view", "/y", at(4_201));
+        for e in [&mut c, &mut d] {
+            e.ctx = a.ctx.clone();
+        }
+        let mut e2 = ev("e", "page_view", "/", at(10));
+        let mut f2 = ev("f", "page_view", "/z", at(71));
+        e2.userid = Some("w".into());
+        f2.userid = Some("w".into());
+        let events = [a, b, c, d, e2, f2];
+        let query = crate::query::parse_request(&json!({
+            "site_id": "s", "date_range": "day",
+            "metrics": ["visitors", "visits", "pageviews", "bounce_rate", "visit_duration", "views_per_visit"],
+            "dimensions": ["visit:source"]}))
+        .unwrap()
+        .resolve(at(5_000), None)
+        .unwrap();
+        let answer = crate::query::reference::evaluate(&events, &query).to_json(&query);
+        assert_eq!(
+            answer["results"],
+            json!([
+                {"dimensions": ["Direct / None"], "metrics": [1, 1, 2, 0, 61, 2.0]},
+                {"dimensions": ["Google"], "metrics": [1, 2, 4, 50, 301, 2.0]},
+            ])
+        );
+        let query = crate::query::parse_request(&json!({
+            "site_id": "s", "date_range": "day", "metrics": ["views_per_visit", "bounce_rate"]}))
+        .unwrap()
+        .resolve(at(5_000), None)
+        .unwrap();
+        let answer = crate::query::reference::evaluate(&events, &query).to_json(&query);
+        assert_eq!(
+            answer["results"][0]["metrics"],
+            json!([2.0, 33]),
+            "6 / 3 and 1 / 3"
+        );
+        let none = crate::query::reference::evaluate(&[], &query).to_json(&query);
+        assert_eq!(
+            none["results"][0]["metrics"],
+            json!([0.0, 0]),
+            "no visits: zeros"
+        );
     }
 
     /// Folding events in any order and any batches gives the visits of

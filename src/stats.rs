@@ -108,6 +108,11 @@ pub fn counted_path(path: Option<&str>) -> Option<&str> {
     path.filter(|p| !p.is_empty())
 }
 
+/// A count in an answer (counts are whole numbers).
+fn count(n: &serde_json::Number) -> u64 {
+    n.as_u64().unwrap_or(0)
+}
+
 /// The reference answer over raw events, in memory. Used by tests only as the
 /// yardstick for the stores; it would not do for a real day of traffic.
 pub fn aggregate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &StatsQuery) -> Stats {
@@ -198,14 +203,14 @@ pub async fn compute(store: &dyn QueryStore, q: &StatsQuery) -> Result<Stats, St
     let (total, users) = totals
         .rows
         .first()
-        .map_or((0, 0), |r| (r.metrics[0], r.metrics[1]));
+        .map_or((0, 0), |r| (count(&r.metrics[0]), count(&r.metrics[1])));
     let paths = paths
         .rows
         .into_iter()
         .map(|r| PathStats {
             path: r.dimensions.into_iter().next().unwrap_or_default(),
-            views: r.metrics[0],
-            unique_users: r.metrics[1],
+            views: count(&r.metrics[0]),
+            unique_users: count(&r.metrics[1]),
         })
         .collect();
     Ok(Stats::new(q, total, users, paths))

@@ -809,6 +809,7 @@ impl Aggregator {
                     } else {
                         lo
                     },
+                    ..Totals::default()
                 };
                 (row_dimensions(query, &key), totals, g)
             })
@@ -900,6 +901,12 @@ impl Eq for Ranked<'_> {}
 
 /// Answers a query from a store.
 pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
+    if query.is_visit_scoped() {
+        // Visits are read as the fold keeps them, one record per visit
+        // that starts in the range (not yet from rollups).
+        let visits = store.visits(&query.site_id, query.start, query.end).await?;
+        return Ok(crate::session::answer(&query, &visits));
+    }
     let (plan, agg) = plan(query);
     store.fetch(plan, agg).await?.finish()
 }

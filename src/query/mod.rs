@@ -46,16 +46,36 @@ pub enum Metric {
     Visitors,
     Pageviews,
     Events,
+    /// Visits ([`crate::session`]) that start in the range.
+    Visits,
+    /// Percent of visits that are bounces, rounded.
+    BounceRate,
+    /// Mean visit duration, seconds, rounded.
+    VisitDuration,
+    /// Pageviews per visit, to two decimals.
+    ViewsPerVisit,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 3] = [Metric::Visitors, Metric::Pageviews, Metric::Events];
+    pub const ALL: [Metric; 7] = [
+        Metric::Visitors,
+        Metric::Pageviews,
+        Metric::Events,
+        Metric::Visits,
+        Metric::BounceRate,
+        Metric::VisitDuration,
+        Metric::ViewsPerVisit,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Metric::Visitors => "visitors",
             Metric::Pageviews => "pageviews",
             Metric::Events => "events",
+            Metric::Visits => "visits",
+            Metric::BounceRate => "bounce_rate",
+            Metric::VisitDuration => "visit_duration",
+            Metric::ViewsPerVisit => "views_per_visit",
         }
     }
 
@@ -63,32 +83,142 @@ impl Metric {
         Self::ALL.into_iter().find(|m| m.name() == s)
     }
 
-    fn of(self, t: &Totals) -> u64 {
+    /// Whether it is a metric of visits: a query asking for one is
+    /// answered over visits (see [`Query::is_visit_scoped`]).
+    pub fn of_visits(self) -> bool {
+        matches!(
+            self,
+            Metric::Visits | Metric::BounceRate | Metric::VisitDuration | Metric::ViewsPerVisit
+        )
+    }
+
+    /// A count, or a ratio as (numerator, denominator).
+    fn exact(self, t: &Totals) -> (u128, u128) {
         match self {
-            Metric::Visitors => t.visitors,
-            Metric::Pageviews => t.pageviews,
-            Metric::Events => t.events,
+            Metric::Visitors => (t.visitors.into(), 1),
+            Metric::Pageviews => (t.pageviews.into(), 1),
+            Metric::Events => (t.events.into(), 1),
+            Metric::Visits => (t.visits.into(), 1),
+            Metric::BounceRate => (u128::from(t.bounces) * 100, t.visits.into()),
+            Metric::VisitDuration => (t.duration_ms.into(), u128::from(t.visits) * 1000),
+            Metric::ViewsPerVisit => (t.pageviews.into(), t.visits.into()),
+        }
+    }
+
+    /// Orders two groups by this metric, exactly (ratios compared as
+    /// fractions, not as their rounded values; no visits is 0).
+    fn compare(self, a: &Totals, b: &Totals) -> Ordering {
+        let (na, da) = self.exact(a);
+        let (nb, db) = self.exact(b);
+        let (na, da) = if da == 0 { (0, 1) } else { (na, da) };
+        let (nb, db) = if db == 0 { (0, 1) } else { (nb, db) };
+        (na * db).cmp(&(nb * da))
+    }
+
+    /// The value in an answer: counts as integers, the bounce rate and the
+    /// visit duration rounded to integers (half up), views per visit to
+    /// two decimals; 0 without visits.
+    pub fn value(self, t: &Totals) -> serde_json::Number {
+        let (n, d) = self.exact(t);
+        match self {
+            Metric::ViewsPerVisit => {
+                let hundredths = if d == 0 { 0 } else { (n * 200 + d) / (2 * d) };
+                serde_json::Number::from_f64(hundredths as f64 / 100.0)
+                    .unwrap_or_else(|| serde_json::Number::from(0))
+            }
+            _ => {
+                let rounded = if d == 0 { 0 } else { (2 * n + d) / (2 * d) };
+                serde_json::Number::from(u64::try_from(rounded).unwrap_or(u64::MAX))
+            }
         }
     }
 }
 
-/// The session fields the tracker issue fills; named now so that requests
-/// naming them get a precise answer and the rollup keys have room for them.
-pub const VISIT_FIELDS: [&str; 13] = [
-    "source",
-    "referrer",
-    "utm_source",
-    "utm_medium",
-    "utm_campaign",
-    "utm_content",
-    "utm_term",
-    "country",
-    "browser",
-    "os",
-    "device",
-    "entry_page",
-    "exit_page",
-];
+/// What a visit says of where it came from, on what, and where it
+/// entered and left: the `visit:*` dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VisitField {
+    Source,
+    Referrer,
+    UtmSource,
+    UtmMedium,
+    UtmCampaign,
+    UtmContent,
+    UtmTerm,
+    Country,
+    Browser,
+    BrowserVersion,
+    Os,
+    OsVersion,
+    Device,
+    EntryPage,
+    ExitPage,
+}
+
+/// The value of `visit:source` and `visit:referrer` for a visit without
+/// one: Plausible's name for it.
+pub const DIRECT: &str = "Direct / None";
+
+impl VisitField {
+    pub const ALL: [VisitField; 15] = [
+        VisitField::Source,
+        VisitField::Referrer,
+        VisitField::UtmSource,
+        VisitField::UtmMedium,
+        VisitField::UtmCampaign,
+        VisitField::UtmContent,
+        VisitField::UtmTerm,
+        VisitField::Country,
+        VisitField::Browser,
+        VisitField::BrowserVersion,
+        VisitField::Os,
+        VisitField::OsVersion,
+        VisitField::Device,
+        VisitField::EntryPage,
+        VisitField::ExitPage,
+    ];
+
+    /// The name after `visit:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VisitField::Source => "source",
+            VisitField::Referrer => "referrer",
+            VisitField::UtmSource => "utm_source",
+            VisitField::UtmMedium => "utm_medium",
+            VisitField::UtmCampaign => "utm_campaign",
+            VisitField::UtmContent => "utm_content",
+            VisitField::UtmTerm => "utm_term",
+            VisitField::Country => "country",
+            VisitField::Browser => "browser",
+            VisitField::BrowserVersion => "browser_version",
+            VisitField::Os => "os",
+            VisitField::OsVersion => "os_version",
+            VisitField::Device => "device",
+            VisitField::EntryPage => "entry_page",
+            VisitField::ExitPage => "exit_page",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    /// A visit's value: from its first event's context, its entry or exit
+    /// page; [`DIRECT`] for a visit without a source or referrer, `(none)`
+    /// for a value it lacks otherwise.
+    pub fn value_of(self, v: &crate::session::Visit) -> &str {
+        let value = match self {
+            VisitField::EntryPage => v.entry.as_ref().map(|p| p.page.as_str()),
+            VisitField::ExitPage => v.exit.as_ref().map(|p| p.page.as_str()),
+            other => v.context.text(other.name()),
+        };
+        match (value.filter(|s| !s.is_empty()), self) {
+            (Some(s), _) => s,
+            (None, VisitField::Source | VisitField::Referrer) => DIRECT,
+            (None, _) => NONE,
+        }
+    }
+}
 
 /// A property of an event that answers can be grouped and filtered by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +229,8 @@ pub enum Dimension {
     Page,
     /// `event:props:<key>`.
     Prop(String),
+    /// `visit:<field>`: a value of the visit, not of each event.
+    Visit(VisitField),
 }
 
 impl Dimension {
@@ -107,12 +239,16 @@ impl Dimension {
             Dimension::Name => "event:name".into(),
             Dimension::Page => "event:page".into(),
             Dimension::Prop(k) => format!("event:props:{k}"),
+            Dimension::Visit(f) => format!("visit:{}", f.name()),
         }
     }
 }
 
 /// The value of a dimension for an event; `(none)` when it lacks one.
 /// Property values group by their text: `3` and `"3"` alike, `true` as `"true"`.
+/// A `visit:*` dimension is the visit's, not the event's: queries that
+/// name one are answered over visits ([`crate::session::answer`]), and an
+/// event alone has `(none)`.
 pub fn value_of<'a>(e: &'a Event, dim: &Dimension) -> Cow<'a, str> {
     match dim {
         Dimension::Name => Cow::Borrowed(&e.event_type),
@@ -121,6 +257,7 @@ pub fn value_of<'a>(e: &'a Event, dim: &Dimension) -> Cow<'a, str> {
             Some(v) => prop_text(v).unwrap_or(Cow::Borrowed(NONE)),
             None => Cow::Borrowed(NONE),
         },
+        Dimension::Visit(_) => Cow::Borrowed(NONE),
     }
 }
 
@@ -295,6 +432,20 @@ impl Query {
         })
     }
 
+    /// Whether the query is answered over visits rather than events: it
+    /// asks a visit metric, or groups or filters by a `visit:*` dimension.
+    /// Then visits that start in the range are counted, in the time bucket
+    /// they start in, with their visitors, pageviews and events.
+    pub fn is_visit_scoped(&self) -> bool {
+        let mut dims = Vec::new();
+        for f in &self.filters {
+            f.dimensions(&mut dims);
+        }
+        dims.extend(self.dimension().cloned());
+        self.metrics.iter().any(|m| m.of_visits())
+            || dims.iter().any(|d| matches!(d, Dimension::Visit(_)))
+    }
+
     /// Whether an event passes every filter.
     pub fn matches(&self, e: &Event) -> bool {
         let mut value = |d: &Dimension| value_of(e, d);
@@ -308,6 +459,11 @@ pub struct Totals {
     pub events: u64,
     pub pageviews: u64,
     pub visitors: u64,
+    /// Visits, their bounces and their durations summed (visit-scoped
+    /// queries only).
+    pub visits: u64,
+    pub bounces: u64,
+    pub duration_ms: u64,
 }
 
 /// A group's key: its time bucket label and its dimension value, when the
@@ -341,7 +497,7 @@ pub fn row_order(
 ) -> Ordering {
     for (key, dir) in &query.order_by {
         let ord = match key {
-            OrderKey::Metric(m) => m.of(ta).cmp(&m.of(tb)),
+            OrderKey::Metric(m) => m.compare(ta, tb),
             OrderKey::Dimension(i) => da.get(*i).cmp(&db.get(*i)),
         };
         let ord = match dir {
@@ -358,7 +514,7 @@ pub fn row_order(
 /// One row of an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    pub metrics: Vec<u64>,
+    pub metrics: Vec<serde_json::Number>,
     pub dimensions: Vec<String>,
 }
 
@@ -408,7 +564,7 @@ impl Answer {
             .skip(query.offset)
             .take(query.limit)
             .map(|(dimensions, t)| Row {
-                metrics: query.metrics.iter().map(|m| m.of(&t)).collect(),
+                metrics: query.metrics.iter().map(|m| m.value(&t)).collect(),
                 dimensions,
             })
             .collect();

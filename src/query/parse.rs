@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use super::time::{HOUR_MS, SECOND_MS, TimeGrain, Zone};
 use super::{
     Condition, Dim, Dimension, Direction, Filter, FilterOp, MAX_BUCKETS, MAX_ROWS, Metric,
-    OrderKey, PAGEVIEW, PLAUSIBLE_PAGEVIEW, Query, VISIT_FIELDS,
+    OrderKey, PAGEVIEW, PLAUSIBLE_PAGEVIEW, Query, VisitField,
 };
 use crate::event::{MAX_NAME_CHARS, MAX_PROP_KEY_CHARS, SiteId};
 
@@ -179,6 +179,30 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
         }
         Some(_) => return Err(QueryError::invalid("filters", "`filters` must be a list")),
     };
+    // Visit-scoped queries (a visit metric, a visit:* dimension or filter)
+    // count visits; an event:* dimension or filter beside them would ask
+    // which of a visit's events count, which this version does not answer.
+    let mut looked_at: Vec<Dimension> = Vec::new();
+    for f in &filters {
+        f.dimensions(&mut looked_at);
+    }
+    looked_at.extend(dims.iter().filter_map(|d| match d {
+        DimSpec::Event(d) => Some(d.clone()),
+        DimSpec::Time(_) => None,
+    }));
+    let visit_scoped = metrics.iter().any(|m| m.of_visits())
+        || looked_at.iter().any(|d| matches!(d, Dimension::Visit(_)));
+    if visit_scoped && let Some(d) = looked_at.iter().find(|d| !matches!(d, Dimension::Visit(_))) {
+        return Err(QueryError::new(
+            "unsupported_query",
+            "dimensions",
+            format!(
+                "`{}` with visit metrics or visit:* dimensions: a query over visits groups and \
+                 filters by visit:* and time dimensions only",
+                short(&d.name())
+            ),
+        ));
+    }
     let order_by = parse_order_by(obj.get("order_by"))?;
     let (limit, offset) = parse_pagination(obj.get("pagination"))?;
     let (total_rows, time_labels) = parse_include(obj.get("include"))?;
@@ -415,17 +439,12 @@ fn parse_metrics(v: Option<&Value>) -> Result<Vec<Metric>, QueryError> {
             .as_str()
             .ok_or_else(|| QueryError::invalid(&field, "a metric is a string"))?;
         let metric = Metric::parse(name).ok_or_else(|| {
-            let hint = match name {
-                "visits" | "bounce_rate" | "visit_duration" | "views_per_visit" => {
-                    " (session metrics are not available yet)"
-                }
-                _ => "",
-            };
             QueryError::new(
                 "unknown_metric",
                 &field,
                 format!(
-                    "unknown metric `{}`{hint}; known: visitors, pageviews, events",
+                    "unknown metric `{}`; known: visitors, pageviews, events, visits, \
+                     bounce_rate, visit_duration, views_per_visit",
                     short(name)
                 ),
             )
@@ -530,6 +549,10 @@ fn parse_dimension(name: &str, field: &str) -> Result<DimSpec, QueryError> {
             field,
             format!(
                 "unknown dimension `{}`; known: event:name, event:page, event:props:<key>, \
+                 visit:source, visit:referrer, visit:utm_source, visit:utm_medium, \
+                 visit:utm_campaign, visit:utm_content, visit:utm_term, visit:country, \
+                 visit:browser, visit:browser_version, visit:os, visit:os_version, \
+                 visit:device, visit:entry_page, visit:exit_page, \
                  time, time:hour, time:day, time:week, time:month",
                 short(name)
             ),
@@ -552,14 +575,8 @@ fn parse_dimension(name: &str, field: &str) -> Result<DimSpec, QueryError> {
                     return Err(unknown());
                 }
                 DimSpec::Event(Dimension::Prop(key.to_owned()))
-            } else if let Some(field_name) = name.strip_prefix("visit:")
-                && VISIT_FIELDS.contains(&field_name)
-            {
-                return Err(QueryError::new(
-                    "unsupported_dimension",
-                    field,
-                    format!("`{name}` needs visit tracking, which this version does not have yet"),
-                ));
+            } else if let Some(f) = name.strip_prefix("visit:").and_then(VisitField::parse) {
+                DimSpec::Event(Dimension::Visit(f))
             } else {
                 return Err(unknown());
             }
@@ -1018,6 +1035,11 @@ mod tests {
             b[k] = v;
             b
         };
+        let with2 = |k: &str, v: Value, k2: &str, v2: Value| {
+            let mut b = with(k, v);
+            b[k2] = v2;
+            b
+        };
         for (body, want) in [
             (
                 json!({"metrics": ["visitors"], "date_range": "7d"}),
@@ -1028,8 +1050,8 @@ mod tests {
                 ("metrics[1]", "unknown_metric"),
             ),
             (
-                with("metrics", json!(["bounce_rate"])),
-                ("metrics[0]", "unknown_metric"),
+                with("metrics", json!(["bounce_rate", "bounce"])),
+                ("metrics[1]", "unknown_metric"),
             ),
             (with("metrics", json!([])), ("metrics", "invalid_query")),
             (
@@ -1071,8 +1093,22 @@ mod tests {
                 ("dimensions[0]", "unknown_dimension"),
             ),
             (
-                with("dimensions", json!(["visit:source"])),
-                ("dimensions[0]", "unsupported_dimension"),
+                with("dimensions", json!(["visit:nope"])),
+                ("dimensions[0]", "unknown_dimension"),
+            ),
+            // Over visits, which of a visit's events count is not answered.
+            (
+                with("dimensions", json!(["visit:source", "event:page"])),
+                ("dimensions", "unsupported_query"),
+            ),
+            (
+                with2(
+                    "metrics",
+                    json!(["visits"]),
+                    "filters",
+                    json!([["is", "event:page", ["/"]]]),
+                ),
+                ("dimensions", "unsupported_query"),
             ),
             (
                 with("dimensions", json!(["event:page", "event:name"])),

@@ -10,6 +10,13 @@ use crate::event::Event;
 
 /// Aggregates `events` (any site, any time) as `query` asks.
 pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) -> Answer {
+    if query.is_visit_scoped() {
+        // Visits of the whole set of the site's events, however long ago
+        // they started (a visit belongs to the range it starts in).
+        let visits =
+            crate::session::visits_of(events.into_iter().filter(|e| e.site_id == query.site_id));
+        return crate::session::answer(query, &visits);
+    }
     let grain = query.time_grain();
     let dimension = query.dimension();
     let mut groups: HashMap<GroupKey, (u64, u64, HashSet<&str>)> = HashMap::new();
@@ -43,6 +50,7 @@ pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) 
                     events,
                     pageviews,
                     visitors: visitors.len() as u64,
+                    ..Totals::default()
                 },
             )
         })
@@ -88,7 +96,10 @@ mod tests {
         evaluate(events, &q)
             .rows
             .into_iter()
-            .map(|r| (r.dimensions, r.metrics))
+            .map(|r| {
+                let counts = r.metrics.iter().filter_map(|m| m.as_u64()).collect();
+                (r.dimensions, counts)
+            })
             .collect()
     }
 

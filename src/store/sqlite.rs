@@ -1210,7 +1210,11 @@ mod tests {
             let answer = crate::query::engine::run(&store, std::sync::Arc::new(query))
                 .await
                 .unwrap();
-            let events: u64 = answer.rows.iter().map(|r| r.metrics[0]).sum();
+            let events: u64 = answer
+                .rows
+                .iter()
+                .filter_map(|r| r.metrics[0].as_u64())
+                .sum();
             assert_eq!(events, expected, "{op} {value}");
         }
     }

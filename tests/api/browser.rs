@@ -162,6 +162,28 @@ async fn a_real_browser_is_counted_through_evtracks_script_and_plausibles_tracke
             &json!("https://elsewhere.example/x"),
         ]
     );
+    // One visit, from the browser the User-Agent names, entered on the
+    // script tag's page and left on the npm tracker's.
+    for (dimension, value) in [
+        ("visit:browser", "Chrome"),
+        ("visit:os", "Linux"),
+        ("visit:device", "Desktop"),
+        ("visit:entry_page", "/tag"),
+        ("visit:exit_page", "/npm/next"),
+        ("visit:source", "Direct / None"),
+    ] {
+        let r = app
+            .query(
+                &json!({"site_id": "shop.test", "metrics": ["visitors", "visits", "pageviews"],
+                           "date_range": "day", "dimensions": [dimension]}),
+            )
+            .await;
+        assert_eq!(
+            r["results"],
+            json!([{"dimensions": [value], "metrics": [1, 1, 4]}]),
+            "{dimension}"
+        );
+    }
     // What the request said of the browser, kept with each event (read
     // from the file: the address never is).
     let db = rusqlite::Connection::open(

@@ -118,6 +118,34 @@ async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
         .collect();
     assert_eq!(pages, ["/app#/cart", "/pricing", "/signup"]);
 
+    // Each visit's source, country and device, from its first event.
+    let by = |d: &str| {
+        json!({"metrics": ["visitors", "visits", "bounce_rate"], "dimensions": [d],
+                              "order_by": [[d, "asc"]]})
+    };
+    let sources = query(&app, "shop.example", by("visit:source")).await;
+    assert_eq!(
+        sources["results"],
+        json!([{"dimensions": ["Direct / None"], "metrics": [1, 1, 100]},
+               {"dimensions": ["newsletter"], "metrics": [1, 1, 0]}]),
+        "the signup makes the newsletter visit more than a bounce"
+    );
+    let countries = query(&app, "shop.example", by("visit:country")).await;
+    let countries: Vec<&Value> = countries["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["dimensions"][0])
+        .collect();
+    assert_eq!(countries, ["JP", "US"]);
+    let devices = query(&app, "shop.example", by("visit:device")).await;
+    let devices: Vec<&Value> = devices["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["dimensions"][0])
+        .collect();
+    assert_eq!(devices, ["Desktop", "Mobile"]);
     // What was kept of each request (never the address itself).
     let rows = stored_contexts(&app, "shop.example").await;
     let pricing = &rows["/pricing"];

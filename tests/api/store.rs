@@ -873,6 +873,16 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         if e.userid.is_none() && rng.random_range(0..4) != 0 {
             e.visitor = Some(format!("u{}", rng.random_range(50..80)));
         }
+        // Where visits come from and on what (their first event's).
+        if rng.random_range(0..5) != 0 {
+            e.ctx = Some(Box::new(evtrack::event::Context {
+                source: [None, Some("src0"), Some("src1")][rng.random_range(0..3)].map(Into::into),
+                browser: Some(["Firefox", "Chrome"][rng.random_range(0..2)].into()),
+                country: [None, Some("FR")][rng.random_range(0..2)].map(Into::into),
+                non_interactive: rng.random_range(0..4) == 0,
+                ..Default::default()
+            }));
+        }
         let mut props = serde_json::Map::new();
         if rng.random_range(0..3) == 0 {
             props.insert(
@@ -948,6 +958,24 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
     // query makes dozens.
     let queries = if s.store.kind() == "sqlite" { 300 } else { 150 };
     let mut served_by_rollups = 0;
+    let mut of_events = 0;
+    let mut visit_answers = 0;
+    let visit_dims = [
+        "visit:source",
+        "visit:browser",
+        "visit:country",
+        "visit:entry_page",
+        "visit:exit_page",
+    ];
+    let visit_values = [
+        "Direct / None",
+        "src1",
+        "Firefox",
+        "FR",
+        "(none)",
+        "/p1",
+        "/p2",
+    ];
     for n in 0..queries {
         let site = if rng.random_range(0..5) == 0 {
             "other"
@@ -1020,6 +1048,42 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
                 [values[rng.random_range(0..values.len())]]
             ]));
         }
+        // A third are over visits: visit metrics, visit:* dimensions and
+        // filters.
+        let over_visits = rng.random_range(0..3) == 0;
+        if over_visits {
+            metrics = vec![
+                "visitors",
+                "pageviews",
+                "events",
+                "visits",
+                "bounce_rate",
+                "visit_duration",
+                "views_per_visit",
+            ];
+            metrics.retain(|_| rng.random_range(0..2) == 0);
+            if metrics.is_empty() {
+                metrics.push("visits");
+            }
+            dimensions.retain(|d| d.as_str().is_some_and(|d| d.starts_with("time")));
+            if rng.random_range(0..3) != 0 {
+                dimensions.push(json!(visit_dims[rng.random_range(0..visit_dims.len())]));
+            }
+            filters.clear();
+            for _ in 0..rng.random_range(0..3) {
+                let op = ["is", "is_not", "contains", "contains_not"][rng.random_range(0..4)];
+                let dim = visit_dims[rng.random_range(0..visit_dims.len())];
+                let value = visit_values[rng.random_range(0..visit_values.len())];
+                let leaf = json!([op, dim, [value]]);
+                filters.push(if rng.random_range(0..4) == 0 {
+                    json!(["not", leaf])
+                } else {
+                    leaf
+                });
+            }
+        } else {
+            of_events += 1;
+        }
         let mut body = json!({"site_id": site, "metrics": metrics, "date_range": date_range,
             "timezone": zone, "dimensions": dimensions, "filters": filters});
         // Orders by metrics (visitors among them: a top list counts only
@@ -1073,9 +1137,17 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             "seed {seed:#x}, query {n}: {body}\nresolved: {}",
             query.echo
         );
+        let nonzero = |r: &evtrack::query::Row| r.metrics.iter().any(|m| m.as_f64() != Some(0.0));
+        if over_visits && expected.rows.iter().any(nonzero) {
+            visit_answers += 1;
+        }
     }
     assert!(
-        served_by_rollups > queries / 2,
-        "only {served_by_rollups} of {queries} queries were served by rollups"
+        visit_answers > queries / 6,
+        "only {visit_answers} queries over visits found any"
+    );
+    assert!(
+        served_by_rollups > of_events / 2,
+        "only {served_by_rollups} of {of_events} queries of events were served by rollups"
     );
 }
