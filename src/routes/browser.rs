@@ -82,6 +82,36 @@ pub async fn visitor_ids(
         })
 }
 
+/// How long the lookup of a visit open at midnight may take before the
+/// event is counted under the new day's id: ingestion does not wait on a
+/// slow or absent store.
+const OPEN_VISIT_LOOKUP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The visitor id of `client` on `site` now. Within the grace period after
+/// midnight, a visitor whose visit under yesterday's id is still open
+/// (its last folded event within the visit gap) keeps that id, so that the
+/// visit is not cut in two at midnight.
+pub async fn visitor_id(
+    state: &AppState,
+    client: &Client,
+    site: &str,
+    now: i64,
+) -> Result<String, ApiError> {
+    let ids = visitor_ids(state, client, site, now).await?;
+    if let Some(previous) = ids.previous {
+        let since = now - crate::session::GAP_MS;
+        let open = tokio::time::timeout(
+            OPEN_VISIT_LOOKUP,
+            state.store.visit_open(site, &previous, since),
+        )
+        .await;
+        if let Ok(Ok(true)) = open {
+            return Ok(previous);
+        }
+    }
+    Ok(ids.current)
+}
+
 /// What `/event` and `/events` add to a server's event: a cookieless
 /// visitor id when it has no `userid` (from the request's client, which a
 /// server passes on in `X-Forwarded-For` from a trusted proxy address, and
@@ -93,11 +123,7 @@ pub async fn identify(
     now: i64,
 ) -> Result<(), ApiError> {
     if crate::query::visitor_of(event).is_none() {
-        event.visitor = Some(
-            visitor_ids(state, client, &event.site_id, now)
-                .await?
-                .current,
-        );
+        event.visitor = Some(visitor_id(state, client, &event.site_id, now).await?);
     }
     if let Some(ctx) = event.ctx.as_deref_mut() {
         crate::enrich::complete(ctx);
@@ -301,7 +327,7 @@ async fn accept(
     let id = EventId::parse(uuid::Uuid::now_v7().to_string())?;
     let mut events = Vec::with_capacity(sites.len());
     for site in sites {
-        let ids = visitor_ids(state, &client, &site, now).await?;
+        let visitor = visitor_id(state, &client, &site, now).await?;
         events.push(Event {
             id: id.clone(),
             site_id: site,
@@ -311,7 +337,7 @@ async fn accept(
             ts: now,
             created_at: now,
             props: sent.props.clone(),
-            visitor: Some(ids.current),
+            visitor: Some(visitor),
             ctx: Some(Box::new(ctx.clone())),
         });
     }

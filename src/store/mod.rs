@@ -119,6 +119,14 @@ pub trait QueryStore: Send + Sync + 'static {
         start: i64,
         end: i64,
     ) -> Result<Vec<crate::session::Visit>, StoreError>;
+    /// Whether the visitor has a (folded) visit whose last event is at or
+    /// after `since`: whether a visit of theirs is still open.
+    async fn visit_open(
+        &self,
+        site_id: &str,
+        visitor: &str,
+        since: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Keeping derived data, and what tests and tools ask.

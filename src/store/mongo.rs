@@ -1454,6 +1454,22 @@ impl QueryStore for MongoStore {
             .collect())
     }
 
+    async fn visit_open(
+        &self,
+        site_id: &str,
+        visitor: &str,
+        since: i64,
+    ) -> Result<bool, StoreError> {
+        let found = self
+            .visits
+            .find_one(doc! {"site_id": site_id, "visitor": visitor, "end": {"$gte": since}})
+            .projection(doc! {"_id": 1})
+            .max_time(self.query_timeout)
+            .await
+            .map_err(|e| self.read_error(e))?;
+        Ok(found.is_some())
+    }
+
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
         let first = self
             .events

@@ -971,6 +971,22 @@ impl QueryStore for SqliteStore {
         .await
     }
 
+    async fn visit_open(
+        &self,
+        site_id: &str,
+        visitor: &str,
+        since: i64,
+    ) -> Result<bool, StoreError> {
+        let (site, visitor) = (site_id.to_owned(), visitor.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM visits WHERE site_id = ?1 AND visitor = ?2 AND end_ts >= ?3 LIMIT 1",
+            )?
+            .exists(params![site, visitor, since])
+        })
+        .await
+    }
+
     async fn fetch(&self, plan: Plan, mut agg: Aggregator) -> Result<Aggregator, StoreError> {
         self.read(move |conn| {
             fetch(conn, &plan, &mut agg)?;

@@ -80,6 +80,16 @@ store_tests!(
     visits_match_the_reference_in_any_arrival_order,
 );
 
+/// The time of a visitor's last event.
+fn want_last(events: &[Event], site: &str, visitor: &str) -> i64 {
+    events
+        .iter()
+        .filter(|e| e.site_id == site && evtrack::query::visitor_of(e) == Some(visitor))
+        .map(|e| e.ts)
+        .max()
+        .expect("the visitor has events")
+}
+
 /// Visits as the fold keeps them equal those of the whole set of events
 /// (`evtrack::session::visits_of`), however the events arrive: shuffled
 /// over hours, in batches folded one by one, some redelivered, engagement
@@ -144,6 +154,12 @@ async fn visits_match_the_reference_in_any_arrival_order(s: Subject) {
         assert!(want.len() > 30, "{} visits", want.len());
         assert_eq!(got, want, "{site}");
     }
+    // A visit is open while its last event is within the gap: what keeps
+    // a cookieless visitor's id across midnight.
+    let last = want_last(&events, "site", "u3");
+    assert!(s.store.visit_open("site", "u3", last).await.unwrap());
+    assert!(!s.store.visit_open("site", "u3", last + 1).await.unwrap());
+    assert!(!s.store.visit_open("site", "nobody", 0).await.unwrap());
     // A range holds the visits that start in it.
     let noon = base + 12 * 60 * minute;
     let late = s
