@@ -7,10 +7,13 @@
 //!   starts its own Redis, SecantusDB, ceilings and evtrack processes on free
 //!   loopback ports, measures, prints one table, writes JSON and an SVG chart.
 //!   It builds nothing: `scripts/bench.sh` builds the release binaries first.
+//! - `evtrack-bench enrich`: the cost of finding a request's browser and
+//!   country, in process.
 
 mod ceiling;
 mod data;
 mod drain;
+mod enrich;
 mod ingest;
 mod procs;
 mod query;
@@ -55,6 +58,9 @@ enum Cmd {
     /// Answers the query benchmark's shapes in process from a SQLite store
     /// seeded once into a directory: the engine alone, for profiling.
     QueryLocal(query::QueryLocalArgs),
+    /// What finding a browser's request costs: the User-Agent rules
+    /// compiled, a new User-Agent parsed, a known one found, a country.
+    Enrich,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +83,7 @@ fn main() -> ExitCode {
         } => runtime.block_on(ceiling::serve(port, redis_url, stream)),
         Cmd::StoreInsert(args) => runtime.block_on(store_insert::run(args)),
         Cmd::QueryLocal(args) => runtime.block_on(query::local(args)),
+        Cmd::Enrich => enrich::run(),
         Cmd::Run(args) => {
             let r = runtime.block_on(run::run(args));
             // Whatever happened, no child outlives us.
