@@ -354,25 +354,7 @@ impl Event {
 impl TryFrom<EventFields> for Event {
     type Error = FieldError;
     fn try_from(f: EventFields) -> Result<Self, FieldError> {
-        if let Some(p) = &f.path {
-            check_text(p, "path", MAX_PATH_BYTES)?;
-        }
-        if let Some(u) = &f.userid {
-            check_text(u, "userid", MAX_USERID_BYTES)?;
-        }
-        if f.ts < 0 || f.created_at < 0 {
-            return Err(FieldError::invalid("timestamp", "negative timestamp"));
-        }
-        if let Some(props) = &f.props {
-            check_props(props)?;
-        }
-        if let Some(v) = &f.visitor {
-            check_text(v, "visitor", MAX_USERID_BYTES)?;
-        }
-        if let Some(ctx) = &f.ctx {
-            ctx.check()?;
-        }
-        Ok(Event {
+        let e = Event {
             id: f.id,
             site_id: f.site_id,
             event_type: f.event_type,
@@ -383,7 +365,36 @@ impl TryFrom<EventFields> for Event {
             props: f.props,
             visitor: f.visitor,
             ctx: f.ctx.filter(|c| !c.is_empty()),
-        })
+        };
+        e.check()?;
+        Ok(e)
+    }
+}
+
+impl Event {
+    /// The checks that are not in the fields' types: what an event read
+    /// from the queue is held to, and one built by the API before it is
+    /// queued.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if let Some(p) = &self.path {
+            check_text(p, "path", MAX_PATH_BYTES)?;
+        }
+        if let Some(u) = &self.userid {
+            check_text(u, "userid", MAX_USERID_BYTES)?;
+        }
+        if self.ts < 0 || self.created_at < 0 {
+            return Err(FieldError::invalid("timestamp", "negative timestamp"));
+        }
+        if let Some(props) = &self.props {
+            check_props(props)?;
+        }
+        if let Some(v) = &self.visitor {
+            check_text(v, "visitor", MAX_USERID_BYTES)?;
+        }
+        if let Some(ctx) = &self.ctx {
+            ctx.check()?;
+        }
+        Ok(())
     }
 }
 

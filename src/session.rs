@@ -150,16 +150,23 @@ impl Visit {
     }
 }
 
-/// Every visit of `events` (any sites, any order): the reference.
-pub fn visits_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Visit> {
-    let mut by_visitor: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
+/// Events by (site, visitor); events without a visitor are in no visit.
+pub fn by_visitor<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+) -> HashMap<(&'a str, &'a str), Vec<&'a Event>> {
+    let mut groups: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
     for e in events {
         if let Some(v) = visitor_of(e) {
-            by_visitor.entry((&e.site_id, v)).or_default().push(e);
+            groups.entry((e.site_id.as_str(), v)).or_default().push(e);
         }
     }
+    groups
+}
+
+/// Every visit of `events` (any sites, any order): the reference.
+pub fn visits_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Visit> {
     let mut visits = Vec::new();
-    for (_, mut list) in by_visitor {
+    for (_, mut list) in by_visitor(events) {
         list.sort_by(|a, b| (a.ts, a.id.as_str()).cmp(&(b.ts, b.id.as_str())));
         let mut open: Option<Visit> = None;
         for e in list {

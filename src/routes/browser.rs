@@ -15,6 +15,7 @@
 //! and answered 202 like everything else (as Plausible answers its
 //! shields), with `X-Evtrack-Dropped` naming why.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -112,21 +113,33 @@ pub async fn visitor_id(
     Ok(ids.current)
 }
 
-/// What `/event` and `/events` add to a server's event: a cookieless
-/// visitor id when it has no `userid` (from the request's client, which a
-/// server passes on in `X-Forwarded-For` from a trusted proxy address, and
-/// `User-Agent`), and its sent referrer read as a browser's.
+/// What `/event` and `/events` add to a server's events: a cookieless
+/// visitor id to each without a `userid` (from the request's client, which
+/// a server passes on in `X-Forwarded-For` from a trusted proxy address,
+/// and `User-Agent`: one id per site for the whole request), and a sent
+/// referrer read as a browser's.
 pub async fn identify(
     state: &AppState,
     client: &Client,
-    event: &mut Event,
+    events: &mut [Event],
     now: i64,
 ) -> Result<(), ApiError> {
-    if crate::query::visitor_of(event).is_none() {
-        event.visitor = Some(visitor_id(state, client, &event.site_id, now).await?);
-    }
-    if let Some(ctx) = event.ctx.as_deref_mut() {
-        crate::enrich::complete(ctx);
+    let mut ids: HashMap<SiteId, String> = HashMap::new();
+    for event in events {
+        if crate::query::visitor_of(event).is_none() {
+            let id = match ids.get(&event.site_id) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = visitor_id(state, client, &event.site_id, now).await?;
+                    ids.insert(event.site_id.clone(), id.clone());
+                    id
+                }
+            };
+            event.visitor = Some(id);
+        }
+        if let Some(ctx) = event.ctx.as_deref_mut() {
+            crate::enrich::complete(ctx);
+        }
     }
     Ok(())
 }
@@ -340,6 +353,21 @@ async fn accept(
             visitor: Some(visitor),
             ctx: Some(Box::new(ctx.clone())),
         });
+    }
+    // Held to the rules of every event (a URL's path may be longer than a
+    // path may be): what is queued is what a worker accepts.
+    for e in &events {
+        e.check().map_err(|err| match err.field.as_deref() {
+            Some("path") => ApiError::bad_request(
+                "invalid_value",
+                format!(
+                    "the URL's path is longer than {} bytes",
+                    crate::event::MAX_PATH_BYTES
+                ),
+            )
+            .with_field("url"),
+            _ => err.into(),
+        })?;
     }
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;

@@ -421,7 +421,7 @@ async fn accept_event(
     let now = now_ms();
     let mut event = parse_event(value, now)?;
     check_site(state, &event)?;
-    identify(state, &client, &mut event, now).await?;
+    identify(state, &client, std::slice::from_mut(&mut event), now).await?;
     let id = event.id.clone();
     state.queue.enqueue(vec![event]).await?;
     tally.queued = 1;
@@ -483,9 +483,7 @@ async fn accept_events(
         });
         return Ok((StatusCode::BAD_REQUEST, Json(body)));
     }
-    for event in &mut events {
-        identify(state, &client, event, now).await?;
-    }
+    identify(state, &client, &mut events, now).await?;
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;
     tally.queued = n;

@@ -1251,15 +1251,7 @@ impl MongoStore {
         session: &mut ClientSession,
     ) -> mongodb::error::Result<()> {
         use crate::session::{GAP_MS, Visit, fold_visitor};
-        let mut by_visitor: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
-        for e in events {
-            if let Some(v) = crate::query::visitor_of(e) {
-                by_visitor
-                    .entry((e.site_id.as_str(), v))
-                    .or_default()
-                    .push(e);
-            }
-        }
+        let by_visitor = crate::session::by_visitor(events);
         let groups: Vec<((&str, &str), Vec<&Event>)> = by_visitor.into_iter().collect();
         let mut deletes: Vec<String> = Vec::new();
         let mut writes = Vec::new();

@@ -703,15 +703,7 @@ fn fold(
 /// Adds a fold's events to their visitors' visits (see [`crate::session`]).
 fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
     use crate::session::{GAP_MS, Visit, fold_visitor};
-    let mut by_visitor: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
-    for e in events {
-        if let Some(v) = crate::query::visitor_of(e) {
-            by_visitor
-                .entry((e.site_id.as_str(), v))
-                .or_default()
-                .push(e);
-        }
-    }
+    let by_visitor = crate::session::by_visitor(events);
     // The visits that start within the events' span widened by the gap,
     // and the one before (visits do not overlap: only the last to start
     // before the span can reach into it, however long it is), both by the

@@ -10,7 +10,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Backend, first_dimensions, query_today, spawn_app, wait_events};
 
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
@@ -80,44 +80,27 @@ async fn a_real_browser_is_counted_through_evtracks_script_and_plausibles_tracke
     // Every event the browser sent is stored and counted: pageviews on
     // load and on pushState, custom events with props, the call queued
     // before the script loaded, the outbound link and the download.
-    let query = |extra: Value| {
-        let mut body = json!({"site_id": "shop.test", "metrics": ["visitors", "pageviews", "events"],
-                              "date_range": "day"});
-        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-            b.extend(e.clone());
-        }
-        body
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let totals = loop {
-        let r = app.query(&query(json!({}))).await;
-        if r["results"][0]["metrics"][2] == 9 || tokio::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    wait_events(&app, "shop.test", 9).await;
+    let totals = query_today(&app, "shop.test", json!({})).await;
     assert_eq!(
         totals["results"][0]["metrics"],
         json!([1, 4, 9]),
         "one cookieless visitor, four pageviews, nine events (engagement is none of them)"
     );
-    let pages = app
-        .query(&query(
-            json!({"dimensions": ["event:page"], "order_by": [["event:page", "asc"]]}),
-        ))
-        .await;
-    let pages: Vec<&Value> = pages["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["dimensions"][0])
-        .collect();
+    let pages = query_today(
+        &app,
+        "shop.test",
+        json!({"dimensions": ["event:page"], "order_by": [["event:page", "asc"]]}),
+    )
+    .await;
+    let pages = first_dimensions(&pages);
     assert_eq!(pages, ["/npm", "/npm/next", "/tag", "/tag/next"]);
-    let names = app
-        .query(&query(
-            json!({"dimensions": ["event:name"], "order_by": [["event:name", "asc"]]}),
-        ))
-        .await;
+    let names = query_today(
+        &app,
+        "shop.test",
+        json!({"dimensions": ["event:name"], "order_by": [["event:name", "asc"]]}),
+    )
+    .await;
     let names: Vec<(&Value, &Value)> = names["results"]
         .as_array()
         .unwrap()
@@ -135,31 +118,25 @@ async fn a_real_browser_is_counted_through_evtracks_script_and_plausibles_tracke
             (&json!("page_view"), &json!(4)),
         ]
     );
-    let plans = app
-        .query(&query(json!({"dimensions": ["event:props:plan"],
+    let plans = query_today(
+        &app,
+        "shop.test",
+        json!({"dimensions": ["event:props:plan"],
                              "filters": [["is_not", "event:props:plan", ["(none)"]]],
-                             "order_by": [["event:props:plan", "asc"]]})))
-        .await;
+                             "order_by": [["event:props:plan", "asc"]]}),
+    )
+    .await;
     assert_eq!(plans["results"][0]["dimensions"], json!(["pro"]));
     assert_eq!(plans["results"][1]["dimensions"], json!(["team"]));
-    let urls = app
-        .query(&query(json!({"dimensions": ["event:props:url"],
+    let urls = query_today(&app, "shop.test", json!({"dimensions": ["event:props:url"],
                              "filters": [["is", "event:name", ["Outbound Link: Click", "File Download"]]],
-                             "order_by": [["event:props:url", "asc"]]})))
-        .await;
-    let urls: Vec<&Value> = urls["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["dimensions"][0])
-        .collect();
+                             "order_by": [["event:props:url", "asc"]]})).await;
+    let urls = first_dimensions(&urls);
     assert_eq!(
         urls,
         [
-            &json!(
-                "http://shop.test:{port}/files/price-list.pdf".replace("{port}", &port.to_string())
-            ),
-            &json!("https://elsewhere.example/x"),
+            format!("http://shop.test:{port}/files/price-list.pdf"),
+            "https://elsewhere.example/x".to_owned(),
         ]
     );
     // One visit, from the browser the User-Agent names, entered on the

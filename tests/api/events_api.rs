@@ -7,7 +7,8 @@ use evtrack::visitor::{GRACE, SaltSource, VisitorIds};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Backend, TestEnv, assert_error, backend_tests, json_of, metric, spawn_app_with,
+    Backend, TestEnv, assert_error, backend_tests, first_dimensions, json_of, metric, query_today,
+    spawn_app_with, wait_events,
 };
 
 backend_tests!(
@@ -46,27 +47,6 @@ async fn send(
         .expect("request sent")
 }
 
-/// The site's events as a reader of the query API sees them, once stored.
-async fn query(app: &crate::helpers::TestApp, site: &str, extra: Value) -> Value {
-    let mut body = json!({"site_id": site, "metrics": ["visitors", "pageviews", "events"], "date_range": "day"});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    app.query(&body).await
-}
-
-async fn wait_events(app: &crate::helpers::TestApp, site: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let r = query(app, site, json!({})).await;
-        if r["results"][0]["metrics"][2] == n {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{r}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
     let app = spawn_app_with(env(backend), evtrack::startup::Role::All).await;
     // The trackers' short form, as text/plain (what sendBeacon sends).
@@ -98,24 +78,19 @@ async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
     assert_eq!(r.status(), 202);
     wait_events(&app, "shop.example", 3).await;
 
-    let totals = query(&app, "shop.example", json!({})).await;
+    let totals = query_today(&app, "shop.example", json!({})).await;
     assert_eq!(
         totals["results"][0]["metrics"],
         json!([2, 2, 3]),
         "two visitors, two pageviews, three events"
     );
-    let pages = query(
+    let pages = query_today(
         &app,
         "shop.example",
         json!({"dimensions": ["event:page"], "order_by": [["event:page", "asc"]]}),
     )
     .await;
-    let pages: Vec<&Value> = pages["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["dimensions"][0])
-        .collect();
+    let pages = first_dimensions(&pages);
     assert_eq!(pages, ["/app#/cart", "/pricing", "/signup"]);
 
     // Each visit's source, country and device, from its first event.
@@ -123,28 +98,18 @@ async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
         json!({"metrics": ["visitors", "visits", "bounce_rate"], "dimensions": [d],
                               "order_by": [[d, "asc"]]})
     };
-    let sources = query(&app, "shop.example", by("visit:source")).await;
+    let sources = query_today(&app, "shop.example", by("visit:source")).await;
     assert_eq!(
         sources["results"],
         json!([{"dimensions": ["Direct / None"], "metrics": [1, 1, 100]},
                {"dimensions": ["newsletter"], "metrics": [1, 1, 0]}]),
         "the signup makes the newsletter visit more than a bounce"
     );
-    let countries = query(&app, "shop.example", by("visit:country")).await;
-    let countries: Vec<&Value> = countries["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["dimensions"][0])
-        .collect();
+    let countries = query_today(&app, "shop.example", by("visit:country")).await;
+    let countries = first_dimensions(&countries);
     assert_eq!(countries, ["JP", "US"]);
-    let devices = query(&app, "shop.example", by("visit:device")).await;
-    let devices: Vec<&Value> = devices["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["dimensions"][0])
-        .collect();
+    let devices = query_today(&app, "shop.example", by("visit:device")).await;
+    let devices = first_dimensions(&devices);
     assert_eq!(devices, ["Desktop", "Mobile"]);
     // What was kept of each request (never the address itself).
     let rows = stored_contexts(&app, "shop.example").await;
@@ -195,6 +160,11 @@ async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
             "invalid_type",
             Some("props.a"),
         ),
+        (
+            json!({"n": "x", "u": format!("https://shop.example/{}", "a".repeat(3_000)), "d": "shop.example"}),
+            "invalid_value",
+            Some("url"),
+        ),
     ] {
         let r = send(&app, CHROME, "8.8.8.8", "text/plain", &body).await;
         assert_error(&json_of(r, 400).await, code, field);
@@ -202,7 +172,7 @@ async fn both_forms_are_recorded_with_what_the_request_says(backend: Backend) {
     let r = app.post_raw("/api/event", "text/plain", "{not json").await;
     assert_error(&json_of(r, 400).await, "invalid_json", None);
     assert_eq!(
-        query(&app, "shop.example", json!({})).await["results"][0]["metrics"][2],
+        query_today(&app, "shop.example", json!({})).await["results"][0]["metrics"][2],
         3
     );
     app.app.stop().await;

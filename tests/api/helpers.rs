@@ -10,7 +10,7 @@ use evtrack::startup::{Application, Role};
 use evtrack::store::Store;
 use evtrack::store::mongo::MongoStore;
 use evtrack::store::sqlite::SqliteStore;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -403,4 +403,37 @@ pub fn memory_mib(pid: u32, field: &str) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kib / 1024.0
+}
+
+/// `POST /api/v2/query` for today on `site`, with visitors, pageviews and
+/// events, and `extra` fields of the request.
+pub async fn query_today(app: &TestApp, site: &str, extra: Value) -> Value {
+    let mut body = json!({"site_id": site, "metrics": ["visitors", "pageviews", "events"],
+                          "date_range": "day"});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    app.query(&body).await
+}
+
+/// Waits until today's events on `site` are `n` in the query API, failing
+/// after 20 s.
+pub async fn wait_events(app: &TestApp, site: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = query_today(app, site, json!({})).await;
+        if r["results"][0]["metrics"][2] == n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The first dimension's value of each row of an answer.
+pub fn first_dimensions(answer: &Value) -> Vec<Value> {
+    answer["results"]
+        .as_array()
+        .map(|rows| rows.iter().map(|r| r["dimensions"][0].clone()).collect())
+        .unwrap_or_default()
 }
