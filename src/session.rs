@@ -38,12 +38,25 @@ pub const GAP_MS: i64 = 30 * 60 * 1000;
 /// An event's place in time: its timestamp, then its id.
 pub type Instant = (i64, String);
 
-/// A page and when it was viewed.
+/// A page and when it was viewed (stored as `[ts, id, page]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "(i64, String, String)", from = "(i64, String, String)")]
 pub struct PageAt {
     pub ts: i64,
     pub id: String,
     pub page: String,
+}
+
+impl From<PageAt> for (i64, String, String) {
+    fn from(p: PageAt) -> Self {
+        (p.ts, p.id, p.page)
+    }
+}
+
+impl From<(i64, String, String)> for PageAt {
+    fn from((ts, id, page): (i64, String, String)) -> Self {
+        Self { ts, id, page }
+    }
 }
 
 impl PageAt {
@@ -56,14 +69,22 @@ impl PageAt {
 /// of the same visitor, and to answer every visit metric.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Visit {
+    /// The site, the visitor, the first event (when, its id) and the last
+    /// event's time are kept by the stores as fields of their own (keys
+    /// and indexes), not in the serialized summary.
+    #[serde(skip)]
     pub site_id: String,
+    #[serde(skip)]
     pub visitor: String,
-    /// The first event: when, its id, and its context (the visit's).
+    #[serde(skip)]
     pub start: i64,
+    #[serde(skip)]
     pub start_id: String,
-    pub context: Context,
-    /// The last event's time.
+    #[serde(skip)]
     pub end: i64,
+    /// The first event's context: the visit's.
+    #[serde(default, skip_serializing_if = "Context::is_empty")]
+    pub context: Context,
     /// First and last pageview.
     pub entry: Option<PageAt>,
     pub exit: Option<PageAt>,

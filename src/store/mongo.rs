@@ -1232,6 +1232,21 @@ impl MongoStore {
     }
 }
 
+/// A visit read back; `None` for a document that is not one.
+fn visit_from(d: Document) -> Option<crate::session::Visit> {
+    let site = d.get_str("site_id").ok()?.to_owned();
+    let visitor = d.get_str("visitor").ok()?.to_owned();
+    let start_id = d.get_str("start_id").ok()?.to_owned();
+    let (start, end) = (number(&d, "start")?, number(&d, "end")?);
+    let mut v: crate::session::Visit = mongodb::bson::from_document(d).ok()?;
+    v.site_id = site;
+    v.visitor = visitor;
+    v.start = start;
+    v.start_id = start_id;
+    v.end = end;
+    Some(v)
+}
+
 /// A visit document's `_id`: site, visitor and first event, joined
 /// unambiguously (none of them holds the separator).
 fn visit_id(site_id: &str, visitor: &str, start: i64, start_id: &str) -> String {
@@ -1276,9 +1291,9 @@ impl MongoStore {
                 .session(&mut *session)
                 .await?;
             while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-                let visit: Visit = mongodb::bson::from_document(d).map_err(|e| {
+                let visit = visit_from(d).ok_or_else(|| {
                     mongodb::error::Error::custom(format!(
-                        "`{VISITS}` holds a document that is not a visit ({e}); rebuild the rollups"
+                        "`{VISITS}` holds a document that is not a visit; rebuild the rollups"
                     ))
                 })?;
                 stored
@@ -1299,6 +1314,11 @@ impl MongoStore {
                     let mut d = mongodb::bson::to_document(&v)
                         .map_err(|e| mongodb::error::Error::custom(format!("visit: {e}")))?;
                     d.insert("_id", &id);
+                    d.insert("site_id", *site);
+                    d.insert("visitor", *visitor);
+                    d.insert("start", v.start);
+                    d.insert("start_id", &v.start_id);
+                    d.insert("end", v.end);
                     writes.push(doc! {"q": {"_id": id}, "u": d, "upsert": true});
                 }
             }
@@ -1440,10 +1460,7 @@ impl QueryStore for MongoStore {
             .await
             .map_err(|e| self.read_error(e))?;
         // Written by the fold from a `Visit`; anything else is skipped.
-        Ok(docs
-            .into_iter()
-            .filter_map(|d| mongodb::bson::from_document(d).ok())
-            .collect())
+        Ok(docs.into_iter().filter_map(visit_from).collect())
     }
 
     async fn visit_open(

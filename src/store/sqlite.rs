@@ -196,17 +196,20 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE events ADD COLUMN ctx TEXT;
     CREATE TABLE salts (day INTEGER PRIMARY KEY, salt BLOB NOT NULL);",
     // 8: visits (`crate::session`), kept by the fold beside the rollups:
-    // each a summary (`data`, JSON) keyed by its visitor and first event.
-    // Folded again from the raw events on the next start.
+    // each a summary (`data`, JSON), found by its visitor and first event.
+    // A rowid table (rows of a few hundred bytes): a visit that grows is
+    // updated in place, and the indexes stay small. Folded again from the
+    // raw events on the next start.
     "CREATE TABLE visits (
+        id       INTEGER PRIMARY KEY,
         site_id  TEXT NOT NULL,
         visitor  TEXT NOT NULL,
         start_ts INTEGER NOT NULL,
         start_id TEXT NOT NULL,
         end_ts   INTEGER NOT NULL,
-        data     TEXT NOT NULL,
-        PRIMARY KEY (site_id, visitor, start_ts, start_id)
-    ) WITHOUT ROWID;
+        data     TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX visits_visitor ON visits (site_id, visitor, start_ts, start_id);
     CREATE INDEX visits_start ON visits (site_id, start_ts);
     DELETE FROM rollups;
     DELETE FROM rollup_bitmaps;
@@ -478,6 +481,7 @@ fn fold(
 ) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+
     let mut events = Vec::new();
     let mut last = folded;
     {
@@ -703,53 +707,72 @@ fn fold(
 /// Adds a fold's events to their visitors' visits (see [`crate::session`]).
 fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
     use crate::session::{GAP_MS, Visit, fold_visitor};
-    let by_visitor = crate::session::by_visitor(events);
-    // The visits that start within the events' span widened by the gap,
-    // and the one before (visits do not overlap: only the last to start
-    // before the span can reach into it, however long it is), both by the
-    // primary key.
+    // A visitor's visits do not overlap: walking back from the last to
+    // start before the events' latest (plus the gap), the first that ends
+    // before their earliest (less the gap) ends the ones they can reach.
     let mut load = tx.prepare_cached(
-        "SELECT data FROM visits
-         WHERE site_id = ?1 AND visitor = ?2 AND start_ts >= ?4 AND start_ts <= ?3
-         UNION ALL
-         SELECT * FROM (SELECT data FROM visits
-             WHERE site_id = ?1 AND visitor = ?2 AND start_ts < ?4
-             ORDER BY start_ts DESC LIMIT 1)",
+        "SELECT id, start_ts, start_id, end_ts, data FROM visits
+         WHERE site_id = ?1 AND visitor = ?2 AND start_ts <= ?3
+         ORDER BY start_ts DESC, start_id DESC",
     )?;
-    let mut delete = tx.prepare_cached(
-        "DELETE FROM visits WHERE site_id = ?1 AND visitor = ?2 AND start_ts = ?3 AND start_id = ?4",
-    )?;
-    let mut write = tx.prepare_cached(
+    let mut delete = tx.prepare_cached("DELETE FROM visits WHERE id = ?1")?;
+    let mut update = tx.prepare_cached("UPDATE visits SET end_ts = ?2, data = ?3 WHERE id = ?1")?;
+    let mut insert = tx.prepare_cached(
         "INSERT INTO visits (site_id, visitor, start_ts, start_id, end_ts, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT DO UPDATE SET end_ts = excluded.end_ts, data = excluded.data",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     let bad = |e: serde_json::Error| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     };
-    for ((site, visitor), list) in by_visitor {
-        let (lo, hi) = list.iter().fold((i64::MAX, i64::MIN), |(lo, hi), e| {
-            (lo.min(e.ts), hi.max(e.ts))
-        });
-        let stored = load
-            .query_map(
-                params![
-                    site,
-                    visitor,
-                    hi.saturating_add(GAP_MS),
-                    lo.saturating_sub(GAP_MS)
-                ],
-                |r| r.get::<_, String>(0),
-            )?
-            .map(|data| data.and_then(|d| serde_json::from_str::<Visit>(&d).map_err(bad)))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let change = fold_visitor(stored, &list);
-        for (start, id) in &change.removed {
-            delete.execute(params![site, visitor, start, id])?;
+    // In key order: each index page is visited once per fold, not once
+    // per visitor.
+    let mut groups: Vec<_> = crate::session::by_visitor(events).into_iter().collect();
+    groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for ((site, visitor), list) in groups {
+        let lo = list.iter().map(|e| e.ts).min().unwrap_or(0);
+        let hi = list.iter().map(|e| e.ts).max().unwrap_or(0);
+        // (row id, visit), latest first.
+        let mut stored: Vec<(i64, Visit)> = Vec::new();
+        let mut rows = load.query(params![site, visitor, hi.saturating_add(GAP_MS)])?;
+        while let Some(r) = rows.next()? {
+            let end: i64 = r.get(3)?;
+            if end < lo.saturating_sub(GAP_MS) {
+                break;
+            }
+            let mut v: Visit = serde_json::from_str(r.get_ref(4)?.as_str()?).map_err(bad)?;
+            v.site_id = site.to_owned();
+            v.visitor = visitor.to_owned();
+            v.start = r.get(1)?;
+            v.start_id = r.get(2)?;
+            v.end = end;
+            stored.push((r.get(0)?, v));
         }
-        for v in &change.written {
-            let data = serde_json::to_string(v).map_err(bad)?;
-            write.execute(params![site, visitor, v.start, v.start_id, v.end, data])?;
+        drop(rows);
+        let ids: HashMap<(i64, String), i64> = stored
+            .iter()
+            .map(|(id, v)| ((v.start, v.start_id.clone()), *id))
+            .collect();
+        let change = fold_visitor(stored.iter().map(|(_, v)| v.clone()).collect(), &list);
+        let mut gone: Vec<i64> = change
+            .removed
+            .iter()
+            .filter_map(|k| ids.get(k).copied())
+            .collect();
+        for v in change.written {
+            let data = serde_json::to_string(&v).map_err(bad)?;
+            // Grown at its end only: the same row, updated.
+            match ids.get(&(v.start, v.start_id.clone())) {
+                Some(&id) => {
+                    gone.retain(|g| *g != id);
+                    update.execute(params![id, v.end, data])?;
+                }
+                None => {
+                    insert.execute(params![site, visitor, v.start, v.start_id, v.end, data])?;
+                }
+            }
+        }
+        for id in gone {
+            delete.execute([id])?;
         }
     }
     Ok(())
@@ -948,13 +971,21 @@ impl QueryStore for SqliteStore {
         let site = site_id.to_owned();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT data FROM visits WHERE site_id = ?1 AND start_ts >= ?2 AND start_ts < ?3",
+                "SELECT visitor, data, start_ts, start_id, end_ts FROM visits
+                 WHERE site_id = ?1 AND start_ts >= ?2 AND start_ts < ?3",
             )?;
             let mut rows = stmt.query(params![site, start, end])?;
             let mut out = Vec::new();
             while let Some(r) = rows.next()? {
                 // Written by the fold from a `Visit`; anything else is skipped.
-                if let Ok(v) = serde_json::from_str(r.get_ref(0)?.as_str()?) {
+                if let Ok(mut v) =
+                    serde_json::from_str::<crate::session::Visit>(r.get_ref(1)?.as_str()?)
+                {
+                    v.site_id.clone_from(&site);
+                    v.visitor = r.get(0)?;
+                    v.start = r.get(2)?;
+                    v.start_id = r.get(3)?;
+                    v.end = r.get(4)?;
                     out.push(v);
                 }
             }
