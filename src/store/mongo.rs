@@ -1256,10 +1256,11 @@ fn visit_id(site_id: &str, visitor: &str, start: i64, start_id: &str) -> String 
 impl MongoStore {
     /// Adds a fold's events to their visitors' visits (see
     /// [`crate::session`]), in the fold's transaction: one read per
-    /// [`IN_CHUNK`] visitors, of the visits that end after each one's
-    /// earliest event less the gap and start before its latest plus the
-    /// gap (a visitor's visits do not overlap, so those are the ones its
-    /// events can reach).
+    /// [`IN_CHUNK`] visitors of a site (`$in` on the visitor index), of
+    /// their visits that end after the chunk's earliest event less the gap
+    /// (a visitor's visits do not overlap, so those hold every one its
+    /// events can reach; live traffic's events are all recent, so there
+    /// are few others).
     async fn fold_visits(
         &self,
         events: &[Event],
@@ -1267,27 +1268,31 @@ impl MongoStore {
     ) -> mongodb::error::Result<()> {
         use crate::session::{GAP_MS, Visit, fold_visitor};
         let by_visitor = crate::session::by_visitor(events);
-        let groups: Vec<((&str, &str), Vec<&Event>)> = by_visitor.into_iter().collect();
+        let mut groups: Vec<((&str, &str), Vec<&Event>)> = by_visitor.into_iter().collect();
+        // Each chunk of one site.
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut chunks: Vec<&[((&str, &str), Vec<&Event>)]> = Vec::new();
+        for site in groups.chunk_by(|a, b| a.0.0 == b.0.0) {
+            chunks.extend(site.chunks(IN_CHUNK));
+        }
         let mut deletes: Vec<String> = Vec::new();
         let mut writes = Vec::new();
-        for chunk in groups.chunks(IN_CHUNK) {
-            let clauses: Vec<Document> = chunk
+        for chunk in chunks {
+            let site = chunk.first().map_or("", |g| g.0.0);
+            let visitors: Vec<&str> = chunk.iter().map(|g| g.0.1).collect();
+            let lo = chunk
                 .iter()
-                .map(|((site, visitor), list)| {
-                    let lo = list.iter().map(|e| e.ts).min().unwrap_or(0);
-                    let hi = list.iter().map(|e| e.ts).max().unwrap_or(0);
-                    doc! {
-                        "site_id": *site,
-                        "visitor": *visitor,
-                        "end": {"$gte": lo.saturating_sub(GAP_MS)},
-                        "start": {"$lte": hi.saturating_add(GAP_MS)},
-                    }
-                })
-                .collect();
+                .flat_map(|g| g.1.iter().map(|e| e.ts))
+                .min()
+                .unwrap_or(0);
             let mut stored: HashMap<(String, String), Vec<Visit>> = HashMap::new();
             let mut cursor = self
                 .visits
-                .find(doc! {"$or": clauses})
+                .find(doc! {
+                    "site_id": site,
+                    "visitor": {"$in": visitors},
+                    "end": {"$gte": lo.saturating_sub(GAP_MS)},
+                })
                 .session(&mut *session)
                 .await?;
             while let Some(d) = cursor.next(&mut *session).await.transpose()? {
