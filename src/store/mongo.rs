@@ -1232,6 +1232,9 @@ impl MongoStore {
     }
 }
 
+/// A visitor's events in a fold: (site, visitor) and the events.
+type VisitorEvents<'a> = ((&'a str, &'a str), Vec<&'a Event>);
+
 /// A visit read back; `None` for a document that is not one.
 fn visit_from(d: Document) -> Option<crate::session::Visit> {
     let site = d.get_str("site_id").ok()?.to_owned();
@@ -1268,10 +1271,10 @@ impl MongoStore {
     ) -> mongodb::error::Result<()> {
         use crate::session::{GAP_MS, Visit, fold_visitor};
         let by_visitor = crate::session::by_visitor(events);
-        let mut groups: Vec<((&str, &str), Vec<&Event>)> = by_visitor.into_iter().collect();
+        let mut groups: Vec<VisitorEvents<'_>> = by_visitor.into_iter().collect();
         // Each chunk of one site.
         groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut chunks: Vec<&[((&str, &str), Vec<&Event>)]> = Vec::new();
+        let mut chunks: Vec<&[VisitorEvents<'_>]> = Vec::new();
         for site in groups.chunk_by(|a, b| a.0.0 == b.0.0) {
             chunks.extend(site.chunks(IN_CHUNK));
         }
