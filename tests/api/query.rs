@@ -223,9 +223,9 @@ async fn bad_queries_are_answered_400_naming_the_fault() {
     };
     for (body, code, field) in [
         (
-            with("metrics", json!(["visits"])),
+            with("metrics", json!(["visits", "sessions"])),
             "unknown_metric",
-            Some("metrics[0]"),
+            Some("metrics[1]"),
         ),
         (
             with("timezone", json!("Europe/Atlantis")),
@@ -243,9 +243,14 @@ async fn bad_queries_are_answered_400_naming_the_fault() {
             Some("date_range"),
         ),
         (
-            with("dimensions", json!(["visit:country"])),
-            "unsupported_dimension",
+            with("dimensions", json!(["visit:city"])),
+            "unknown_dimension",
             Some("dimensions[0]"),
+        ),
+        (
+            with("dimensions", json!(["visit:country", "event:page"])),
+            "unsupported_query",
+            Some("dimensions"),
         ),
         (
             with("dimensions", json!(["event:page", "event:props:plan"])),
