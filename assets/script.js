@@ -1,11 +1,11 @@
 // evtrack's tracker: <script defer data-domain="example.com" src="https://evtrack.example/js/script.js"></script>
-// Options on the tag: data-api (the endpoint), data-hash (hash-based routing),
+// Options on the tag: data-api (the endpoint; default: api/event beside js/), data-hash (hash-based routing),
 // data-include-localhost, data-outbound-links, data-file-downloads.
 // No cookies, nothing stored. Served minified (scripts/build-tracker.sh).
 ((w, d) => {
 let s = d.currentScript, D = s.dataset, l = w.location, E = "engagement",
 on = (o, e, f) => o.addEventListener(e, f),
-api = D.api || new URL("/api/event", s.src), dom = D.domain || l.hostname,
+api = D.api || new URL("../api/event", s.src), dom = D.domain || l.hostname,
 hash = "hash" in D, page, url, shown, ms = 0, depth = 0;
 let send = (name, o = {}) => {
 let done = r => o.callback?.(r), p;

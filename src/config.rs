@@ -240,6 +240,18 @@ pub struct Settings {
         global = true
     )]
     pub trusted_proxies: TrustedProxies,
+
+    /// Path prefix to serve everything under (the dashboard, the API, the
+    /// tracker), for a reverse proxy that mounts evtrack at e.g.
+    /// `/analytics/`. Unset: the root.
+    #[arg(
+        long,
+        env = "BASE_PATH",
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
+    pub base_path: crate::routes::dashboard::BasePath,
 }
 
 /// The environment variables evtrack reads, taken from the flags'
@@ -284,6 +296,7 @@ impl Default for Settings {
             rate_limit: None,
             rate_limit_burst: None,
             trusted_proxies: TrustedProxies::default(),
+            base_path: Default::default(),
         }
     }
 }

@@ -22,15 +22,12 @@
 //! events had arrived in time order. [`visits_of`] computes them directly
 //! from a list of events: the reference the stores are tested against.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Context, Event};
-use crate::query::{
-    Answer, Dimension, GroupKey, NONE, PAGEVIEW, Query, Totals, page_of, visitor_of,
-};
+use crate::query::{Answer, Dimension, GroupKey, PAGEVIEW, Query, Totals, page_of, visitor_of};
 
 /// The longest gap between two events of one visit: 30 minutes.
 pub const GAP_MS: i64 = 30 * 60 * 1000;
@@ -208,10 +205,15 @@ pub fn visits_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Visit> 
 
 /// A visit-scoped query ([`Query::is_visit_scoped`]) over `visits` (any
 /// site, any start): the visits of the query's site that start in its
-/// range, grouped by the time bucket they start in and by their
-/// `visit:*` value, filtered by their `visit:*` values; each group's
-/// visitors, pageviews, events, visits, bounces and durations.
-pub fn answer<'a>(query: &Query, visits: impl IntoIterator<Item = &'a Visit>) -> Answer {
+/// range and that `passes` (the query's filters: see [`passes_alone`] and
+/// [`events_of`]), grouped by the time bucket they start in and by their
+/// `visit:*` value; each group's visitors, pageviews, events, visits,
+/// bounces and durations.
+pub fn answer<'a>(
+    query: &Query,
+    visits: impl IntoIterator<Item = &'a Visit>,
+    mut passes: impl FnMut(&Visit) -> bool,
+) -> Answer {
     let grain = query.time_grain();
     let field = match query.dimension() {
         Some(Dimension::Visit(f)) => Some(*f),
@@ -222,13 +224,7 @@ pub fn answer<'a>(query: &Query, visits: impl IntoIterator<Item = &'a Visit>) ->
         if v.site_id != query.site_id.as_str() || v.start < query.start || v.start >= query.end {
             continue;
         }
-        let mut value = |d: &Dimension| match d {
-            Dimension::Visit(f) => Cow::Borrowed(f.value_of(v)),
-            // Refused at parsing: a visit-scoped query looks at visit:*
-            // dimensions only.
-            _ => Cow::Borrowed(NONE),
-        };
-        if !query.filters.iter().all(|f| f.holds(&mut value)) {
+        if !passes(v) {
             continue;
         }
         let key = GroupKey {
@@ -251,6 +247,73 @@ pub fn answer<'a>(query: &Query, visits: impl IntoIterator<Item = &'a Visit>) ->
         })
         .collect();
     Answer::shape(query, groups)
+}
+
+/// Whether a visit passes filters that look at visits only (`event:*`
+/// values are `(none)`).
+pub fn passes_alone(query: &Query, v: &Visit) -> bool {
+    query.matches_pair(None, Some(v))
+}
+
+/// Where each event of a visitor lies among that visitor's visits: the
+/// visits of a site by visitor, each visitor's in time order (visits of
+/// one visitor never overlap).
+#[derive(Debug, Default)]
+pub struct VisitIndex {
+    by_visitor: HashMap<String, Vec<(i64, i64, usize)>>,
+}
+
+impl VisitIndex {
+    /// Indexes `visits` by position.
+    pub fn new(visits: &[Visit]) -> Self {
+        let mut by_visitor: HashMap<String, Vec<(i64, i64, usize)>> = HashMap::new();
+        for (i, v) in visits.iter().enumerate() {
+            by_visitor
+                .entry(v.visitor.clone())
+                .or_default()
+                .push((v.start, v.end, i));
+        }
+        for list in by_visitor.values_mut() {
+            list.sort_unstable();
+        }
+        Self { by_visitor }
+    }
+
+    /// The position of the visit `e` belongs to, if it is among them: the
+    /// visit of its visitor whose first and last events' times hold its
+    /// time.
+    pub fn of(&self, e: &Event) -> Option<usize> {
+        let list = self.by_visitor.get(visitor_of(e)?)?;
+        let after = list.partition_point(|&(start, _, _)| start <= e.ts);
+        let &(_, end, i) = list.get(after.checked_sub(1)?)?;
+        (e.ts <= end).then_some(i)
+    }
+}
+
+/// For a visit-scoped query whose filters look at events: which of
+/// `visits` hold an event that, with its visit, passes the filters
+/// (Plausible's meaning: a visit that saw `/pricing`, a visit with a
+/// `Signup`). `events` may hold any events; those of other visits are
+/// passed over.
+pub fn events_of<'e>(
+    query: &Query,
+    visits: &[Visit],
+    events: impl IntoIterator<Item = &'e Event>,
+) -> Vec<bool> {
+    let index = VisitIndex::new(visits);
+    let mut passed = vec![false; visits.len()];
+    for e in events {
+        if e.site_id != query.site_id || e.is_engagement() {
+            continue;
+        }
+        if let Some(i) = index.of(e)
+            && !passed[i]
+            && query.matches_pair(Some(e), Some(&visits[i]))
+        {
+            passed[i] = true;
+        }
+    }
+    passed
 }
 
 /// What a fold does to one visitor's stored visits.

@@ -311,6 +311,7 @@ impl Application {
                     proxies: settings.trusted_proxies.clone(),
                     agents: Arc::new(crate::enrich::ua::Agents::default()),
                     visitors,
+                    base_path: settings.base_path.clone(),
                 };
                 let app = router(state, stats_origins);
                 let stop = shutdown.clone();

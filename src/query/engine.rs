@@ -14,7 +14,7 @@
 //! the raw events of its range, still exact, within the query time limit.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use roaring::RoaringBitmap;
 
@@ -25,6 +25,7 @@ use super::{
 };
 use crate::event::{Event, SiteId};
 use crate::rollup::{self, DIM_KEYS, DIM_PAGE, Level, PROP_PREFIX, Piece};
+use crate::session::{self, Visit};
 use crate::store::{QueryStore, StoreError};
 
 /// Rollup rows of one dimension to read, optionally only some values.
@@ -246,7 +247,13 @@ pub struct Aggregator {
     selected: Option<(Vec<LaidOut>, usize)>,
     /// A stored bitmap that did not decode: the answer would be wrong.
     corrupt: bool,
+    /// Decides, after the query's own tests, whether a raw event counts
+    /// (a test that needs more than the event: its visit).
+    gate: Option<Gate>,
 }
+
+/// See [`Aggregator::gate`].
+pub type Gate = Arc<dyn Fn(&Event) -> bool + Send + Sync>;
 
 /// The plan for a query, and the aggregator its reads go into, for a store
 /// that keeps rollups.
@@ -300,6 +307,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             bounds: HashMap::new(),
             selected: None,
             corrupt: false,
+            gate: None,
         };
         return (plan, agg);
     };
@@ -404,6 +412,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         bounds: HashMap::new(),
         selected: None,
         corrupt: false,
+        gate: None,
     };
     (plan, agg)
 }
@@ -702,6 +711,11 @@ impl Aggregator {
         if e.site_id != query.site_id || e.is_engagement() || !query.matches(e) {
             return;
         }
+        if let Some(gate) = &self.gate
+            && !gate(e)
+        {
+            return;
+        }
         let (time, vid) = match &mut self.mode {
             Mode::Rollups {
                 slivers,
@@ -905,8 +919,121 @@ pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, St
         // Visits are read as the fold keeps them, one record per visit
         // that starts in the range (not yet from rollups).
         let visits = store.visits(&query.site_id, query.start, query.end).await?;
-        return Ok(crate::session::answer(&query, &visits));
+        if !query.filters_events() {
+            return Ok(session::answer(&query, &visits, |v| {
+                session::passes_alone(&query, v)
+            }));
+        }
+        let passed = visits_with_events(store, &query, visits.clone()).await?;
+        let kept = visits
+            .iter()
+            .zip(passed)
+            .filter(|(_, p)| *p)
+            .map(|(v, _)| v);
+        return Ok(session::answer(&query, kept, |_| true));
+    }
+    if query.filters_visits() {
+        return events_by_visit(store, query).await;
     }
     let (plan, agg) = plan(query);
     store.fetch(plan, agg).await?.finish()
+}
+
+/// How long before a range the visits of its events are read at first;
+/// events of a longer visit (one with events more than a day apart, none
+/// 30 minutes from the next) have theirs read in a second pass.
+const VISIT_LOOKBACK_MS: i64 = super::time::DAY_MS;
+
+/// The query without its filters, over `[start, end)`, read from raw
+/// events only (a gate on the aggregator tests the filters).
+fn raw_unfiltered(query: &Query, start: i64, end: i64) -> (Plan, Aggregator) {
+    let bare = Query {
+        filters: Vec::new(),
+        start,
+        end,
+        ..query.clone()
+    };
+    let (mut plan, agg) = plan_for(Arc::new(bare), false);
+    // The filters, tested by the caller's gate, may look at properties.
+    plan.raw_props |= query
+        .filter_dimensions()
+        .iter()
+        .any(|d| matches!(d, Dimension::Prop(_)));
+    (plan, agg)
+}
+
+/// Which of `visits` hold an event that passes the query's filters with
+/// its visit ([`session::events_of`]), from the raw events they span.
+async fn visits_with_events(
+    store: &dyn QueryStore,
+    query: &Arc<Query>,
+    visits: Vec<Visit>,
+) -> Result<Vec<bool>, StoreError> {
+    let Some(until) = visits.iter().map(|v| v.end).max() else {
+        return Ok(Vec::new());
+    };
+    let n = visits.len();
+    let passed = Arc::new(Mutex::new(vec![false; n]));
+    let (plan, mut agg) = raw_unfiltered(query, query.start, until.saturating_add(1));
+    let index = session::VisitIndex::new(&visits);
+    let (q, out) = (Arc::clone(query), Arc::clone(&passed));
+    agg.gate = Some(Arc::new(move |e: &Event| {
+        if let Some(i) = index.of(e) {
+            let mut passed = out.lock().unwrap_or_else(|p| p.into_inner());
+            if !passed[i] && q.matches_pair(Some(e), Some(&visits[i])) {
+                passed[i] = true;
+            }
+        }
+        // Nothing to count here: the visits are.
+        false
+    }));
+    store.fetch(plan, agg).await?;
+    let passed = passed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(passed)
+}
+
+/// An event query whose filters look at visits: the raw events of the
+/// range, each tested with its visit.
+async fn events_by_visit(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
+    let site = query.site_id.as_str();
+    let first = query.start.saturating_sub(VISIT_LOOKBACK_MS);
+    let mut visits: Vec<Visit> = store.visits(site, first, query.end).await?;
+    visits.retain(|v| v.end >= query.start);
+    let (agg, orphans) = events_pass(store, &query, Arc::new(visits.clone()), false).await?;
+    if !orphans {
+        return agg.finish();
+    }
+    // Some events belong to visits that started before the lookback:
+    // every older visit of the site that reaches into the range.
+    let mut older = store.visits(site, i64::MIN, first).await?;
+    older.retain(|v| v.end >= query.start);
+    visits.extend(older);
+    let (agg, _) = events_pass(store, &query, Arc::new(visits), true).await?;
+    agg.finish()
+}
+
+/// One read of [`events_by_visit`]: the aggregate, and whether an event
+/// with a visitor had no visit among `visits` (then not counted, unless
+/// `last`: then it is tested without a visit).
+async fn events_pass(
+    store: &dyn QueryStore,
+    query: &Arc<Query>,
+    visits: Arc<Vec<Visit>>,
+    last: bool,
+) -> Result<(Aggregator, bool), StoreError> {
+    let orphans = Arc::new(Mutex::new(false));
+    let (plan, mut agg) = raw_unfiltered(query, query.start, query.end);
+    let index = session::VisitIndex::new(&visits);
+    let (q, seen) = (Arc::clone(query), Arc::clone(&orphans));
+    agg.gate = Some(Arc::new(move |e: &Event| match index.of(e) {
+        Some(i) => q.matches_pair(Some(e), Some(&visits[i])),
+        None if !last && visitor_of(e).is_some() => {
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            false
+        }
+        None => q.matches_pair(Some(e), None),
+    }));
+    let agg = store.fetch(plan, agg).await?;
+    let orphaned = *orphans.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((agg, orphaned))
 }

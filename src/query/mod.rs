@@ -433,22 +433,59 @@ impl Query {
     }
 
     /// Whether the query is answered over visits rather than events: it
-    /// asks a visit metric, or groups or filters by a `visit:*` dimension.
-    /// Then visits that start in the range are counted, in the time bucket
-    /// they start in, with their visitors, pageviews and events.
+    /// asks a visit metric, or groups by a `visit:*` dimension. Then visits
+    /// that start in the range are counted, in the time bucket they start
+    /// in, with their visitors, pageviews and events.
     pub fn is_visit_scoped(&self) -> bool {
+        self.metrics.iter().any(|m| m.of_visits())
+            || matches!(self.dimension(), Some(Dimension::Visit(_)))
+    }
+
+    /// Every dimension the filters look at.
+    pub fn filter_dimensions(&self) -> Vec<Dimension> {
         let mut dims = Vec::new();
         for f in &self.filters {
             f.dimensions(&mut dims);
         }
-        dims.extend(self.dimension().cloned());
-        self.metrics.iter().any(|m| m.of_visits())
-            || dims.iter().any(|d| matches!(d, Dimension::Visit(_)))
+        dims
     }
 
-    /// Whether an event passes every filter.
+    /// Whether the filters look at an event's own values (`event:*`).
+    pub fn filters_events(&self) -> bool {
+        self.filter_dimensions()
+            .iter()
+            .any(|d| !matches!(d, Dimension::Visit(_)))
+    }
+
+    /// Whether the filters look at a visit's values (`visit:*`).
+    pub fn filters_visits(&self) -> bool {
+        self.filter_dimensions()
+            .iter()
+            .any(|d| matches!(d, Dimension::Visit(_)))
+    }
+
+    /// Whether an event passes every filter, looking at its own values
+    /// only (`visit:*` values are `(none)`).
     pub fn matches(&self, e: &Event) -> bool {
         let mut value = |d: &Dimension| value_of(e, d);
+        self.filters.iter().all(|f| f.holds(&mut value))
+    }
+
+    /// Whether an event of a visit, or a visit with one of its events,
+    /// passes every filter: `event:*` values are the event's, `visit:*`
+    /// values the visit's. A missing event has `(none)` for every value
+    /// (as a missing visit has, but `Direct / None` for its source and
+    /// referrer).
+    pub fn matches_pair(&self, e: Option<&Event>, v: Option<&crate::session::Visit>) -> bool {
+        let mut value = |d: &Dimension| match (d, e, v) {
+            (Dimension::Visit(f), _, Some(v)) => Cow::Borrowed(f.value_of(v)),
+            (Dimension::Visit(VisitField::Source | VisitField::Referrer), _, None) => {
+                Cow::Borrowed(DIRECT)
+            }
+            (Dimension::Visit(_), _, None) => Cow::Borrowed(NONE),
+            (d, Some(e), _) => value_of(e, d),
+            (_, None, _) => Cow::Borrowed(NONE),
+        };
         self.filters.iter().all(|f| f.holds(&mut value))
     }
 }

@@ -179,26 +179,26 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
         }
         Some(_) => return Err(QueryError::invalid("filters", "`filters` must be a list")),
     };
-    // Visit-scoped queries (a visit metric, a visit:* dimension or filter)
-    // count visits; an event:* dimension or filter beside them would ask
-    // which of a visit's events count, which this version does not answer.
-    let mut looked_at: Vec<Dimension> = Vec::new();
-    for f in &filters {
-        f.dimensions(&mut looked_at);
-    }
-    looked_at.extend(dims.iter().filter_map(|d| match d {
-        DimSpec::Event(d) => Some(d.clone()),
-        DimSpec::Time(_) => None,
-    }));
+    // Queries over visits (a visit metric, or a visit:* dimension) group
+    // visits, so they group by visit:* and time dimensions only; their
+    // filters may look at events (the visits with such an event), and an
+    // event query's filters at visits (the events of such visits).
+    let grouped: Vec<&Dimension> = dims
+        .iter()
+        .filter_map(|d| match d {
+            DimSpec::Event(d) => Some(d),
+            DimSpec::Time(_) => None,
+        })
+        .collect();
     let visit_scoped = metrics.iter().any(|m| m.of_visits())
-        || looked_at.iter().any(|d| matches!(d, Dimension::Visit(_)));
-    if visit_scoped && let Some(d) = looked_at.iter().find(|d| !matches!(d, Dimension::Visit(_))) {
+        || grouped.iter().any(|d| matches!(d, Dimension::Visit(_)));
+    if visit_scoped && let Some(d) = grouped.iter().find(|d| !matches!(d, Dimension::Visit(_))) {
         return Err(QueryError::new(
             "unsupported_query",
             "dimensions",
             format!(
-                "`{}` with visit metrics or visit:* dimensions: a query over visits groups and \
-                 filters by visit:* and time dimensions only",
+                "`{}` with visit metrics or visit:* dimensions: a query over visits groups by \
+                 visit:* and time dimensions only",
                 short(&d.name())
             ),
         ));
@@ -1096,17 +1096,18 @@ mod tests {
                 with("dimensions", json!(["visit:nope"])),
                 ("dimensions[0]", "unknown_dimension"),
             ),
-            // Over visits, which of a visit's events count is not answered.
             (
                 with("dimensions", json!(["visit:source", "event:page"])),
                 ("dimensions", "unsupported_query"),
             ),
+            // Visits grouped by an event's value: which of a visit's events
+            // would say?
             (
                 with2(
                     "metrics",
                     json!(["visits"]),
-                    "filters",
-                    json!([["is", "event:page", ["/"]]]),
+                    "dimensions",
+                    json!(["event:page"]),
                 ),
                 ("dimensions", "unsupported_query"),
             ),

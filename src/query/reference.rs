@@ -7,27 +7,47 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Answer, GroupKey, PAGEVIEW, Query, Totals, value_of, visitor_of};
 use crate::event::Event;
+use crate::session;
 
 /// Aggregates `events` (any site, any time) as `query` asks.
 pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) -> Answer {
+    let events: Vec<&Event> = events
+        .into_iter()
+        .filter(|e| e.site_id == query.site_id)
+        .collect();
+    // Visits of the whole set of the site's events, however long ago they
+    // started (a visit belongs to the range it starts in).
+    let visits = match query.is_visit_scoped() || query.filters_visits() {
+        true => session::visits_of(events.iter().copied()),
+        false => Vec::new(),
+    };
     if query.is_visit_scoped() {
-        // Visits of the whole set of the site's events, however long ago
-        // they started (a visit belongs to the range it starts in).
-        let visits =
-            crate::session::visits_of(events.into_iter().filter(|e| e.site_id == query.site_id));
-        return crate::session::answer(query, &visits);
+        if query.filters_events() {
+            // The visits with an event that passes the filters with them.
+            let passed = session::events_of(query, &visits, events.iter().copied());
+            let kept = visits
+                .iter()
+                .zip(passed)
+                .filter(|(_, p)| *p)
+                .map(|(v, _)| v);
+            return session::answer(query, kept, |_| true);
+        }
+        return session::answer(query, &visits, |v| session::passes_alone(query, v));
     }
+    let index = session::VisitIndex::new(&visits);
     let grain = query.time_grain();
     let dimension = query.dimension();
     let mut groups: HashMap<GroupKey, (u64, u64, HashSet<&str>)> = HashMap::new();
     for e in events {
-        if e.site_id != query.site_id || e.ts < query.start || e.ts >= query.end {
+        if e.ts < query.start || e.ts >= query.end {
             continue;
         }
         if e.is_engagement() {
             continue;
         }
-        if !query.matches(e) {
+        // Each event with its visit, when the filters look at visits.
+        let visit = index.of(e).map(|i| &visits[i]);
+        if !query.matches_pair(Some(e), visit) {
             continue;
         }
         let key = GroupKey {

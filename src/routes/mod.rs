@@ -8,8 +8,15 @@
 //! - `GET /metrics`: [`metrics`]
 //! - `GET /openapi.json`: [`openapi`]
 //! - `GET /js/script.js`: the tracker, [`script`]
+//! - `GET /`, `GET /dashboard/{site_id}`, `GET /assets/{name}`: the
+//!   dashboard, [`dashboard`]
+//! - `GET /api/sites`, `GET /api/sites/{site_id}/properties`: listings the
+//!   dashboard needs, [`sites`]
+//!
+//! All of them under `BASE_PATH` when it is set.
 
 pub mod browser;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod ingest;
@@ -17,6 +24,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod query;
 pub mod script;
+pub mod sites;
 pub mod stats;
 
 use std::sync::Arc;
@@ -59,6 +67,8 @@ pub struct AppState {
     pub agents: Arc<crate::enrich::ua::Agents>,
     /// Cookieless visitor ids.
     pub visitors: Arc<crate::visitor::VisitorIds>,
+    /// The prefix every route is served under (`BASE_PATH`).
+    pub base_path: dashboard::BasePath,
 }
 
 /// Global bounds on what clients hold at once, whatever the number of
@@ -198,15 +208,29 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         None => query_route,
         Some(cors) => with_cors(query_route, cors),
     };
+    let listing = |route: MethodRouter<AppState>| match stats_cors_layer.clone() {
+        None => route,
+        Some(cors) => with_cors(route, cors),
+    };
     let stats = Router::new()
         .route("/stats", stats_route)
-        .route("/api/v2/query", query_route);
+        .route("/api/v2/query", query_route)
+        .route("/api/sites", listing(get(sites::get_sites)))
+        .route(
+            "/api/sites/{site_id}/properties",
+            listing(get(sites::get_properties)),
+        );
     // Ingest and stats handlers count themselves against the request bound
     // (`InFlight::admit`). Health, readiness and metrics stay outside it:
     // they cost little, and an overloaded process must still say how it is.
-    Router::new()
+    let base = state.base_path.clone();
+    let app = Router::new()
         .merge(ingest)
         .merge(stats)
+        .route("/", get(dashboard::get_home))
+        .route("/dashboard/{site_id}", get(dashboard::get_dashboard))
+        .route("/assets/{name}", get(dashboard::get_asset))
+        .route("/favicon.ico", get(dashboard::get_favicon))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::get_metrics))
@@ -226,6 +250,16 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
+        );
+    if base.is_empty() {
+        return app.with_state(state);
+    }
+    // Under a prefix: every route moves under it (the home page at
+    // `/analytics` and `/analytics/`), and anything else is a JSON 404.
+    let home = format!("{base}/");
+    Router::new()
+        .route(&home, get(dashboard::get_home))
+        .nest(base.as_str(), app)
+        .fallback(|| async { ApiError::not_found() })
         .with_state(state)
 }

@@ -110,6 +110,16 @@ pub trait QueryStore: Send + Sync + 'static {
     async fn fetch(&self, plan: Plan, agg: Aggregator) -> Result<Aggregator, StoreError>;
     /// The time (epoch ms) of the site's first stored event.
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError>;
+    /// The sites with events in the rollups, in id order, at most `limit`.
+    async fn sites(&self, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// The property keys the site's events carry (only those named `name`,
+    /// when given), as counted in the rollups: each key once, sorted, at
+    /// most [`MAX_PROPERTY_KEYS`].
+    async fn property_keys(
+        &self,
+        site_id: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, StoreError>;
     /// The site's visits ([`crate::session`]) that start in `[start, end)`,
     /// as folded so far (visits grow with the events folded after them).
     /// Stopped with [`StoreError::Timeout`] past the query time limit.
@@ -249,6 +259,26 @@ impl VisitorCache {
         }
         self.young.insert(key, vid);
     }
+}
+
+/// Most keys [`QueryStore::property_keys`] names.
+pub const MAX_PROPERTY_KEYS: usize = 1_000;
+
+/// The keys in rollup values of the `keys` dimension (sorted key lists),
+/// each once, sorted, at most [`MAX_PROPERTY_KEYS`].
+pub(crate) fn keys_of<'a>(lists: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for list in lists {
+        for key in list.split(crate::rollup::KEY_SEPARATOR) {
+            if !key.is_empty() {
+                keys.insert(key);
+            }
+        }
+    }
+    keys.into_iter()
+        .take(MAX_PROPERTY_KEYS)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Events per fold transaction.

@@ -1487,6 +1487,32 @@ impl QueryStore for MongoStore {
         Ok(found.is_some())
     }
 
+    async fn sites(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        // A distinct scan of the site-days index.
+        let mut sites = self
+            .distinct_texts(&self.site_days, "site_id", doc! {})
+            .await?;
+        sites.sort_unstable();
+        sites.truncate(limit);
+        Ok(sites)
+    }
+
+    async fn property_keys(
+        &self,
+        site_id: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        // Month rows are kept for every day: the key lists of all the
+        // site's events.
+        let mut filter =
+            doc! {"site_id": site_id, "dim": rollup::DIM_KEYS, "level": Level::Month.code()};
+        if let Some(name) = name {
+            filter.insert("name", name);
+        }
+        let lists = self.distinct_texts(&self.rollups, "value", filter).await?;
+        Ok(super::keys_of(lists.iter().map(String::as_str)))
+    }
+
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
         let first = self
             .events
@@ -1505,6 +1531,26 @@ impl QueryStore for MongoStore {
 }
 
 impl MongoStore {
+    async fn distinct_texts(
+        &self,
+        collection: &Collection<Document>,
+        field: &str,
+        filter: Document,
+    ) -> Result<Vec<String>, StoreError> {
+        let values = collection
+            .distinct(field, filter)
+            .max_time(self.query_timeout)
+            .await
+            .map_err(|e| self.read_error(e))?;
+        Ok(values
+            .into_iter()
+            .filter_map(|v| match v {
+                mongodb::bson::Bson::String(s) => Some(s),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// [`QueryStore::fetch`]'s reads, in `session`'s transaction.
     async fn fetch_in(
         &self,

@@ -1029,6 +1029,51 @@ impl QueryStore for SqliteStore {
         })
         .await
     }
+
+    async fn sites(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(move |conn| {
+            // One step of the site-days' key per site, not a scan of every
+            // site-day.
+            let mut next = conn.prepare_cached(
+                "SELECT site_id FROM site_days WHERE site_id > ?1 ORDER BY site_id LIMIT 1",
+            )?;
+            let mut sites: Vec<String> = Vec::new();
+            while sites.len() < limit {
+                let after = sites.last().map_or("", String::as_str);
+                match next.query_row([after], |r| r.get(0)).optional()? {
+                    Some(site) => sites.push(site),
+                    None => break,
+                }
+            }
+            Ok(sites)
+        })
+        .await
+    }
+
+    async fn property_keys(
+        &self,
+        site_id: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let (site_id, name) = (site_id.to_owned(), name.map(str::to_owned));
+        self.read(move |conn| {
+            // Month rows are kept for every day (see `rollup`, "Sparse
+            // days"): the key lists of all the site's events.
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT value FROM rollups
+                 WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND (?4 IS NULL OR name = ?4)
+                 LIMIT 100000",
+            )?;
+            let lists = stmt
+                .query_map(
+                    params![site_id, rollup::DIM_KEYS, Level::Month.code(), name],
+                    |r| r.get::<_, String>(0),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::keys_of(lists.iter().map(String::as_str)))
+        })
+        .await
+    }
 }
 
 #[async_trait]

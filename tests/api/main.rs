@@ -4,6 +4,7 @@
 mod access;
 mod backends;
 mod browser;
+mod dashboard;
 mod events_api;
 mod faults;
 mod helpers;

@@ -992,6 +992,13 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         "/p1",
         "/p2",
     ];
+    let visit_leaf = |rng: &mut StdRng| {
+        let op = ["is", "is_not", "contains", "contains_not"][rng.random_range(0..4)];
+        let dim = visit_dims[rng.random_range(0..visit_dims.len())];
+        let value = visit_values[rng.random_range(0..visit_values.len())];
+        json!([op, dim, [value]])
+    };
+    let (mut visits_by_events, mut events_by_visits) = (0, 0);
     for n in 0..queries {
         let site = if rng.random_range(0..5) == 0 {
             "other"
@@ -1087,18 +1094,26 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             }
             filters.clear();
             for _ in 0..rng.random_range(0..3) {
-                let op = ["is", "is_not", "contains", "contains_not"][rng.random_range(0..4)];
-                let dim = visit_dims[rng.random_range(0..visit_dims.len())];
-                let value = visit_values[rng.random_range(0..visit_values.len())];
-                let leaf = json!([op, dim, [value]]);
-                filters.push(if rng.random_range(0..4) == 0 {
-                    json!(["not", leaf])
-                } else {
-                    leaf
+                // Visit filters, and event filters: the visits that hold
+                // such an event (with the visit, when both are in one `or`).
+                let visit_leaf = visit_leaf(&mut rng);
+                filters.push(match rng.random_range(0..6) {
+                    0 => json!(["not", visit_leaf]),
+                    1 => leaf(&mut rng),
+                    2 => json!(["or", [leaf(&mut rng), visit_leaf]]),
+                    _ => visit_leaf,
                 });
+            }
+            if filters.iter().any(|f| f.to_string().contains("event:")) {
+                visits_by_events += 1;
             }
         } else {
             of_events += 1;
+            // Events of visits that pass a visit filter.
+            if rng.random_range(0..4) == 0 {
+                filters.push(visit_leaf(&mut rng));
+                events_by_visits += 1;
+            }
         }
         let mut body = json!({"site_id": site, "metrics": metrics, "date_range": date_range,
             "timezone": zone, "dimensions": dimensions, "filters": filters});
@@ -1161,6 +1176,11 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
     assert!(
         visit_answers > queries / 6,
         "only {visit_answers} queries over visits found any"
+    );
+    assert!(
+        visits_by_events > queries / 20 && events_by_visits > queries / 20,
+        "{visits_by_events} queries of visits filtered by events, \
+         {events_by_visits} of events filtered by visits"
     );
     assert!(
         served_by_rollups > of_events / 2,
