@@ -12,8 +12,29 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Backend, first_dimensions, query_today, spawn_app, wait_events};
 
-fn browser_dir() -> PathBuf {
+pub fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Runs one of `tests/browser`'s scripts with Node (at most 2 minutes) and
+/// returns the JSON report it prints.
+pub async fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> Value {
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir().join(script))
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the browser run ends within 2 minutes")
+        .expect("node runs (scripts/test.sh installs it with Chromium and playwright-core)");
+    assert!(
+        out.status.success(),
+        "the browser run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the run's JSON report")
 }
 
 /// Serves the shop's two pages, and Plausible's tracker from npm, on a
@@ -55,23 +76,14 @@ async fn a_real_browser_is_counted_through_evtracks_script_and_plausibles_tracke
     let app = spawn_app(Backend::EmbeddedSqlite).await;
     let port = serve_shop(&app.address).await;
     let shot = app.env.dir.path().join("shop.png");
-    let run = tokio::process::Command::new("node")
-        .arg(browser_dir().join("run.mjs"))
-        .arg(format!("http://shop.test:{port}"))
-        .arg(&shot)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the browser run ends within 2 minutes")
-        .expect("node runs (scripts/test.sh installs it with Chromium and playwright-core)");
-    assert!(
-        out.status.success(),
-        "the browser run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON report");
+    let report = run_script(
+        "run.mjs",
+        &[
+            format!("http://shop.test:{port}").as_ref(),
+            shot.as_os_str(),
+        ],
+    )
+    .await;
     assert_eq!(report["errors"], json!([]), "no console errors");
     assert_eq!(report["failed"], json!([]), "no failed requests");
     assert_eq!(report["signupStatus"], 202, "the callback saw the answer");

@@ -3,13 +3,13 @@
 //! the page shows at each step equals what the API answers for the same
 //! question. Also the pages and listings it is served from.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use evtrack::startup::Role;
 
+use crate::browser::run_script;
 use crate::helpers::{Backend, TestApp, TestEnv, spawn_app, spawn_app_with};
 
 const SITE: &str = "dash.test";
@@ -17,10 +17,6 @@ const SITE: &str = "dash.test";
 const ZONE: &str = "Asia/Kolkata";
 const MINUTE: i64 = 60_000;
 const DAY: i64 = 24 * 60 * MINUTE;
-
-fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
 
 /// Visits of a few visitors: recent ones (today, most likely, in any zone
 /// but within minutes of its midnight), some days ago, and some in the
@@ -231,24 +227,11 @@ async fn the_dashboard_shows_what_the_query_api_answers_and_filters_by_a_click()
     wait_all(&app, n).await;
     let shot = app.env.dir.path().join("dashboard.png");
     let url = format!("{}/dashboard/{SITE}", app.address);
-    let run = tokio::process::Command::new("node")
-        .arg(browser_dir().join("dashboard.mjs"))
-        .arg(&url)
-        .arg(ZONE)
-        .arg(&shot)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the browser run ends within 2 minutes")
-        .expect("node runs (scripts/test.sh installs it with Chromium and playwright-core)");
-    assert!(
-        out.status.success(),
-        "the browser run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("the run's JSON report");
+    let report = run_script(
+        "dashboard.mjs",
+        &[url.as_ref(), ZONE.as_ref(), shot.as_os_str()],
+    )
+    .await;
     assert_eq!(report["errors"], json!([]), "no console errors");
     assert_eq!(report["failed"], json!([]), "no failed or refused requests");
     assert!(shot.exists(), "a screenshot");
