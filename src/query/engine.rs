@@ -14,6 +14,7 @@
 //! the raw events of its range, still exact, within the query time limit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use roaring::RoaringBitmap;
@@ -924,7 +925,8 @@ pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, St
                 session::passes_alone(&query, v)
             }));
         }
-        let passed = visits_with_events(store, &query, visits.clone()).await?;
+        let visits = Arc::new(visits);
+        let passed = visits_with_events(store, &query, Arc::clone(&visits)).await?;
         let kept = visits
             .iter()
             .zip(passed)
@@ -967,7 +969,7 @@ fn raw_unfiltered(query: &Query, start: i64, end: i64) -> (Plan, Aggregator) {
 async fn visits_with_events(
     store: &dyn QueryStore,
     query: &Arc<Query>,
-    visits: Vec<Visit>,
+    visits: Arc<Vec<Visit>>,
 ) -> Result<Vec<bool>, StoreError> {
     let Some(until) = visits.iter().map(|v| v.end).max() else {
         return Ok(Vec::new());
@@ -1021,19 +1023,19 @@ async fn events_pass(
     visits: Arc<Vec<Visit>>,
     last: bool,
 ) -> Result<(Aggregator, bool), StoreError> {
-    let orphans = Arc::new(Mutex::new(false));
+    let orphans = Arc::new(AtomicBool::new(false));
     let (plan, mut agg) = raw_unfiltered(query, query.start, query.end);
     let index = session::VisitIndex::new(&visits);
     let (q, seen) = (Arc::clone(query), Arc::clone(&orphans));
     agg.gate = Some(Arc::new(move |e: &Event| match index.of(e) {
         Some(i) => q.matches_pair(Some(e), Some(&visits[i])),
         None if !last && visitor_of(e).is_some() => {
-            *seen.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            seen.store(true, Ordering::Relaxed);
             false
         }
         None => q.matches_pair(Some(e), None),
     }));
     let agg = store.fetch(plan, agg).await?;
-    let orphaned = *orphans.lock().unwrap_or_else(|p| p.into_inner());
+    let orphaned = orphans.load(Ordering::Relaxed);
     Ok((agg, orphaned))
 }

@@ -87,34 +87,23 @@ pub fn index_html(base: &BasePath) -> String {
 
 fn page(state: &AppState, headers: &HeaderMap) -> Response {
     let body = index_html(&state.base_path);
-    let etag = etag_of(body.as_bytes());
-    if fresh(headers, &etag) {
-        return not_modified(&etag);
-    }
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(CSP),
-            ),
-            (
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            ),
-            (
-                header::REFERRER_POLICY,
-                HeaderValue::from_static("no-referrer"),
-            ),
-            (header::ETAG, header_value(&etag)),
-        ],
-        body,
+    let own = [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        ),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+    ];
+    respond(
+        body.into_bytes(),
+        "text/html; charset=utf-8",
+        "no-cache",
+        &own,
+        headers,
     )
-        .into_response()
 }
 
 /// `GET /`: the list of sites (the page asks `GET /api/sites`).
@@ -152,55 +141,47 @@ pub async fn get_favicon(headers: HeaderMap) -> Response {
 }
 
 fn asset(body: &'static [u8], kind: &'static str, headers: &HeaderMap) -> Response {
-    let etag = etag_of(body);
-    if fresh(headers, &etag) {
-        return not_modified(&etag);
-    }
-    (
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(kind)),
-            // The page names its assets with the version: a new binary's
-            // page asks new URLs; within a version, a short cache.
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("public, max-age=300"),
-            ),
-            (
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            ),
-            (header::ETAG, header_value(&etag)),
-        ],
-        body,
-    )
-        .into_response()
+    // The page names its assets with the version: a new binary's page asks
+    // new URLs; within a version, a short cache.
+    respond(body.to_vec(), kind, "public, max-age=300", &[], headers)
 }
 
+/// A body with its type, cache rule and ETag, or 304 when the client's
+/// copy is current.
+fn respond(
+    body: Vec<u8>,
+    kind: &'static str,
+    cache: &'static str,
+    own: &[(header::HeaderName, HeaderValue)],
+    headers: &HeaderMap,
+) -> Response {
+    let etag = etag_of(&body);
+    let etag_value =
+        HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+    if super::script::is_current(headers, &etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    let mut out = HeaderMap::new();
+    out.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    out.insert(header::ETAG, etag_value);
+    for (name, value) in own {
+        out.insert(name.clone(), value.clone());
+    }
+    (out, body).into_response()
+}
+
+/// A quoted hex prefix of the body's SHA-256 (an ETag made of hex digits
+/// and quotes is always a valid header value).
 fn etag_of(body: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(body);
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     format!("\"{hex}\"")
-}
-
-fn header_value(etag: &str) -> HeaderValue {
-    // An ETag made of hex digits and quotes is always a valid header value.
-    HeaderValue::from_str(etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
-}
-
-fn fresh(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-}
-
-fn not_modified(etag: &str) -> Response {
-    (
-        StatusCode::NOT_MODIFIED,
-        [(header::ETAG, header_value(etag))],
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -66,11 +66,7 @@ fn serve(headers: &HeaderMap, cache: &'static str) -> Response {
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    if matches {
+    if is_current(headers, &etag) {
         return (StatusCode::NOT_MODIFIED, out).into_response();
     }
     out.insert(
@@ -94,6 +90,15 @@ fn serve(headers: &HeaderMap, cache: &'static str) -> Response {
     } else {
         (out, script.text.clone()).into_response()
     }
+}
+
+/// Whether the client's `If-None-Match` names `etag` (or `*`): its copy is
+/// current, and the answer is 304.
+pub fn is_current(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
 pub async fn get_script(headers: HeaderMap) -> Response {
