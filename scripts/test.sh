@@ -41,7 +41,10 @@ if [ -n "${EVTRACK_SECANTUSD:-}" ]; then
     echo "==> benchmark suite, tiny mode (debug build)"
     cargo build --workspace
     out=$(mktemp -d)
-    target/debug/evtrack-bench run --tiny --bin-dir target/debug --out "$out"
+    # Bounded: it takes about a minute; a case that hangs fails the run
+    # instead of holding it (the suite stops its children on SIGTERM).
+    timeout --kill-after=30 900 \
+        target/debug/evtrack-bench run --tiny --bin-dir target/debug --out "$out"
     rm -rf "$out"
 else
     echo "==> benchmark tiny mode skipped: it needs SecantusDB (EVTRACK_SECANTUSD)"

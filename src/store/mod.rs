@@ -173,6 +173,17 @@ pub trait Store: EventSink + QueryStore + StoreAdmin {}
 
 impl<T: EventSink + QueryStore + StoreAdmin> Store for T {}
 
+/// How long shutdown waits for a fold under way to end by itself.
+///
+/// A fold is one bounded transaction. Dropping it half-way is harmless for
+/// SQLite (the transaction rolls back with the connection's statement), but
+/// not for MongoDB: the driver can only abort a dropped session's
+/// transaction from a task of a runtime that is shutting down, so the
+/// server keeps it open, holding the fold's documents until it reaps it
+/// (60 s on MongoDB; never on some wire-compatible servers). Every other
+/// process's fold waits meanwhile.
+pub const FOLD_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Folds in a loop until `shutdown`: what a process that writes events runs
 /// beside its worker, so that stored events show in queries within
 /// `every` or so.
@@ -181,6 +192,29 @@ pub async fn run_folder(
     every: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    fold_loop(
+        store.fold_batch(),
+        |batch| {
+            let store = std::sync::Arc::clone(&store);
+            async move { store.fold(batch).await }
+        },
+        every,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run_folder`]'s loop, over any fold function (tests drive it with a
+/// clock they control).
+async fn fold_loop<F, Fut>(
+    batch: usize,
+    fold: F,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<usize, StoreError>>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -189,17 +223,26 @@ pub async fn run_folder(
             _ = shutdown.cancelled() => return,
         }
         // Catch up in bounded transactions, so that a backlog (a first start
-        // on an old file) does not hold the writer for long at a time. A
-        // fold cut short by shutdown commits nothing (its transaction is
-        // rolled back) and is done by the next start.
+        // on an old file) does not hold the writer for long at a time.
+        // Shutdown starts no new fold, and lets the one under way end (see
+        // FOLD_SHUTDOWN_GRACE); what is left is folded by the next start.
         loop {
-            let batch = store.fold_batch();
+            let folding = fold(batch);
+            tokio::pin!(folding);
             let folded = tokio::select! {
-                folded = store.fold(batch) => folded,
-                _ = shutdown.cancelled() => return,
+                folded = &mut folding => folded,
+                _ = shutdown.cancelled() => {
+                    if tokio::time::timeout(FOLD_SHUTDOWN_GRACE, folding).await.is_err() {
+                        tracing::warn!(
+                            grace = ?FOLD_SHUTDOWN_GRACE,
+                            "a fold was still running at shutdown; dropped"
+                        );
+                    }
+                    return;
+                }
             };
             match folded {
-                Ok(n) if n >= batch => continue,
+                Ok(n) if n >= batch && !shutdown.is_cancelled() => continue,
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "folding events into rollups failed; retrying");
@@ -283,3 +326,83 @@ pub(crate) fn keys_of<'a>(lists: impl IntoIterator<Item = &'a str>) -> Vec<Strin
 
 /// Events per fold transaction.
 pub const FOLD_BATCH: usize = 50_000;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// A fold taking `takes` each time, counting starts and ends.
+    type Folding = std::pin::Pin<Box<dyn Future<Output = Result<usize, StoreError>> + Send>>;
+
+    fn slow_fold(
+        takes: Duration,
+        started: &Arc<AtomicUsize>,
+        ended: &Arc<AtomicUsize>,
+    ) -> impl Fn(usize) -> Folding + use<> {
+        let (started, ended) = (Arc::clone(started), Arc::clone(ended));
+        move |batch| {
+            let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+            Box::pin(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(takes).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+                // A full batch each time: a backlog, so the loop goes on.
+                Ok(batch)
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_lets_the_fold_under_way_end_and_starts_no_other() {
+        let (started, ended) = (Arc::default(), Arc::default());
+        let shutdown = CancellationToken::new();
+        let folder = tokio::spawn(fold_loop(
+            100,
+            slow_fold(Duration::from_secs(3), &started, &ended),
+            Duration::from_millis(200),
+            shutdown.clone(),
+        ));
+        // Into the second fold of the backlog.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        shutdown.cancel();
+        folder.await.expect("the folder ends");
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            2,
+            "the fold under way at shutdown ran to its end (its transaction is not left open)"
+        );
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "no fold starts after shutdown"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fold_that_does_not_end_is_dropped_after_the_grace() {
+        let (started, ended) = (Arc::default(), Arc::default());
+        let shutdown = CancellationToken::new();
+        let t0 = tokio::time::Instant::now();
+        let folder = tokio::spawn(fold_loop(
+            100,
+            slow_fold(Duration::from_secs(3600), &started, &ended),
+            Duration::from_millis(200),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shutdown.cancel();
+        folder.await.expect("the folder ends");
+        let waited = t0.elapsed() - Duration::from_secs(1);
+        assert_eq!(ended.load(Ordering::SeqCst), 0);
+        assert!(
+            waited >= FOLD_SHUTDOWN_GRACE && waited < FOLD_SHUTDOWN_GRACE + Duration::from_secs(1),
+            "shutdown waited {waited:?}"
+        );
+    }
+}
