@@ -171,6 +171,14 @@ impl StatsTokens {
     }
 }
 
+/// Why a request to the data owner's controls is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminDenied {
+    /// No ADMIN_TOKENS, and stats are not open: 403.
+    Disabled,
+    Token(Denied),
+}
+
 /// The sites allowed to send events (`INGEST_SITES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteList(HashSet<String>);
@@ -210,11 +218,30 @@ impl SiteList {
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     pub stats_tokens: StatsTokens,
+    /// Tokens of the data owner's controls (`ADMIN_TOKENS`).
+    pub admin_tokens: StatsTokens,
+    /// With no admin token configured, whether those controls are open:
+    /// only where stats are open without being made public (loopback).
+    pub admin_open: bool,
     /// `None`: every site may send events.
     pub ingest_sites: Option<SiteList>,
 }
 
 impl Access {
+    /// May the bearer of `authorization` use the data owner's controls on
+    /// `site`?
+    pub fn admin(&self, authorization: Option<&[u8]>, site: &str) -> Result<(), AdminDenied> {
+        if self.admin_tokens.is_empty() {
+            return match self.admin_open {
+                true => Ok(()),
+                false => Err(AdminDenied::Disabled),
+            };
+        }
+        self.admin_tokens
+            .check(authorization, site)
+            .map_err(AdminDenied::Token)
+    }
+
     pub fn ingest_allowed(&self, site: &str) -> bool {
         self.ingest_sites.as_ref().is_none_or(|l| l.allows(site))
     }

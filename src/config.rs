@@ -200,6 +200,20 @@ pub struct Settings {
     )]
     pub stats_tokens: StatsTokens,
 
+    /// Admin tokens, same form as STATS_TOKENS: the raw event export and the
+    /// other data owner's controls (`token=site-a|site-b` limits one to
+    /// those sites). Unset: those controls are open only where stats are
+    /// (no STATS_TOKENS, no PUBLIC_STATS: loopback), and refused otherwise.
+    #[arg(
+        long,
+        env = "ADMIN_TOKENS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub admin_tokens: StatsTokens,
+
     /// Serve stats to anyone on a HOST other than loopback, without tokens.
     #[arg(long, env = "PUBLIC_STATS", action = clap::ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true",
@@ -290,6 +304,7 @@ impl Default for Settings {
             metrics_port: None,
             log_format: LogFormat::Text,
             stats_tokens: StatsTokens::default(),
+            admin_tokens: StatsTokens::default(),
             public_stats: false,
             ingest_sites: None,
             stats_cors_origins: Vec::new(),
@@ -328,6 +343,8 @@ impl Settings {
     pub fn access(&self) -> Access {
         Access {
             stats_tokens: self.stats_tokens.clone(),
+            admin_tokens: self.admin_tokens.clone(),
+            admin_open: self.stats_tokens.is_empty() && !self.public_stats,
             ingest_sites: self.ingest_sites.clone().filter(|l| !l.is_empty()),
         }
     }

@@ -622,6 +622,45 @@ impl Answer {
     }
 
     /// The JSON answer: `{"results", "meta", "query"}`.
+    /// The rows as CSV: a header of the query's dimensions then metrics
+    /// (their names as asked), one line per row. A dimension value that a
+    /// spreadsheet would take for a formula (it starts with `=`, `+`, `-`,
+    /// `@`, a tab or a carriage return) gets a leading `'`, as OWASP
+    /// advises against CSV injection; metrics are numbers and stay as they
+    /// are.
+    pub fn to_csv(&self, query: &Query) -> Vec<u8> {
+        let names = |key: &str| -> Vec<String> {
+            query.echo[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = csv::Writer::from_writer(Vec::new());
+        let header: Vec<String> = names("dimensions")
+            .into_iter()
+            .chain(names("metrics"))
+            .collect();
+        // Writing to a Vec fails only on a record of the wrong length,
+        // which a shaped answer never has.
+        let _ = out.write_record(&header);
+        for row in &self.rows {
+            let record = row
+                .dimensions
+                .iter()
+                .map(|d| match d.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+                    true => format!("'{d}"),
+                    false => d.clone(),
+                })
+                .chain(row.metrics.iter().map(|m| m.to_string()));
+            let _ = out.write_record(record);
+        }
+        out.into_inner().unwrap_or_default()
+    }
+
     pub fn to_json(&self, query: &Query) -> Value {
         let results: Vec<Value> = self
             .rows

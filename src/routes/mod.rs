@@ -18,6 +18,7 @@
 pub mod browser;
 pub mod dashboard;
 pub mod error;
+pub mod export;
 pub mod health;
 pub mod ingest;
 pub mod metrics;
@@ -219,6 +220,10 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .route(
             "/api/sites/{site_id}/properties",
             listing(get(sites::get_properties)),
+        )
+        .route(
+            "/api/sites/{site_id}/events",
+            listing(get(export::get_events)),
         );
     // Ingest and stats handlers count themselves against the request bound
     // (`InFlight::admit`). Health, readiness and metrics stay outside it:

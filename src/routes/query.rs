@@ -7,7 +7,8 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::{ApiError, AppState};
@@ -26,11 +27,25 @@ impl From<QueryError> for ApiError {
     }
 }
 
+/// Whether the client asks for CSV (`Accept: text/csv`) rather than JSON.
+fn wants_csv(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/csv"))
+        })
+}
+
 pub async fn post_query(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let _slot = state.limits.admit()?;
     let token = super::stats::reader(&state, &headers)?;
     let tokens = &state.access.stats_tokens;
@@ -62,9 +77,14 @@ pub async fn post_query(
         };
         let query = Arc::new(request.resolve(query::time::now_ms(), first)?);
         let answer = engine::run(&*store, Arc::clone(&query)).await?;
-        Ok::<_, ApiError>(answer.to_json(&query))
+        Ok::<_, ApiError>((answer, query))
     })
     .await
     .map_err(|_| StoreError::Timeout(state.stats_timeout))??;
-    Ok(Json(answer))
+    let (answer, query) = answer;
+    if wants_csv(&headers) {
+        let csv = [(header::CONTENT_TYPE, "text/csv; charset=utf-8")];
+        return Ok((csv, answer.to_csv(&query)).into_response());
+    }
+    Ok(Json(answer.to_json(&query)).into_response())
 }

@@ -161,11 +161,47 @@ pub trait StoreAdmin: Send + Sync + 'static {
     async fn count_ids(&self, site_id: &str, ids: &[String]) -> Result<u64, StoreError>;
     /// Total number of stored events.
     async fn count_all(&self) -> Result<u64, StoreError>;
-    /// A site's stored events, oldest first (by time, then id), at most
-    /// `limit` (tests and tooling; the base of a raw export).
-    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// A site's stored events, oldest first, at most `limit` (tests and
+    /// tooling).
+    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        Ok(self
+            .events_page(site_id, i64::MIN, i64::MAX, None, limit)
+            .await?
+            .events)
+    }
+    /// One page of a raw export: the site's stored events with
+    /// `start <= ts < end`, folded or not, in a total order (time first;
+    /// the store's own key breaks ties), those after `after` (the previous
+    /// page's [`EventPage::next`]), at most `limit`. Each page is read on
+    /// its own: events stored between two pages appear if they sort after
+    /// the first one's end. Stopped with [`StoreError::Timeout`] past the
+    /// query time limit.
+    async fn events_page(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+        after: Option<PageAfter>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
     /// A short name for logs and `/ready`.
     fn kind(&self) -> &'static str;
+}
+
+/// Where a page of [`StoreAdmin::events_page`] ended: the last event's time
+/// and the store's tie-breaking key (opaque to callers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageAfter {
+    pub(crate) ts: i64,
+    pub(crate) key: String,
+}
+
+/// A page of events, and where the next one starts (`None`: this was the
+/// last: it held fewer than asked).
+#[derive(Debug, Default)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    pub next: Option<PageAfter>,
 }
 
 /// A whole store.

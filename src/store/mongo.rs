@@ -65,7 +65,10 @@ use mongodb::options::{
 };
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
-use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError, VisitorCache};
+use super::{
+    EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, StoreAdmin, StoreError,
+    VisitorCache,
+};
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, DayState, Deltas, Density, Level, RowKey, SiteDays};
@@ -1880,19 +1883,62 @@ impl StoreAdmin for MongoStore {
             .map_err(unavailable)
     }
 
-    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+    async fn events_page(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+        after: Option<PageAfter>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         use futures::TryStreamExt;
+        // Keyset pagination on (timestamp, _id): the time index gives the
+        // range, ties on a millisecond are sorted by `_id` (unique).
+        let from = after.as_ref().map_or(start, |a| a.ts);
+        let mut filter = doc! {
+            "site_id": site_id,
+            "timestamp": {"$gte": DateTime::from_millis(from), "$lt": DateTime::from_millis(end)},
+        };
+        if let Some(a) = &after {
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"timestamp": {"$gt": DateTime::from_millis(a.ts)}},
+                    doc! {"_id": {"$gt": a.key.as_str()}},
+                ],
+            );
+        }
         let docs: Vec<Document> = self
             .events
-            .find(doc! {"site_id": site_id})
-            .sort(doc! {"timestamp": 1, "event_id": 1})
+            .find(filter)
+            .sort(doc! {"timestamp": 1, "_id": 1})
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .max_time(self.query_timeout)
             .await
-            .map_err(unavailable)?
+            .map_err(|e| self.read_error(e))?
             .try_collect()
             .await
-            .map_err(unavailable)?;
-        Ok(docs.iter().filter_map(from_document).collect())
+            .map_err(|e| self.read_error(e))?;
+        let next = match docs.last() {
+            Some(d) if docs.len() >= limit => {
+                let after = (|| {
+                    Some(PageAfter {
+                        ts: d.get_datetime("timestamp").ok()?.timestamp_millis(),
+                        key: d.get_str("_id").ok()?.to_owned(),
+                    })
+                })();
+                // Never end an export early without saying so.
+                Some(after.ok_or_else(|| {
+                    StoreError::Unavailable(
+                        "an event document has no date `timestamp` or text `_id`".into(),
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        // Written by `insert` from an `Event`; anything else is skipped.
+        let events = docs.iter().filter_map(from_document).collect();
+        Ok(EventPage { events, next })
     }
 
     fn kind(&self) -> &'static str {

@@ -38,7 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{EventSink, InsertOutcome, QueryStore, StoreAdmin, StoreError};
+use super::{EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, StoreAdmin, StoreError};
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, DayState, Deltas, Density, Level, SiteDays};
@@ -1156,17 +1156,45 @@ impl StoreAdmin for SqliteStore {
         .await
     }
 
-    async fn site_events(&self, site_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+    async fn events_page(
+        &self,
+        site_id: &str,
+        start: i64,
+        end: i64,
+        after: Option<PageAfter>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
         let site = site_id.to_owned();
+        let want = limit;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        Self::with_conn(&self.reader, move |conn| {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events e WHERE e.site_id = ?1 ORDER BY e.ts, e.id LIMIT ?2"
-            ))?;
-            stmt.query_map(params![site, limit], |r| event_from_row(r, 0))?
-                .collect()
-        })
-        .await
+        let events = self
+            .read(move |conn| {
+                // Keyset pagination on (ts, id): the time index gives the
+                // range, ties on a millisecond are sorted by id.
+                let (from, key) = match &after {
+                    Some(a) => (a.ts, Some(a.key.as_str())),
+                    None => (start, None),
+                };
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e
+                     WHERE e.site_id = ?1 AND e.ts >= ?2 AND e.ts < ?3
+                       AND (?4 IS NULL OR e.ts > ?2 OR e.id > ?4)
+                     ORDER BY e.ts, e.id LIMIT ?5"
+                ))?;
+                stmt.query_map(params![site, from, end, key, limit], |r| {
+                    event_from_row(r, 0)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let next = (events.len() >= want && want > 0)
+            .then(|| events.last())
+            .flatten()
+            .map(|e| PageAfter {
+                ts: e.ts,
+                key: e.id.as_str().to_owned(),
+            });
+        Ok(EventPage { events, next })
     }
 
     fn kind(&self) -> &'static str {

@@ -6,6 +6,7 @@ mod backends;
 mod browser;
 mod dashboard;
 mod events_api;
+mod export;
 mod faults;
 mod helpers;
 mod hostile;
