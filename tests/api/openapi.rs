@@ -34,6 +34,8 @@ fn schemathesis() -> PathBuf {
 async fn schemathesis_finds_no_server_error_and_no_departure_from_the_document() {
     let mut env = TestEnv::new(Backend::EmbeddedSqlite);
     env.settings.stats_tokens = TOKEN.parse().unwrap();
+    // The same token reads stats and exports: schemathesis sends one.
+    env.settings.admin_tokens = TOKEN.parse().unwrap();
     let app = spawn_app_with(env, Role::All).await;
     let seed = std::env::var("EVTRACK_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis.toml");
