@@ -58,7 +58,7 @@ pub struct Cli {
     pub settings: Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// The API and the worker in one process (the default).
     Run,
@@ -69,6 +69,18 @@ pub enum Command {
     /// Drop the rollups of the embedded store and count its raw events into
     /// them again, then exit.
     RebuildAggregates,
+    /// Copy the embedded store (DATA_DIR) into a new file, while the
+    /// service runs, then exit.
+    Backup {
+        /// The file to write; it must not exist.
+        file: PathBuf,
+    },
+    /// Make a backup file the embedded store of an empty DATA_DIR (stop the
+    /// service and move the old directory aside first), then exit.
+    Restore {
+        /// A file written by `evtrack backup`.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

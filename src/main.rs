@@ -32,22 +32,31 @@ async fn main() -> ExitCode {
         }
     };
     evtrack::telemetry::init(cli.settings.log_format);
+    let settings = &cli.settings;
+    let one_shot = match &cli.command {
+        None | Some(Command::Run | Command::Api | Command::Worker) => None,
+        Some(Command::RebuildAggregates) => {
+            Some(evtrack::startup::rebuild_aggregates(settings).await)
+        }
+        Some(Command::Backup { file }) => Some(evtrack::startup::backup(settings, file).await),
+        Some(Command::Restore { file }) => Some(evtrack::startup::restore(settings, file).await),
+    };
+    if let Some(result) = one_shot {
+        return match result {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("evtrack: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let role = match cli.command {
-        None | Some(Command::Run) => Role::All,
         Some(Command::Api) => Role::Api,
         Some(Command::Worker) => Role::Worker,
-        Some(Command::RebuildAggregates) => {
-            return match evtrack::startup::rebuild_aggregates(&cli.settings).await {
-                Ok(done) => {
-                    println!("{done}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("evtrack: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        _ => Role::All,
     };
     let app = match Application::build(cli.settings, role).await {
         Ok(app) => app,

@@ -457,6 +457,49 @@ pub async fn rebuild_aggregates(settings: &Settings) -> Result<String, StartupEr
     Ok(format!("rollups rebuilt from {events} events"))
 }
 
+/// `evtrack backup FILE`: the embedded store, copied while it runs.
+pub async fn backup(settings: &Settings, file: &std::path::Path) -> Result<String, StartupError> {
+    embedded_only(settings, "backup")?;
+    let (dir, file) = (settings.data_dir.clone(), file.to_owned());
+    let done =
+        tokio::task::spawn_blocking(move || SqliteStore::backup(&dir, &file).map(|s| (s, file)))
+            .await
+            .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?
+            .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+    Ok(format!("backed up {} into {}", done.0, done.1.display()))
+}
+
+/// `evtrack restore FILE`: a backup made the store of an empty DATA_DIR.
+pub async fn restore(settings: &Settings, file: &std::path::Path) -> Result<String, StartupError> {
+    embedded_only(settings, "restore")?;
+    let (dir, file) = (settings.data_dir.clone(), file.to_owned());
+    let done = tokio::task::spawn_blocking(move || SqliteStore::restore(&file, &dir))
+        .await
+        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?
+        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+    Ok(format!(
+        "restored {done} into {}",
+        settings
+            .data_dir
+            .join(crate::store::sqlite::FILE_NAME)
+            .display()
+    ))
+}
+
+/// Backups are of the embedded store: MongoDB has its own tools.
+fn embedded_only(settings: &Settings, what: &str) -> Result<(), StartupError> {
+    match settings.mongo_uri() {
+        Some(_) => Err(StartupError::new(
+            "MONGO_URI",
+            format!(
+                "`evtrack {what}` is for the embedded store; with MONGO_URI the events are in \
+                 MongoDB: use mongodump and mongorestore (see the README)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,6 +262,27 @@ pub struct SqliteStore {
 #[error("{0}")]
 pub struct OpenError(String);
 
+/// What a backup or a restore copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+impl std::fmt::Display for BackupSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} events, {} bytes", self.events, self.bytes)
+    }
+}
+
+fn summary_of(conn: &Connection, file: &Path) -> rusqlite::Result<BackupSummary> {
+    let events: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    Ok(BackupSummary {
+        events: events as u64,
+        bytes: std::fs::metadata(file).map_or(0, |m| m.len()),
+    })
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database in `dir` and runs migrations,
     /// with the default options.
@@ -318,6 +339,104 @@ impl SqliteStore {
             density: options.density,
             visitors: Arc::default(),
         })
+    }
+
+    /// Copies the database in `dir` into a new file `to`, while the service
+    /// may be running: SQLite's online backup API in one step, which reads
+    /// one consistent snapshot (in WAL mode, a reader: writers go on
+    /// meanwhile) and writes it page by page, so memory stays small. The
+    /// copy is a complete database file that `restore` (or `sqlite3`)
+    /// opens. Refuses to overwrite a file.
+    pub fn backup(dir: &Path, to: &Path) -> Result<BackupSummary, OpenError> {
+        let path = dir.join(FILE_NAME);
+        if !path.is_file() {
+            return Err(OpenError(format!("no database at {}", path.display())));
+        }
+        if to.exists() {
+            return Err(OpenError(format!(
+                "{} exists: back up into a new file",
+                to.display()
+            )));
+        }
+        let fail = |e: rusqlite::Error| OpenError(format!("backup failed: {e}"));
+        // Read-only: a backup never migrates or writes the live file.
+        let src = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(fail)?;
+        src.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
+        let mut dst = Connection::open(to).map_err(fail)?;
+        let copied = (|| {
+            {
+                let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+                // -1: every page in one step, from one snapshot (steps of a
+                // few pages would restart whenever the service writes).
+                while backup.step(-1)? != rusqlite::backup::StepResult::Done {}
+            }
+            summary_of(&dst, to)
+        })();
+        if copied.is_err() {
+            drop(dst);
+            let _ = std::fs::remove_file(to);
+        }
+        copied.map_err(fail)
+    }
+
+    /// Makes `from` (a file made by [`SqliteStore::backup`]) the database of
+    /// `dir`, which must hold none: stop the service and move the old data
+    /// directory aside first. The file is checked first (an SQLite database
+    /// that passes `quick_check`, of a schema this evtrack knows).
+    pub fn restore(from: &Path, dir: &Path) -> Result<BackupSummary, OpenError> {
+        let path = dir.join(FILE_NAME);
+        if path.exists() {
+            return Err(OpenError(format!(
+                "{} exists: stop the service and move its data directory aside first",
+                path.display()
+            )));
+        }
+        let bad =
+            |e: rusqlite::Error| OpenError(format!("{} is not a backup: {e}", from.display()));
+        let src = Connection::open_with_flags(from, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(bad)?;
+        let check: String = src
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(bad)?;
+        if check != "ok" {
+            return Err(OpenError(format!(
+                "{} is damaged: quick_check says {check}",
+                from.display()
+            )));
+        }
+        let version: i64 = src
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(bad)?;
+        let has_events: bool = src
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(bad)?;
+        if version < 1 || version as usize > MIGRATIONS.len() || !has_events {
+            return Err(OpenError(format!(
+                "{} is not an evtrack database this version can open (schema {version})",
+                from.display()
+            )));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| OpenError(format!("cannot create {}: {e}", dir.display())))?;
+        let fail = |e: rusqlite::Error| OpenError(format!("restore failed: {e}"));
+        let mut dst = Connection::open(&path).map_err(fail)?;
+        let copied = (|| {
+            {
+                let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+                while backup.step(-1)? != rusqlite::backup::StepResult::Done {}
+            }
+            summary_of(&dst, &path)
+        })();
+        if copied.is_err() {
+            drop(dst);
+            let _ = std::fs::remove_file(&path);
+        }
+        copied.map_err(fail)
     }
 
     /// Runs a read on the reader connection within the query time limit,

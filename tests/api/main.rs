@@ -3,6 +3,7 @@
 
 mod access;
 mod backends;
+mod backup;
 mod browser;
 mod dashboard;
 mod events_api;
