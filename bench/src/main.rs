@@ -14,6 +14,7 @@ mod ceiling;
 mod data;
 mod drain;
 mod enrich;
+mod export;
 mod ingest;
 mod procs;
 mod query;

@@ -28,7 +28,7 @@ use crate::procs::{self, Usage};
 use crate::run::Ctx;
 use crate::stats::percentile;
 
-const SITE: &str = "bench-query";
+pub(crate) const SITE: &str = "bench-query";
 const DAY_MS: i64 = 86_400_000;
 const ONE_PAGE: &str = "/docs/page-2";
 
@@ -48,7 +48,7 @@ fn date_of(ms: i64) -> String {
 
 /// Page views (and a few signups) of one site over `days` days, `per_day`
 /// a day, visitors uniform from a pool, pages Zipf, `plan` on some events.
-struct Generator {
+pub(crate) struct Generator {
     rng: Rng,
     zipf: Zipf,
     visitors: u64,
@@ -69,7 +69,13 @@ struct Truth {
 }
 
 impl Generator {
-    fn new(seed: u64, days: usize, per_day: usize, visitors: usize, pages: usize) -> Self {
+    pub(crate) fn new(
+        seed: u64,
+        days: usize,
+        per_day: usize,
+        visitors: usize,
+        pages: usize,
+    ) -> Self {
         Generator {
             rng: Rng::new(seed),
             zipf: Zipf::new(pages),
@@ -86,7 +92,7 @@ impl Generator {
     }
 
     /// The next `n` events (fewer at the end), in arrival order.
-    fn take(&mut self, n: usize) -> Vec<Event> {
+    pub(crate) fn take(&mut self, n: usize) -> Vec<Event> {
         let n = n.min(self.total() - self.next);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {

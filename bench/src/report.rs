@@ -94,6 +94,7 @@ pub struct Report {
     pub stats: Option<StatsSection>,
     pub query: Option<QuerySection>,
     pub sites: Option<crate::sites::SitesSection>,
+    pub export: Option<crate::export::ExportCase>,
     pub memory: Vec<MemoryRow>,
     pub notes: Vec<String>,
     #[serde(skip)]
@@ -116,6 +117,7 @@ impl Report {
             stats: None,
             query: None,
             sites: None,
+            export: None,
             memory: Vec::new(),
             notes: Vec::new(),
             started,
@@ -576,6 +578,39 @@ pub fn table(r: &Report) -> String {
             out,
             "many small sites ÷ one: disk per event {:.2}×, fold rate {:.2}×, insert rate {:.2}×",
             sites.disk_ratio, sites.fold_ratio, sites.insert_ratio
+        );
+    }
+    if let Some(e) = &r.export {
+        let _ = writeln!(
+            out,
+            "\nEXPORT: GET /api/sites/{{site}}/events (NDJSON) of one site's events over {} days, \
+             served by `evtrack api` from the embedded store, read to the end",
+            e.days
+        );
+        grid(
+            &mut out,
+            &[
+                "events",
+                "MiB out",
+                "seconds",
+                "events/s",
+                "plain read events/s",
+                "ratio",
+                "RSS before MiB",
+                "peak RSS MiB",
+                "database MiB",
+            ],
+            &[vec![
+                n0(e.events as f64),
+                format!("{:.0}", e.mib_exported),
+                format!("{:.1}", e.export_s),
+                n0(e.events_per_s),
+                n0(e.ceiling_events_per_s),
+                format!("{:.2}×", e.ratio_to_ceiling),
+                format!("{:.1}", e.rss_before_mib),
+                format!("{:.1}", e.rss_peak_mib),
+                format!("{:.0}", e.db_mib),
+            ]],
         );
     }
     if !r.memory.is_empty() {

@@ -23,6 +23,8 @@ pub enum Section {
     Visible,
     /// Many small sites against one big one: disk and fold per event.
     Sites,
+    /// The raw NDJSON export of one site's events.
+    Export,
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +73,8 @@ pub struct Params {
     /// Many small sites: (sites, events per site and day, days), against
     /// one site of as many events a day as all of them.
     pub sites_case: (usize, usize, usize),
+    /// Events of the raw export case.
+    pub export_events: usize,
 }
 
 impl Params {
@@ -103,6 +107,7 @@ impl Params {
                 query_mongo_requests: 1,
                 visible_events: 20_000,
                 sites_case: (20, 50, 3),
+                export_events: 20_000,
             }
         } else {
             Params {
@@ -141,6 +146,8 @@ impl Params {
                 // 10,000, to keep the run short; a site's rows depend on
                 // its own events, not on how many other sites there are).
                 sites_case: (1_000, 100, 30),
+                // The figure: 10 million events streamed.
+                export_events: 10_000_000,
             }
         }
     }
@@ -265,13 +272,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Section::Query,
             Section::Visible,
             Section::Sites,
+            Section::Export,
         ]
     } else {
         args.only.clone()
     };
-    let wants_mongo = sections
-        .iter()
-        .any(|s| !matches!(s, Section::Ingest | Section::Visible | Section::Sites));
+    let wants_mongo = sections.iter().any(|s| {
+        !matches!(
+            s,
+            Section::Ingest | Section::Visible | Section::Sites | Section::Export
+        )
+    });
     let mut secantusd = secantusd_path();
     if wants_mongo {
         secantusd = require_file(
@@ -343,6 +354,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if sections.contains(&Section::Sites) {
         section("sites");
         report.sites = Some(crate::sites::run(&ctx).await?);
+    }
+    if sections.contains(&Section::Export) {
+        section("export");
+        report.export = Some(crate::export::run(&mut ctx).await?);
     }
     report.notes = std::mem::take(&mut ctx.notes);
     report.finish(clock.elapsed().as_secs_f64());
