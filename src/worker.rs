@@ -107,7 +107,9 @@ pub async fn process_batch<C: Consumer>(
                 for (mut d, result) in good.into_iter().zip(outcomes) {
                     match result {
                         InsertOutcome::Inserted => stored.push(d),
-                        InsertOutcome::Duplicate => {
+                        // An erased person's late event is done with, as a
+                        // redelivered one is: acknowledged, not new.
+                        InsertOutcome::Duplicate | InsertOutcome::Erased => {
                             outcome.duplicates += 1;
                             stored.push(d);
                         }

@@ -35,6 +35,9 @@ pub enum InsertOutcome {
     /// Refused on its own (the reason). Not stored; the worker retries it and
     /// dead-letters it if it keeps failing.
     Failed(String),
+    /// Not stored: its visitor was erased ([`StoreAdmin::erase`]) after it
+    /// was received. Done with, as a stored event is.
+    Erased,
 }
 
 impl InsertOutcome {
@@ -58,7 +61,7 @@ impl InsertCounts {
         for o in outcomes {
             match o {
                 InsertOutcome::Inserted => c.inserted += 1,
-                InsertOutcome::Duplicate => c.duplicates += 1,
+                InsertOutcome::Duplicate | InsertOutcome::Erased => c.duplicates += 1,
                 InsertOutcome::Failed(_) => c.failed += 1,
             }
         }
@@ -184,8 +187,58 @@ pub trait StoreAdmin: Send + Sync + 'static {
         after: Option<PageAfter>,
         limit: usize,
     ) -> Result<EventPage, StoreError>;
+    /// Erases one person from a site: every stored event whose visitor (a
+    /// `userid`, else the cookieless id: what queries count) is `visitor`,
+    /// with what the rollups, visits and visitor ids hold of them, in one
+    /// transaction, so that every answer equals aggregating the events
+    /// that remain. Records the erasure ([`erasure_digest`], never the id
+    /// itself) for [`ERASURE_KEPT_MS`], so that events of that person
+    /// received up to `now_ms` and still queued are dropped when they
+    /// arrive ([`InsertOutcome::Erased`]). Returns how many events it
+    /// deleted.
+    async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError>;
     /// A short name for logs and `/ready`.
     fn kind(&self) -> &'static str;
+}
+
+/// How long an erasure is remembered, to drop events of the erased person
+/// that were received before it and arrive later (from a queue that was
+/// down, or redelivered).
+pub const ERASURE_KEPT_MS: i64 = 30 * 86_400_000;
+
+/// What an erasure record keeps of the person: SHA-256 of the site and the
+/// visitor, enough to recognise their late events, not to read the id.
+pub fn erasure_digest(site_id: &str, visitor: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(site_id.as_bytes());
+    h.update([0u8]);
+    h.update(visitor.as_bytes());
+    h.finalize().into()
+}
+
+/// The erasures in force: by digest, when each was made (epoch ms).
+#[derive(Debug, Default)]
+pub(crate) struct Erasures(HashMap<[u8; 32], i64>);
+
+impl Erasures {
+    pub(crate) fn new(records: impl IntoIterator<Item = ([u8; 32], i64)>) -> Self {
+        Self(records.into_iter().collect())
+    }
+
+    /// Whether `e` belongs to an erased person and was received before the
+    /// erasure.
+    pub(crate) fn drops(&self, e: &Event) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let Some(visitor) = crate::query::visitor_of(e) else {
+            return false;
+        };
+        self.0
+            .get(&erasure_digest(e.site_id.as_str(), visitor))
+            .is_some_and(|&at| e.created_at <= at)
+    }
 }
 
 /// Where a page of [`StoreAdmin::events_page`] ended: the last event's time
@@ -330,6 +383,11 @@ impl VisitorCache {
         let v = self.old.remove(key)?;
         self.put(key.clone(), v);
         Some(v)
+    }
+
+    pub(crate) fn remove(&mut self, key: &(String, String)) {
+        self.young.remove(key);
+        self.old.remove(key);
     }
 
     pub(crate) fn put(&mut self, key: (String, String), vid: u32) {

@@ -83,6 +83,8 @@ pub const SITE_DAYS: &str = "site_days";
 const SITE_DAYS_INDEX: &str = "evtrack_site_days";
 /// Visits ([`crate::session`]), one document per visit, kept by the fold.
 pub const VISITS: &str = "visits";
+/// Erasures in force (`StoreAdmin::erase`): `{_id: digest, erased_at}`.
+pub const ERASURES: &str = "erasures";
 /// A visitor's visits by their end: what a fold looks up for new events.
 const VISITS_VISITOR_INDEX: &str = "evtrack_visits_visitor";
 /// A site's visits by their start: what queries read.
@@ -166,6 +168,7 @@ pub struct MongoStore {
     state: Collection<Document>,
     site_days: Collection<Document>,
     visits: Collection<Document>,
+    erasures: Collection<Document>,
     /// `maxTimeMS` of the stats queries.
     query_timeout: Duration,
     density: Density,
@@ -231,6 +234,7 @@ impl MongoStore {
             state: db.collection(STATE),
             site_days: db.collection(SITE_DAYS),
             visits: db.collection(VISITS),
+            erasures: db.collection(ERASURES),
             client,
             db,
             query_timeout,
@@ -597,6 +601,12 @@ fn number(d: &Document, key: &str) -> Option<i64> {
     }
 }
 
+/// An erasure document as `erase` writes it; anything else is skipped.
+fn erasure_record(d: &Document) -> Option<([u8; 32], i64)> {
+    let digest = <[u8; 32]>::try_from(d.get_binary_generic("_id").ok()?.as_slice()).ok()?;
+    Some((digest, number(d, "erased_at")?))
+}
+
 fn binary(bytes: Vec<u8>) -> Binary {
     Binary {
         subtype: BinarySubtype::Generic,
@@ -959,6 +969,234 @@ impl MongoStore {
         Ok((ids, fresh))
     }
 
+    /// The erasures in force, read in `session`.
+    async fn erasures_in(
+        &self,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<super::Erasures> {
+        let mut records = Vec::new();
+        let mut cursor = self.erasures.find(doc! {}).session(&mut *session).await?;
+        while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+            records.extend(erasure_record(&d));
+        }
+        Ok(super::Erasures::new(records))
+    }
+
+    /// One erasure transaction; `Ok(None)` when a fold holds the fold
+    /// document (try again).
+    async fn erase_once(
+        &self,
+        site: &str,
+        visitor: &str,
+        now_ms: i64,
+    ) -> mongodb::error::Result<Option<u64>> {
+        let mut session = self.start_transaction().await?;
+        let result = self.erase_in(site, visitor, now_ms, &mut session).await;
+        match result {
+            Ok(Some(n)) => {
+                Self::commit(&mut session).await?;
+                Ok(Some(n))
+            }
+            other => {
+                let _ = session.abort_transaction().await;
+                other
+            }
+        }
+    }
+
+    async fn erase_in(
+        &self,
+        site: &str,
+        visitor: &str,
+        now_ms: i64,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<Option<u64>> {
+        // Hold the fold, as a fold does: no fold counts the person's
+        // events meanwhile, and the next one sees the erasure.
+        let lock = self
+            .state
+            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"erasures": 1}})
+            .session(&mut *session)
+            .await;
+        match lock {
+            Ok(_) => {}
+            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let mut ids = Vec::new();
+        let mut counted = Vec::new();
+        {
+            let mut cursor = self
+                .events
+                .find(doc! {"site_id": site, "$or": [{"userid": visitor}, {"visitor": visitor}]})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                let Some(e) = from_document(&d) else { continue };
+                // A cookieless id equal to someone's userid is not theirs.
+                if crate::query::visitor_of(&e) != Some(visitor) {
+                    continue;
+                }
+                if let Some(id) = d.get("_id") {
+                    ids.push(id.clone());
+                }
+                if d.get_bool("pending") != Ok(true) {
+                    counted.push(e);
+                }
+            }
+        }
+        // What the folds counted of them, at the levels their days keep now.
+        let counts = rollup::day_counts(&counted);
+        let mut changes: SiteDays<rollup::DayChange> = HashMap::new();
+        for (s, days) in &counts {
+            for &day in days.keys() {
+                let d = self
+                    .site_days
+                    .find_one(doc! {"_id": site_day_id(s, day)})
+                    .session(&mut *session)
+                    .await?;
+                let state = match d {
+                    Some(d) => DayState {
+                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
+                        finest: number(&d, "finest")
+                            .and_then(Level::from_code)
+                            .unwrap_or(Level::Month),
+                    },
+                    None => DayState::default(),
+                };
+                changes.entry(s.clone()).or_default().insert(
+                    day,
+                    rollup::DayChange {
+                        before: state,
+                        after: state,
+                    },
+                );
+            }
+        }
+        let vid = self
+            .visitor_ids
+            .find_one(doc! {"_id": document_id(site, visitor)})
+            .session(&mut *session)
+            .await?
+            .and_then(|d| number(&d, "vid"))
+            .and_then(|v| u32::try_from(v).ok());
+        let vids: HashMap<(String, String), u32> = vid
+            .map(|v| ((site.to_owned(), visitor.to_owned()), v))
+            .into_iter()
+            .collect();
+        let deltas = Deltas::of(&counted, &[], &changes, &vids);
+        let any_name = any_name_rows(&deltas);
+        // (id, events, pageviews) to take away.
+        let mut less: Vec<(String, u64, Option<u64>)> = deltas
+            .rows()
+            .map(|(key, n, _)| (rollup_id(&key), n, None))
+            .collect();
+        for ((site_id, dim, level, bucket, value), row) in &any_name {
+            let key = RowKey {
+                site_id,
+                dim,
+                level: *level,
+                bucket: *bucket,
+                value,
+                name: "",
+            };
+            less.push((rollup_id(&key), row.0, Some(row.1)));
+        }
+        let mut existing: HashMap<String, Document> = HashMap::new();
+        for chunk in less.chunks(IN_CHUNK) {
+            let keys: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+            let mut cursor = self
+                .rollups
+                .find(doc! {"_id": {"$in": keys}})
+                .projection(doc! {"events": 1, "pageviews": 1, "visitors": 1})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                if let Ok(id) = d.get_str("_id") {
+                    existing.insert(id.to_owned(), d.clone());
+                }
+            }
+        }
+        let mut gone = Vec::new();
+        let mut statements = Vec::new();
+        for (id, n, pageviews) in &less {
+            let Some(old) = existing.get(id) else {
+                continue;
+            };
+            let left = number(old, "events").unwrap_or(0) - *n as i64;
+            if left <= 0 {
+                gone.push(id.clone());
+                continue;
+            }
+            // The person has no event left on the site: out of every bitmap
+            // their events were counted in.
+            let mut bitmap = old
+                .get_binary_generic("visitors")
+                .ok()
+                .and_then(|b| rollup::decode(b))
+                .unwrap_or_default();
+            if let Some(v) = vid {
+                bitmap.remove(v);
+            }
+            let mut set = doc! {"events": left, "visitors": binary(rollup::encode(&bitmap))};
+            if let Some(p) = pageviews {
+                set.insert(
+                    "pageviews",
+                    number(old, "pageviews").unwrap_or(0) - *p as i64,
+                );
+            }
+            statements.push(doc! {"q": {"_id": id}, "u": {"$set": set}});
+        }
+        run_updates(&self.db, ROLLUPS, statements, session).await?;
+        for chunk in gone.chunks(IN_CHUNK) {
+            self.rollups
+                .delete_many(doc! {"_id": {"$in": chunk}})
+                .session(&mut *session)
+                .await?;
+        }
+        let mut day_statements = Vec::new();
+        for (s, days) in &counts {
+            for (&day, &n) in days {
+                day_statements.push(doc! {
+                    "q": {"_id": site_day_id(s, day)},
+                    "u": {"$inc": {"events": -(n as i64)}},
+                });
+            }
+        }
+        run_updates(&self.db, SITE_DAYS, day_statements, session).await?;
+        self.site_days
+            .delete_many(doc! {"site_id": site, "events": {"$lte": 0}})
+            .session(&mut *session)
+            .await?;
+        for chunk in ids.chunks(IN_CHUNK) {
+            self.events
+                .delete_many(doc! {"_id": {"$in": chunk}})
+                .session(&mut *session)
+                .await?;
+        }
+        self.visits
+            .delete_many(doc! {"site_id": site, "visitor": visitor})
+            .session(&mut *session)
+            .await?;
+        self.visitor_ids
+            .delete_one(doc! {"_id": document_id(site, visitor)})
+            .session(&mut *session)
+            .await?;
+        let digest = binary(super::erasure_digest(site, visitor).to_vec());
+        self.erasures
+            .update_one(doc! {"_id": digest}, doc! {"$set": {"erased_at": now_ms}})
+            .upsert(true)
+            .session(&mut *session)
+            .await?;
+        self.erasures
+            .delete_many(doc! {"erased_at": {"$lt": now_ms - super::ERASURE_KEPT_MS}})
+            .session(&mut *session)
+            .await?;
+        Ok(Some(ids.len() as u64))
+    }
+
     /// One fold transaction; `Ok(None)` when another process holds the fold
     /// (or a reset is under way).
     async fn fold_once(&self, max: usize) -> mongodb::error::Result<Option<usize>> {
@@ -1036,6 +1274,24 @@ impl MongoStore {
         let Some(last) = last else {
             return Ok(Some((0, Vec::new(), HashMap::new())));
         };
+        // Events of a person erased after they were received (still queued
+        // then, or written beside the erasure) go now, before being counted:
+        // the erasure holds the fold while it runs, so every event is
+        // either erased by it or checked here.
+        let erasures = self.erasures_in(session).await?;
+        let (dropped, kept): (Vec<Event>, Vec<Event>) =
+            events.into_iter().partition(|e| erasures.drops(e));
+        let events = kept;
+        if !dropped.is_empty() {
+            let ids: Vec<String> = dropped
+                .iter()
+                .map(|e| document_id(&e.site_id, &e.id))
+                .collect();
+            self.events
+                .delete_many(doc! {"_id": {"$in": ids}})
+                .session(&mut *session)
+                .await?;
+        }
         // The site-days the events fall on, and the earlier (folded)
         // events of those that now keep finer levels (see `crate::rollup`,
         // "Sparse days").
@@ -1354,7 +1610,23 @@ impl EventSink for MongoStore {
         // Positions in `docs` → positions in `events` (a document that cannot
         // be built is reported as failed and never sent).
         let mut positions = Vec::with_capacity(events.len());
+        // Erasures in force (a handful of documents at most): an erased
+        // person's event received before the erasure is not stored. One
+        // written at the moment of an erasure is dropped by the next fold.
+        let erasures = {
+            let mut records = Vec::new();
+            use futures::TryStreamExt;
+            let mut cursor = self.erasures.find(doc! {}).await.map_err(unavailable)?;
+            while let Some(d) = cursor.try_next().await.map_err(unavailable)? {
+                records.extend(erasure_record(&d));
+            }
+            super::Erasures::new(records)
+        };
         for (i, e) in events.iter().enumerate() {
+            if erasures.drops(e) {
+                outcomes.push(InsertOutcome::Erased);
+                continue;
+            }
             match to_document(e) {
                 Ok(mut d) => {
                     d.insert("pending", true);
@@ -1939,6 +2211,35 @@ impl StoreAdmin for MongoStore {
         // Written by `insert` from an `Event`; anything else is skipped.
         let events = docs.iter().filter_map(from_document).collect();
         Ok(EventPage { events, next })
+    }
+
+    async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError> {
+        // A fold holds the fold document for a moment: wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.erase_once(site_id, visitor, now_ms).await {
+                Ok(Some(n)) => {
+                    let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+                    cache.remove(&(site_id.to_owned(), visitor.to_owned()));
+                    return Ok(n);
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(None) => {
+                    return Err(StoreError::Unavailable(
+                        "the fold stayed busy for 60 s; erase again".into(),
+                    ));
+                }
+                Err(e)
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
 
     fn kind(&self) -> &'static str {

@@ -215,6 +215,12 @@ pub const MIGRATIONS: &[&str] = &[
     DELETE FROM rollup_bitmaps;
     DELETE FROM site_days;
     UPDATE fold_state SET folded = 0;",
+    // 9: erasures in force (`StoreAdmin::erase`): a digest of the person,
+    // never the id, and when.
+    "CREATE TABLE erasures (
+        digest    BLOB PRIMARY KEY NOT NULL,
+        erased_at INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -823,6 +829,204 @@ fn fold(
     Ok(events.len())
 }
 
+/// [`StoreAdmin::erase`] on SQLite, in one write transaction. Deleted
+/// content is overwritten in the file (`secure_delete`), and the WAL is
+/// checkpointed and truncated afterwards so that its older copies of the
+/// pages go too (when no reader holds it back; otherwise at the next
+/// checkpoint).
+fn erase(
+    conn: &mut Connection,
+    cache: &Mutex<super::VisitorCache>,
+    site: &str,
+    visitor: &str,
+    now_ms: i64,
+) -> rusqlite::Result<u64> {
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    let erased = erase_in(conn, site, visitor, now_ms);
+    // The writer's usual mode (see `salts`).
+    let restored = conn.pragma_update(None, "secure_delete", "FAST");
+    let erased = erased?;
+    restored?;
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache.remove(&(site.to_owned(), visitor.to_owned()));
+    drop(cache);
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    Ok(erased)
+}
+
+fn erase_in(
+    conn: &mut Connection,
+    site: &str,
+    visitor: &str,
+    now_ms: i64,
+) -> rusqlite::Result<u64> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+    let mut seqs = Vec::new();
+    let mut counted = Vec::new();
+    {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT e.seq, {EVENT_COLUMNS} FROM events e
+             WHERE e.site_id = ?1 AND (e.userid = ?2 OR e.visitor = ?2)"
+        ))?;
+        let mut rows = stmt.query(params![site, visitor])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let e = event_from_row(r, 1)?;
+            // A cookieless id equal to someone's userid is not theirs.
+            if crate::query::visitor_of(&e) != Some(visitor) {
+                continue;
+            }
+            seqs.push(seq);
+            if seq <= folded {
+                counted.push(e);
+            }
+        }
+    }
+    // What the fold counted of them, at the levels their days keep now
+    // (a day keeps every one of its events at each level it keeps).
+    let counts = rollup::day_counts(&counted);
+    let mut changes: SiteDays<rollup::DayChange> = HashMap::new();
+    {
+        let mut get = tx.prepare_cached(
+            "SELECT events, finest FROM site_days WHERE site_id = ?1 AND day = ?2",
+        )?;
+        for (s, days) in &counts {
+            for &day in days.keys() {
+                let state = get
+                    .query_row(params![s, day], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .optional()?;
+                let state = match state {
+                    Some((n, finest)) => DayState {
+                        events: n.max(0) as u64,
+                        finest: Level::from_code(finest)
+                            .ok_or(rusqlite::Error::IntegralValueOutOfRange(1, finest))?,
+                    },
+                    None => DayState::default(),
+                };
+                changes.entry(s.clone()).or_default().insert(
+                    day,
+                    rollup::DayChange {
+                        before: state,
+                        after: state,
+                    },
+                );
+            }
+        }
+    }
+    let vid: Option<u32> = tx
+        .query_row(
+            "SELECT vid FROM visitors WHERE site_id = ?1 AND visitor = ?2",
+            params![site, visitor],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .and_then(|v| u32::try_from(v).ok());
+    let ids: HashMap<(String, String), u32> = vid
+        .map(|v| ((site.to_owned(), visitor.to_owned()), v))
+        .into_iter()
+        .collect();
+    let deltas = Deltas::of(&counted, &[], &changes, &ids);
+    {
+        let mut read = tx.prepare_cached(
+            "SELECT events, bitmap FROM rollups
+             WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket = ?4 AND value = ?5 AND name = ?6",
+        )?;
+        let mut read_bitmap =
+            tx.prepare_cached("SELECT visitors FROM rollup_bitmaps WHERE id = ?1")?;
+        let mut write_bitmap =
+            tx.prepare_cached("UPDATE rollup_bitmaps SET visitors = ?2 WHERE id = ?1")?;
+        let mut drop_bitmap = tx.prepare_cached("DELETE FROM rollup_bitmaps WHERE id = ?1")?;
+        let mut update = tx.prepare_cached(
+            "UPDATE rollups SET events = ?7, visitors = ?8
+             WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket = ?4 AND value = ?5 AND name = ?6",
+        )?;
+        let mut drop_row = tx.prepare_cached(
+            "DELETE FROM rollups
+             WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket = ?4 AND value = ?5 AND name = ?6",
+        )?;
+        for (k, n, _) in deltas.rows() {
+            let key = params![k.site_id, k.dim, k.level.code(), k.bucket, k.value, k.name];
+            let Some((events, bitmap_id)) = read
+                .query_row(key, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .optional()?
+            else {
+                continue;
+            };
+            let left = events - n as i64;
+            if left <= 0 {
+                drop_row.execute(key)?;
+                drop_bitmap.execute([bitmap_id])?;
+                continue;
+            }
+            // The person has no event left on the site: out of every
+            // bitmap their events were counted in.
+            let bytes: Option<Vec<u8>> = read_bitmap
+                .query_row([bitmap_id], |r| r.get(0))
+                .optional()?;
+            let mut bitmap = bytes
+                .as_deref()
+                .and_then(rollup::decode)
+                .unwrap_or_default();
+            if let Some(v) = vid {
+                bitmap.remove(v);
+            }
+            write_bitmap.execute(params![bitmap_id, rollup::encode(&bitmap)])?;
+            update.execute(params![
+                k.site_id,
+                k.dim,
+                k.level.code(),
+                k.bucket,
+                k.value,
+                k.name,
+                left,
+                bitmap.len() as i64
+            ])?;
+        }
+    }
+    {
+        let mut less = tx.prepare_cached(
+            "UPDATE site_days SET events = events - ?3 WHERE site_id = ?1 AND day = ?2",
+        )?;
+        for (s, days) in &counts {
+            for (&day, &n) in days {
+                less.execute(params![s, day, n as i64])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM site_days WHERE site_id = ?1 AND events <= 0",
+            [site],
+        )?;
+    }
+    {
+        let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+        for seq in &seqs {
+            delete.execute([seq])?;
+        }
+    }
+    tx.execute(
+        "DELETE FROM visits WHERE site_id = ?1 AND visitor = ?2",
+        params![site, visitor],
+    )?;
+    tx.execute(
+        "DELETE FROM visitors WHERE site_id = ?1 AND visitor = ?2",
+        params![site, visitor],
+    )?;
+    tx.execute(
+        "INSERT INTO erasures VALUES (?1, ?2)
+         ON CONFLICT DO UPDATE SET erased_at = excluded.erased_at",
+        params![super::erasure_digest(site, visitor), now_ms],
+    )?;
+    tx.execute(
+        "DELETE FROM erasures WHERE erased_at < ?1",
+        [now_ms - super::ERASURE_KEPT_MS],
+    )?;
+    tx.commit()?;
+    Ok(seqs.len() as u64)
+}
+
 /// Adds a fold's events to their visitors' visits (see [`crate::session`]).
 fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
     use crate::session::{GAP_MS, Visit, fold_visitor};
@@ -1045,12 +1249,24 @@ impl EventSink for SqliteStore {
             // One transaction per batch: stored together or not at all.
             let tx = conn.transaction()?;
             let mut outcomes = Vec::with_capacity(events.len());
+            // A handful of rows at most (each kept for ERASURE_KEPT_MS),
+            // none at all on most stores: read with every batch, so that
+            // an erasure by another process is seen at once.
+            let erasures = super::Erasures::new(
+                tx.prepare_cached("SELECT digest, erased_at FROM erasures")?
+                    .query_map([], |r| Ok((r.get::<_, [u8; 32]>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            );
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO events (site_id, id, event_type, path, userid, ts, created_at, props, visitor, ctx)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (site_id, id) DO NOTHING",
                 )?;
                 for e in &events {
+                    if erasures.drops(e) {
+                        outcomes.push(InsertOutcome::Erased);
+                        continue;
+                    }
                     let props = e.props.as_ref().map(|p| serde_json::Value::Object(p.clone()).to_string());
                     let ctx = e.ctx.as_ref().and_then(|c| serde_json::to_string(c).ok());
                     let n = stmt.execute(params![
@@ -1314,6 +1530,15 @@ impl StoreAdmin for SqliteStore {
                 key: e.id.as_str().to_owned(),
             });
         Ok(EventPage { events, next })
+    }
+
+    async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError> {
+        let (site, visitor) = (site_id.to_owned(), visitor.to_owned());
+        let cache = Arc::clone(&self.visitors);
+        Self::with_conn(&self.writer, move |conn| {
+            erase(conn, &cache, &site, &visitor, now_ms)
+        })
+        .await
     }
 
     fn kind(&self) -> &'static str {
