@@ -75,6 +75,14 @@ pub enum Command {
         /// The file to write; it must not exist.
         file: PathBuf,
     },
+    /// Erase every event of one person on a site (a userid, or a cookieless
+    /// visitor id), with what the rollups and visits hold of them, then
+    /// exit. The same as `POST /api/sites/{site_id}/erase`.
+    Erase {
+        site_id: String,
+        /// The userid or cookieless visitor id.
+        visitor: String,
+    },
     /// Make a backup file the embedded store of an empty DATA_DIR (stop the
     /// service and move the old directory aside first), then exit.
     Restore {

@@ -40,6 +40,9 @@ async fn main() -> ExitCode {
         }
         Some(Command::Backup { file }) => Some(evtrack::startup::backup(settings, file).await),
         Some(Command::Restore { file }) => Some(evtrack::startup::restore(settings, file).await),
+        Some(Command::Erase { site_id, visitor }) => {
+            Some(evtrack::startup::erase(settings, site_id, visitor).await)
+        }
     };
     if let Some(result) = one_shot {
         return match result {

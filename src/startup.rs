@@ -486,6 +486,21 @@ pub async fn restore(settings: &Settings, file: &std::path::Path) -> Result<Stri
     ))
 }
 
+/// `evtrack erase SITE VISITOR`: as `POST /api/sites/{site_id}/erase`.
+pub async fn erase(settings: &Settings, site: &str, visitor: &str) -> Result<String, StartupError> {
+    let site =
+        crate::event::SiteId::parse(site).map_err(|e| StartupError::new("SITE_ID", e.message))?;
+    let store = open_store(settings, Durability::Disk).await?;
+    let erased = store
+        .erase(site.as_str(), visitor, crate::query::time::now_ms())
+        .await
+        .map_err(|e| StartupError::new("DATA_DIR", e.to_string()))?;
+    Ok(format!(
+        "erased {erased} events of one visitor on {}",
+        site.as_str()
+    ))
+}
+
 /// Backups are of the embedded store: MongoDB has its own tools.
 fn embedded_only(settings: &Settings, what: &str) -> Result<(), StartupError> {
     match settings.mongo_uri() {

@@ -9,7 +9,10 @@
 //! connection is cut before the end of the chunked body, so a client never
 //! takes a partial export for a whole one (curl exits with code 18).
 //!
-//! One of the data owner's controls: see [`crate::access::Access::admin`].
+//! `POST /api/sites/{site_id}/erase`: every event of one person, gone
+//! ([`crate::store::StoreAdmin::erase`]), for right-to-erasure requests.
+//!
+//! Both are the data owner's controls: see [`crate::access::Access::admin`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -213,6 +216,77 @@ impl Pages {
         );
         std::io::Error::other("export cut short")
     }
+}
+
+/// The body of an erasure: whom (a `userid`, or a cookieless visitor id
+/// as the export shows it).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseRequest {
+    visitor: String,
+}
+
+/// The largest erasure request body.
+pub const MAX_ERASE_BYTES: usize = 4 * 1024;
+
+/// The time limit of an erasure: it scans the site's events, so more than
+/// a query's.
+const ERASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+pub async fn post_erase(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(site): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let _slot = state.limits.admit()?;
+    let site = site_of(&site)?;
+    admin(&state, &headers, &site)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("an erasure request is at most {MAX_ERASE_BYTES} bytes"),
+        ),
+        _ => ApiError::bad_request("invalid_body", "the body could not be read"),
+    })?;
+    let request: EraseRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the body must be {{\"visitor\": \"…\"}}: {e}"),
+        )
+    })?;
+    let visitor = request.visitor;
+    if visitor.is_empty()
+        || visitor.len() > crate::event::MAX_USERID_BYTES
+        || visitor.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_visitor",
+            format!(
+                "`visitor` is a userid or a cookieless visitor id: 1 to {} bytes, no control characters",
+                crate::event::MAX_USERID_BYTES
+            ),
+        )
+        .with_field("visitor"));
+    }
+    let erased = tokio::time::timeout(
+        ERASE_TIMEOUT,
+        state
+            .store
+            .erase(site.as_str(), &visitor, query::time::now_ms()),
+    )
+    .await
+    .map_err(|_| StoreError::Timeout(ERASE_TIMEOUT))??;
+    // Logged without the id: the log must not keep what was erased.
+    tracing::info!(
+        site = site.as_str(),
+        events = erased,
+        "erased a visitor's events"
+    );
+    Ok(axum::Json(
+        json!({"site_id": site.as_str(), "erased": erased}),
+    ))
 }
 
 #[cfg(test)]

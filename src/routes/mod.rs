@@ -224,6 +224,12 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .route(
             "/api/sites/{site_id}/events",
             listing(get(export::get_events)),
+        )
+        .route(
+            "/api/sites/{site_id}/erase",
+            listing(post(export::post_erase)).layer(axum::extract::DefaultBodyLimit::max(
+                export::MAX_ERASE_BYTES,
+            )),
         );
     // Ingest and stats handlers count themselves against the request bound
     // (`InFlight::admit`). Health, readiness and metrics stay outside it:

@@ -13,7 +13,75 @@ const ADMIN: &str = "admin-every-site-0123456";
 const ADMIN_SHOP: &str = "admin-shop-only-0123456";
 const READER: &str = "read-every-site-01234567";
 
-backend_tests!(an_export_streams_every_event_of_the_range_once);
+backend_tests!(
+    an_export_streams_every_event_of_the_range_once,
+    an_erasure_removes_one_person_from_every_answer
+);
+
+async fn erase(app: &TestApp, site: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .post(format!("{}/api/sites/{site}/erase", app.address))
+        .json(body);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    request.send().await.expect("request sent")
+}
+
+async fn an_erasure_removes_one_person_from_every_answer(backend: Backend) {
+    let app = app_with(backend, |_| {}).await;
+    let mut batch = Vec::new();
+    for (i, user) in ["ann", "bob", "bob", "cy", "bob", "ann"].iter().enumerate() {
+        batch.push(
+            json!({"site_id": "shop", "event_type": "page_view", "userid": user,
+                          "path": format!("/p{}", i % 2), "props": {"plan": "pro"},
+                          "timestamp": format!("2025-11-23T10:0{i}:00Z")}),
+        );
+    }
+    let body = json_of(app.post_events(&json!(batch)).await, 202).await;
+    app.wait_stored("shop", &ids_of(&body)).await;
+    let q = json!({"site_id": "shop", "metrics": ["visitors", "pageviews", "visits"],
+                   "date_range": ["2025-11-23", "2025-11-23"]});
+    assert_eq!(
+        app.query(&q).await["results"][0]["metrics"],
+        json!([3, 6, 3])
+    );
+
+    let r = erase(&app, "shop", &json!({"visitor": "bob"}), None).await;
+    assert_eq!(
+        json_of(r, 200).await,
+        json!({"site_id": "shop", "erased": 3})
+    );
+    // Every answer is that of the events that remain.
+    assert_eq!(
+        app.query(&q).await["results"][0]["metrics"],
+        json!([2, 3, 2])
+    );
+    let by_plan = json!({"site_id": "shop", "metrics": ["visitors", "events"],
+                         "date_range": ["2025-11-23", "2025-11-23"], "dimensions": ["event:props:plan"]});
+    assert_eq!(
+        app.query(&by_plan).await["results"],
+        json!([{"metrics": [2, 3], "dimensions": ["pro"]}])
+    );
+    let exported = export(&app, "shop/events", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(exported.lines().count(), 3);
+    assert!(!exported.contains("bob"));
+    // Again: nothing left to erase.
+    let r = erase(&app, "shop", &json!({"visitor": "bob"}), None).await;
+    assert_eq!(json_of(r, 200).await["erased"], 0);
+    for bad in [json!({"visitor": ""}), json!({"visitor": "x\u{1}"})] {
+        let r = erase(&app, "shop", &bad, None).await;
+        assert_error(&json_of(r, 400).await, "invalid_visitor", Some("visitor"));
+    }
+    let r = erase(&app, "shop", &json!({"userid": "ann"}), None).await;
+    assert_error(&json_of(r, 400).await, "invalid_json", None);
+    app.app.stop().await;
+}
 
 async fn app_with(backend: Backend, change: impl FnOnce(&mut Settings)) -> TestApp {
     let mut env = TestEnv::new(backend);
@@ -177,6 +245,14 @@ async fn only_admin_tokens_export_once_tokens_are_configured() {
     for token in [ADMIN, ADMIN_SHOP] {
         assert_eq!(export(&app, path, Some(token)).await.status(), 200);
     }
+    // Erasure: the same rule.
+    let who = json!({"visitor": "u1"});
+    let r = erase(&app, "shop", &who, Some(READER)).await;
+    assert_error(&json_of(r, 401).await, "invalid_token", None);
+    let r = erase(&app, "blog", &who, Some(ADMIN_SHOP)).await;
+    assert_error(&json_of(r, 403).await, "forbidden", None);
+    let r = erase(&app, "shop", &who, Some(ADMIN_SHOP)).await;
+    assert_eq!(json_of(r, 200).await["erased"], 0);
     // An admin token is not a read token.
     let q = json!({"site_id": "shop", "metrics": ["events"], "date_range": "30d"});
     let r = app

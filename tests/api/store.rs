@@ -1305,3 +1305,43 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         "only {served_by_rollups} of {of_events} queries of events were served by rollups"
     );
 }
+
+/// An erasure leaves no copy of the person's id in the SQLite file or its
+/// WAL: deleted content is overwritten, the WAL checkpointed and truncated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_erasure_leaves_no_trace_of_the_id_in_the_files() {
+    let s = sqlite_with(Density::ALL_LEVELS).await;
+    let who = "erase-me-7c1f9a";
+    let t = day_start();
+    let mut events: Vec<Event> = (0..3_000)
+        .map(|i| {
+            let user = if i % 3 == 0 {
+                who.to_owned()
+            } else {
+                format!("keep-{i}")
+            };
+            event(
+                &format!("e{i}"),
+                "s",
+                Some("/p"),
+                Some(&user),
+                t + i * 1_000,
+            )
+        })
+        .collect();
+    s.store.insert(&events).await.unwrap();
+    crate::helpers::fold_all(&*s.store).await;
+    let files = || -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(s._dir.path()).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        all
+    };
+    let holds = |bytes: &[u8]| bytes.windows(who.len()).any(|w| w == who.as_bytes());
+    assert!(holds(&files()), "the id is stored before");
+    let n = s.store.erase("s", who, t + 10_000_000).await.unwrap();
+    assert_eq!(n, 1_000);
+    assert!(!holds(&files()), "no copy of the id is left in the files");
+    assert_eq!(s.store.count_all().await.unwrap(), 2_000);
+}
