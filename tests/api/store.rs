@@ -1313,7 +1313,7 @@ async fn sqlite_erasure_leaves_no_trace_of_the_id_in_the_files() {
     let s = sqlite_with(Density::ALL_LEVELS).await;
     let who = "erase-me-7c1f9a";
     let t = day_start();
-    let mut events: Vec<Event> = (0..3_000)
+    let events: Vec<Event> = (0..3_000)
         .map(|i| {
             let user = if i % 3 == 0 {
                 who.to_owned()
