@@ -257,14 +257,16 @@ pub async fn post_erase(
         )
     })?;
     let visitor = request.visitor;
+    // Stored ids are at most MAX_USERID_BYTES bytes, hence at most as many
+    // characters: the bound is in characters, as the schema states it.
     if visitor.is_empty()
-        || visitor.len() > crate::event::MAX_USERID_BYTES
+        || visitor.chars().count() > crate::event::MAX_USERID_BYTES
         || visitor.chars().any(char::is_control)
     {
         return Err(ApiError::bad_request(
             "invalid_visitor",
             format!(
-                "`visitor` is a userid or a cookieless visitor id: 1 to {} bytes, no control characters",
+                "`visitor` is a userid or a cookieless visitor id: 1 to {} characters, no control characters",
                 crate::event::MAX_USERID_BYTES
             ),
         )
