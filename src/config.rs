@@ -275,6 +275,13 @@ pub struct Settings {
     )]
     pub trusted_proxies: TrustedProxies,
 
+    /// Keep raw events this many days (whole UTC days, today included):
+    /// older ones are deleted every hour, in steps, with what was derived
+    /// from them. Unset: kept for ever.
+    #[arg(long, env = "RETENTION_DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=36_500), global = true)]
+    pub retention_days: Option<u32>,
+
     /// Path prefix to serve everything under (the dashboard, the API, the
     /// tracker), for a reverse proxy that mounts evtrack at e.g.
     /// `/analytics/`. Unset: the root.
@@ -332,6 +339,7 @@ impl Default for Settings {
             rate_limit_burst: None,
             trusted_proxies: TrustedProxies::default(),
             base_path: Default::default(),
+            retention_days: None,
         }
     }
 }

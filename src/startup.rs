@@ -259,6 +259,15 @@ impl Application {
                 "rollup folder",
                 crate::store::run_folder(Arc::clone(&store), FOLD_EVERY, shutdown.clone()),
             );
+            if let Some(days) = settings.retention_days {
+                // Queries that started before the start moved end within
+                // their time limit: deletion waits that long.
+                let grace = settings.stats_timeout() + Duration::from_secs(1);
+                tasks.spawn(
+                    "retention",
+                    crate::store::run_retention(Arc::clone(&store), days, grace, shutdown.clone()),
+                );
+            }
         }
         match (worker, &liveness) {
             // Not tied to `shutdown`: it stops when the API is done and the

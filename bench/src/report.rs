@@ -596,8 +596,9 @@ pub fn table(r: &Report) -> String {
                 "events/s",
                 "plain read events/s",
                 "ratio",
-                "RSS before MiB",
-                "peak RSS MiB",
+                "heap MiB before",
+                "heap MiB peak",
+                "RSS with mapped db MiB",
                 "database MiB",
             ],
             &[vec![
@@ -607,8 +608,9 @@ pub fn table(r: &Report) -> String {
                 n0(e.events_per_s),
                 n0(e.ceiling_events_per_s),
                 format!("{:.2}×", e.ratio_to_ceiling),
-                format!("{:.1}", e.rss_before_mib),
-                format!("{:.1}", e.rss_peak_mib),
+                format!("{:.1}", e.anon_before_mib),
+                format!("{:.1}", e.anon_peak_mib),
+                format!("{:.0}", e.rss_peak_mib),
                 format!("{:.0}", e.db_mib),
             ]],
         );

@@ -916,6 +916,26 @@ impl Eq for Ranked<'_> {}
 
 /// Answers a query from a store.
 pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
+    // Retention deletes whole UTC days from the oldest: what it keeps
+    // starts at `kept_from`, and a day being deleted is never read (the
+    // start moves before any deletion). Answers are computed from there;
+    // the time labels stay those of the range asked.
+    let kept_from = store.kept_from().await?;
+    match kept_from {
+        Some(from) if from > query.start => {
+            let clamped = Arc::new(Query {
+                start: from.min(query.end),
+                ..(*query).clone()
+            });
+            let mut answer = evaluate(store, clamped).await?;
+            answer.time_labels = Answer::labels(&query);
+            Ok(answer)
+        }
+        _ => evaluate(store, query).await,
+    }
+}
+
+async fn evaluate(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
     if query.is_visit_scoped() {
         // Visits are read as the fold keeps them, one record per visit
         // that starts in the range (not yet from rollups).

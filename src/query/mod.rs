@@ -605,7 +605,16 @@ impl Answer {
                 dimensions,
             })
             .collect();
-        let time_labels = match (query.include_time_labels, query.time_grain()) {
+        Answer {
+            rows,
+            total_rows: query.include_total_rows.then_some(total_rows),
+            time_labels: Self::labels(query),
+        }
+    }
+
+    /// Every bucket label of the query's range, when it asks for them.
+    pub fn labels(query: &Query) -> Option<Vec<String>> {
+        match (query.include_time_labels, query.time_grain()) {
             (true, Some(grain)) => Some(
                 time::buckets(&query.zone, grain, query.start, query.end)
                     .into_iter()
@@ -613,11 +622,6 @@ impl Answer {
                     .collect(),
             ),
             _ => None,
-        };
-        Answer {
-            rows,
-            total_rows: query.include_total_rows.then_some(total_rows),
-            time_labels,
         }
     }
 

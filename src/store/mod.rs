@@ -132,6 +132,10 @@ pub trait QueryStore: Send + Sync + 'static {
         start: i64,
         end: i64,
     ) -> Result<Vec<crate::session::Visit>, StoreError>;
+    /// The start (epoch ms, a UTC day) of what retention keeps: raw events
+    /// before it are deleted or being deleted ([`StoreAdmin::delete_expired`]),
+    /// so queries start no earlier. `None`: nothing deleted.
+    async fn kept_from(&self) -> Result<Option<i64>, StoreError>;
     /// Whether the visitor has a (folded) visit whose last event is at or
     /// after `since`: whether a visit of theirs is still open.
     async fn visit_open(
@@ -187,6 +191,15 @@ pub trait StoreAdmin: Send + Sync + 'static {
         after: Option<PageAfter>,
         limit: usize,
     ) -> Result<EventPage, StoreError>;
+    /// Retention, first step: queries start at `cutoff` (a UTC day start)
+    /// from now on ([`QueryStore::kept_from`]); it never moves back.
+    async fn set_kept_from(&self, cutoff: i64) -> Result<(), StoreError>;
+    /// Retention, second step, in bounded steps: deletes at most
+    /// `max_events` raw events from before [`QueryStore::kept_from`]; once
+    /// none is left, the rollup rows, site-days and visits of that time
+    /// (a visit that runs over the cutoff is made again from its events
+    /// after it). Returns how many events it deleted (0: done).
+    async fn delete_expired(&self, max_events: usize) -> Result<usize, StoreError>;
     /// Erases one person from a site: every stored event whose visitor (a
     /// `userid`, else the cookieless id: what queries count) is `visitor`,
     /// with what the rollups, visits and visitor ids hold of them, in one
@@ -341,6 +354,74 @@ async fn fold_loop<F, Fut>(
         }
     }
 }
+
+/// Events one retention step deletes: a short write transaction.
+pub const RETENTION_STEP: usize = 10_000;
+
+/// Deletes raw events older than `days` days (whole UTC days) and what was
+/// derived from them, every hour until `shutdown`: first moves the start
+/// of what queries read ([`StoreAdmin::set_kept_from`]), then waits for
+/// queries that started before (`grace`) and deletes in steps of
+/// [`RETENTION_STEP`], so that no query ever reads a day half deleted.
+pub async fn run_retention(
+    store: std::sync::Arc<dyn Store>,
+    days: u32,
+    grace: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(RETENTION_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = crate::query::time::now_ms();
+        let cutoff = crate::rollup::Level::Day.start(now) - i64::from(days) * 86_400_000;
+        let moved = match store.kept_from().await {
+            Ok(Some(at)) if at >= cutoff => false,
+            Ok(_) => match store.set_kept_from(cutoff).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention: could not move the start of queries");
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: the store did not answer");
+                continue;
+            }
+        };
+        if moved {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let mut deleted = 0u64;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match store.delete_expired(RETENTION_STEP).await {
+                Ok(0) => break,
+                Ok(n) => deleted += n as u64,
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention: deleting old events failed; retrying later");
+                    break;
+                }
+            }
+            // Steps leave room for ingestion between them.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, cutoff, "retention: deleted old events");
+        }
+    }
+}
+
+/// How often retention looks for days to delete.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// Folds until no stored event is left out of the rollups, waiting while
 /// another process holds the fold; returns how many events this call

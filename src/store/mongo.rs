@@ -96,6 +96,8 @@ pub const PENDING_INDEX: &str = "evtrack_pending";
 pub const ROLLUP_INDEX: &str = "evtrack_rollups";
 /// The state document's `_id`: folds and resets write it (see the module docs).
 const FOLD_STATE: &str = "fold";
+/// Retention's state document in `rollup_state`: `{kept_from, cleaned_to}`.
+const RETENTION_STATE: &str = "retention";
 /// The layout of the rollups this evtrack folds (in the state document): a
 /// database folded by another layout is reset at start-up. 2: sparse days
 /// (`site_days`); 3: rows of every name together ([`ANY_NAME_LEVELS`]);
@@ -969,6 +971,173 @@ impl MongoStore {
         Ok((ids, fresh))
     }
 
+    /// Cleans what was derived from events before `cutoff` (see the SQLite
+    /// store's `clean_before`), holding the fold; `Ok(false)`: a fold holds
+    /// it, try again.
+    async fn clean_before(&self, cutoff: i64) -> mongodb::error::Result<bool> {
+        let mut session = self.start_transaction().await?;
+        let result = self.clean_in(cutoff, &mut session).await;
+        match result {
+            Ok(true) => {
+                Self::commit(&mut session).await?;
+                Ok(true)
+            }
+            other => {
+                let _ = session.abort_transaction().await;
+                other
+            }
+        }
+    }
+
+    async fn clean_in(
+        &self,
+        cutoff: i64,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<bool> {
+        let lock = self
+            .state
+            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"retention": 1}})
+            .session(&mut *session)
+            .await;
+        match lock {
+            Ok(_) => {}
+            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        let month = Level::Month.start(cutoff);
+        self.rollups
+            .delete_many(doc! {"$or": [
+                {"level": {"$lt": Level::Month.code()}, "bucket": {"$lt": cutoff}},
+                {"level": Level::Month.code(), "bucket": {"$lt": month}},
+            ]})
+            .session(&mut *session)
+            .await?;
+        self.site_days
+            .delete_many(doc! {"day": {"$lt": cutoff}})
+            .session(&mut *session)
+            .await?;
+        // What is left of them ended before the cutoff (see
+        // `remake_visits_over`).
+        self.visits
+            .delete_many(doc! {"start": {"$lt": cutoff}})
+            .session(&mut *session)
+            .await?;
+        self.state
+            .update_one(
+                doc! {"_id": RETENTION_STATE},
+                doc! {"$max": {"cleaned_to": cutoff}},
+            )
+            .session(&mut *session)
+            .await?;
+        Ok(true)
+    }
+
+    /// Moves the start of what queries read to `cutoff` (never back) and
+    /// makes the visits over it again from their events after it (see the
+    /// SQLite store's `remake_visits_over`), holding the fold; `Ok(false)`:
+    /// a fold holds it, try again.
+    async fn move_kept_from(&self, cutoff: i64) -> mongodb::error::Result<bool> {
+        let mut session = self.start_transaction().await?;
+        let result = self.move_in(cutoff, &mut session).await;
+        match result {
+            Ok(true) => {
+                Self::commit(&mut session).await?;
+                Ok(true)
+            }
+            other => {
+                let _ = session.abort_transaction().await;
+                other
+            }
+        }
+    }
+
+    async fn move_in(
+        &self,
+        cutoff: i64,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<bool> {
+        let lock = self
+            .state
+            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"retention": 1}})
+            .session(&mut *session)
+            .await;
+        match lock {
+            Ok(_) => {}
+            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        let state = self
+            .state
+            .find_one(doc! {"_id": RETENTION_STATE})
+            .session(&mut *session)
+            .await?;
+        if state
+            .and_then(|d| number(&d, "kept_from"))
+            .is_some_and(|at| at >= cutoff)
+        {
+            return Ok(true);
+        }
+        self.state
+            .update_one(
+                doc! {"_id": RETENTION_STATE},
+                doc! {"$set": {"kept_from": cutoff}, "$setOnInsert": {"cleaned_to": i64::MIN}},
+            )
+            .upsert(true)
+            .session(&mut *session)
+            .await?;
+        let mut over: Vec<(String, String, i64)> = Vec::new();
+        {
+            let mut cursor = self
+                .visits
+                .find(doc! {"start": {"$lt": cutoff}, "end": {"$gte": cutoff}})
+                .projection(doc! {"site_id": 1, "visitor": 1, "end": 1})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                if let (Ok(site), Ok(visitor), Some(end)) = (
+                    d.get_str("site_id"),
+                    d.get_str("visitor"),
+                    number(&d, "end"),
+                ) {
+                    over.push((site.to_owned(), visitor.to_owned(), end));
+                }
+            }
+        }
+        self.visits
+            .delete_many(doc! {"start": {"$lt": cutoff}, "end": {"$gte": cutoff}})
+            .session(&mut *session)
+            .await?;
+        // A visit over the cutoff, made again from its folded events after it.
+        let mut events = Vec::new();
+        for (site, visitor, end) in &over {
+            let mut cursor = self
+                .events
+                .find(doc! {
+                    "site_id": site,
+                    "timestamp": {"$gte": DateTime::from_millis(cutoff), "$lte": DateTime::from_millis(*end)},
+                    "$or": [{"userid": visitor}, {"visitor": visitor}],
+                })
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                if d.get_bool("pending") == Ok(true) {
+                    continue;
+                }
+                if let Some(e) = from_document(&d)
+                    && crate::query::visitor_of(&e) == Some(visitor.as_str())
+                {
+                    events.push(e);
+                }
+            }
+        }
+        self.fold_visits(&events, session).await?;
+        Ok(true)
+    }
+
     /// The erasures in force, read in `session`.
     async fn erasures_in(
         &self,
@@ -1746,6 +1915,16 @@ impl QueryStore for MongoStore {
         Ok(docs.into_iter().filter_map(visit_from).collect())
     }
 
+    async fn kept_from(&self) -> Result<Option<i64>, StoreError> {
+        let state = self
+            .state
+            .find_one(doc! {"_id": RETENTION_STATE})
+            .max_time(self.query_timeout)
+            .await
+            .map_err(|e| self.read_error(e))?;
+        Ok(state.and_then(|d| number(&d, "kept_from")))
+    }
+
     async fn visit_open(
         &self,
         site_id: &str,
@@ -2211,6 +2390,96 @@ impl StoreAdmin for MongoStore {
         // Written by `insert` from an `Event`; anything else is skipped.
         let events = docs.iter().filter_map(from_document).collect();
         Ok(EventPage { events, next })
+    }
+
+    async fn set_kept_from(&self, cutoff: i64) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.move_kept_from(cutoff).await {
+                Ok(true) => return Ok(()),
+                Ok(false) if std::time::Instant::now() < deadline => {}
+                Err(e)
+                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && std::time::Instant::now() < deadline => {}
+                Ok(false) => {
+                    return Err(StoreError::Unavailable(
+                        "the fold stayed busy for 60 s; retention retries later".into(),
+                    ));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn delete_expired(&self, max_events: usize) -> Result<usize, StoreError> {
+        use futures::TryStreamExt;
+        let Some(state) = self
+            .state
+            .find_one(doc! {"_id": RETENTION_STATE})
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(0);
+        };
+        let (Some(cutoff), cleaned_to) =
+            (number(&state, "kept_from"), number(&state, "cleaned_to"))
+        else {
+            return Ok(0);
+        };
+        let sites = self
+            .distinct_texts(&self.events, "site_id", doc! {})
+            .await?;
+        let mut deleted = 0usize;
+        for site in sites {
+            if deleted >= max_events {
+                break;
+            }
+            let ids: Vec<Bson> = self
+                .events
+                .find(doc! {"site_id": &site, "timestamp": {"$lt": DateTime::from_millis(cutoff)}})
+                .projection(doc! {"_id": 1})
+                .limit((max_events - deleted) as i64)
+                .await
+                .map_err(unavailable)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .filter_map(|d| d.get("_id").cloned())
+                .collect();
+            for chunk in ids.chunks(IN_CHUNK) {
+                self.events
+                    .delete_many(doc! {"_id": {"$in": chunk}})
+                    .await
+                    .map_err(unavailable)?;
+            }
+            deleted += ids.len();
+        }
+        if deleted < max_events && cleaned_to.is_none_or(|c| c < cutoff) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match self.clean_before(cutoff).await {
+                    Ok(true) => break,
+                    Ok(false) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e)
+                        if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(false) => {
+                        return Err(StoreError::Unavailable(
+                            "the fold stayed busy for 60 s; retention retries later".into(),
+                        ));
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError> {

@@ -216,11 +216,18 @@ pub const MIGRATIONS: &[&str] = &[
     DELETE FROM site_days;
     UPDATE fold_state SET folded = 0;",
     // 9: erasures in force (`StoreAdmin::erase`): a digest of the person,
-    // never the id, and when.
+    // never the id, and when; and retention's state: the start of what is
+    // kept (`kept_from`) and how far the rollups, site-days and visits have
+    // been cleaned (`cleaned_to`).
     "CREATE TABLE erasures (
         digest    BLOB PRIMARY KEY NOT NULL,
         erased_at INTEGER NOT NULL
-    ) WITHOUT ROWID;",
+    ) WITHOUT ROWID;
+    CREATE TABLE retention (
+        one        INTEGER PRIMARY KEY CHECK (one = 1),
+        kept_from  INTEGER NOT NULL,
+        cleaned_to INTEGER NOT NULL
+    );",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1035,6 +1042,113 @@ fn erase_in(
     Ok(seqs.len() as u64)
 }
 
+/// One step of [`StoreAdmin::delete_expired`] on SQLite, in one write
+/// transaction.
+fn delete_expired(conn: &mut Connection, max: usize) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let Some((cutoff, cleaned_to)) = tx
+        .query_row("SELECT kept_from, cleaned_to FROM retention", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?
+    else {
+        return Ok(0);
+    };
+    // Site by site (a skip-scan of the time index), each site's oldest.
+    let mut seqs: Vec<i64> = Vec::new();
+    {
+        let mut next_site = tx.prepare_cached(
+            "SELECT site_id FROM events WHERE site_id > ?1 ORDER BY site_id LIMIT 1",
+        )?;
+        let mut old =
+            tx.prepare_cached("SELECT seq FROM events WHERE site_id = ?1 AND ts < ?2 LIMIT ?3")?;
+        let mut site = String::new();
+        while seqs.len() < max {
+            match next_site
+                .query_row([&site], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                Some(s) => site = s,
+                None => break,
+            }
+            let left = (max - seqs.len()) as i64;
+            let found = old
+                .query_map(params![site, cutoff, left], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            seqs.extend(found);
+        }
+        let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+        for seq in &seqs {
+            delete.execute([seq])?;
+        }
+    }
+    if seqs.len() < max && cleaned_to < cutoff {
+        clean_before(&tx, cutoff)?;
+        tx.execute("UPDATE retention SET cleaned_to = ?1", [cutoff])?;
+    }
+    tx.commit()?;
+    Ok(seqs.len())
+}
+
+/// What was derived from the events before `cutoff`: rollup rows of the
+/// buckets that end by then (a month that runs over the cutoff keeps its
+/// rows, which queries no longer read whole: they start at the cutoff),
+/// site-days, and visits.
+fn clean_before(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result<()> {
+    let month = Level::Month.start(cutoff);
+    let old_rows = "(level < 3 AND bucket < ?1) OR (level = 3 AND bucket < ?2)";
+    tx.execute(
+        &format!(
+            "DELETE FROM rollup_bitmaps WHERE id IN (SELECT bitmap FROM rollups WHERE {old_rows})"
+        ),
+        params![cutoff, month],
+    )?;
+    tx.execute(
+        &format!("DELETE FROM rollups WHERE {old_rows}"),
+        params![cutoff, month],
+    )?;
+    tx.execute("DELETE FROM site_days WHERE day < ?1", [cutoff])?;
+    // What is left of them ended before the cutoff (see `remake_visits_over`).
+    tx.execute("DELETE FROM visits WHERE start_ts < ?1", [cutoff])?;
+    Ok(())
+}
+
+/// Visits that start before `cutoff` and end after it, made again from
+/// their (folded) events from the cutoff on: what the visits of the events
+/// kept are. Done as the start of what queries read moves, so that queries
+/// over visits are exact before anything is deleted.
+fn remake_visits_over(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result<()> {
+    let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
+    let over: Vec<(String, String, i64)> = tx
+        .prepare(
+            "SELECT site_id, visitor, end_ts FROM visits WHERE start_ts < ?1 AND end_ts >= ?1",
+        )?
+        .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.execute(
+        "DELETE FROM visits WHERE start_ts < ?1 AND end_ts >= ?1",
+        [cutoff],
+    )?;
+    let mut events = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events e
+             WHERE e.site_id = ?1 AND e.ts >= ?2 AND e.ts <= ?3 AND e.seq <= ?4
+               AND (e.userid = ?5 OR e.visitor = ?5)"
+        ))?;
+        for (site, visitor, end) in &over {
+            let mut rows = stmt.query(params![site, cutoff, end, folded, visitor])?;
+            while let Some(r) = rows.next()? {
+                let e = event_from_row(r, 0)?;
+                if crate::query::visitor_of(&e) == Some(visitor.as_str()) {
+                    events.push(e);
+                }
+            }
+        }
+    }
+    fold_visits(tx, &events)
+}
+
 /// Adds a fold's events to their visitors' visits (see [`crate::session`]).
 fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
     use crate::session::{GAP_MS, Visit, fold_visitor};
@@ -1361,6 +1475,14 @@ impl QueryStore for SqliteStore {
         .await
     }
 
+    async fn kept_from(&self) -> Result<Option<i64>, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT kept_from FROM retention", [], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
     async fn first_event(&self, site_id: &str) -> Result<Option<i64>, StoreError> {
         let site_id = site_id.to_owned();
         self.read(move |conn| {
@@ -1538,6 +1660,30 @@ impl StoreAdmin for SqliteStore {
                 key: e.id.as_str().to_owned(),
             });
         Ok(EventPage { events, next })
+    }
+
+    async fn set_kept_from(&self, cutoff: i64) -> Result<(), StoreError> {
+        Self::with_conn(&self.writer, move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now: Option<i64> = tx
+                .query_row("SELECT kept_from FROM retention", [], |r| r.get(0))
+                .optional()?;
+            if now.is_some_and(|at| at >= cutoff) {
+                return Ok(());
+            }
+            tx.execute(
+                "INSERT INTO retention VALUES (1, ?1, 0)
+                 ON CONFLICT DO UPDATE SET kept_from = excluded.kept_from",
+                [cutoff],
+            )?;
+            remake_visits_over(&tx, cutoff)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn delete_expired(&self, max_events: usize) -> Result<usize, StoreError> {
+        Self::with_conn(&self.writer, move |conn| delete_expired(conn, max_events)).await
     }
 
     async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError> {

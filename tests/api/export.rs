@@ -321,3 +321,56 @@ async fn queries_answer_csv_when_asked() {
     assert!(bad.json::<Value>().await.is_ok());
     app.app.stop().await;
 }
+
+/// `RETENTION_DAYS` on a store with old events: once the service is up,
+/// they are gone from the raw events, the queries and the export, and
+/// the recent ones are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_days_deletes_old_events_once_up() {
+    let day = 86_400_000i64;
+    let now = evtrack::query::time::now_ms();
+    let at = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let mut env = TestEnv::new(Backend::EmbeddedSqlite);
+    env.settings.stats_timeout_ms = 500;
+    let settings = env.settings.clone();
+    let app = spawn_app_with(env, Role::All).await;
+    let mut batch = Vec::new();
+    for (i, age) in [40, 35, 31, 29, 3, 0].iter().enumerate() {
+        batch.push(
+            json!({"site_id": "shop", "event_type": "page_view", "userid": format!("u{i}"),
+                          "path": "/", "timestamp": at(now - age * day)}),
+        );
+    }
+    let body = json_of(app.post_events(&json!(batch)).await, 202).await;
+    app.wait_stored("shop", &ids_of(&body)).await;
+    app.app.stop().await;
+
+    // The same data, now with 30 days kept.
+    let mut env = TestEnv::new(Backend::EmbeddedSqlite);
+    env.settings = settings;
+    env.settings.retention_days = Some(30);
+    let app = spawn_app_with(env, Role::All).await;
+    let q = json!({"site_id": "shop", "metrics": ["visitors", "events"], "date_range": "all"});
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.store.count_all().await.unwrap() > 3 {
+        // Meanwhile, once the start has moved, answers are already those
+        // of what is kept.
+        if app.store.kept_from().await.unwrap().is_some() {
+            assert_eq!(app.query(&q).await["results"][0]["metrics"], json!([3, 3]));
+        }
+        assert!(tokio::time::Instant::now() < deadline, "old events deleted");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.query(&q).await["results"][0]["metrics"], json!([3, 3]));
+    let exported = export(&app, "shop/events", None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(exported.lines().count(), 3);
+    app.app.stop().await;
+}

@@ -79,7 +79,142 @@ store_tests!(
     a_top_list_over_part_months_counts_every_month,
     visits_match_the_reference_in_any_arrival_order,
     export_pages_give_a_range_once_in_time_order,
+    retention_keeps_every_answer_that_of_the_events_left,
 );
+
+/// Retention deletes whole UTC days from the oldest; every answer after it
+/// (and while it runs: the start moves first) equals the reference's over
+/// the events left, for ranges across the cutoff, whole months around it
+/// and visits that run over it.
+async fn retention_keeps_every_answer_that_of_the_events_left(s: Subject) {
+    use evtrack::query::{engine, parse_request, reference};
+    use serde_json::json;
+    let mut rng = StdRng::seed_from_u64(11);
+    // 50 days around a cutoff in the middle of a month, visits of a few
+    // events minutes apart, some of them over the cutoff's midnight.
+    let cutoff = day_start() - 10 * 86_400_000;
+    let base = cutoff - 25 * 86_400_000;
+    let mut events = Vec::new();
+    for i in 0..1_500 {
+        let mut ts = base + rng.random_range(0..50 * 86_400_000i64);
+        if i % 10 == 0 {
+            ts = cutoff + rng.random_range(-1_200_000..1_200_000);
+        }
+        let site = if i % 7 == 0 { "other" } else { "site" };
+        let user = format!("u{}", rng.random_range(0..40));
+        let mut e = event(
+            &format!("r{i}"),
+            site,
+            Some(["/a", "/b", "/c"][rng.random_range(0..3)]),
+            Some(&user),
+            ts,
+        );
+        if rng.random_range(0..4) == 0 {
+            e.event_type = "signup".parse().unwrap();
+        }
+        events.push(e);
+        // Visits of several events: the next one a few minutes later.
+        if i % 3 == 0 {
+            let mut next = events[events.len() - 1].clone();
+            next.id = format!("r{i}-next").parse().unwrap();
+            next.ts += rng.random_range(60_000..600_000);
+            next.created_at = next.ts;
+            events.push(next);
+        }
+    }
+    s.store.insert(&events[..1_200]).await.unwrap();
+    crate::helpers::fold_all(&*s.store).await;
+    s.store.set_kept_from(cutoff).await.unwrap();
+    assert_eq!(s.store.kept_from().await.unwrap(), Some(cutoff));
+    // It never moves back.
+    s.store.set_kept_from(cutoff - 86_400_000).await.unwrap();
+    assert_eq!(s.store.kept_from().await.unwrap(), Some(cutoff));
+    let kept = |events: &[Event]| -> Vec<Event> {
+        events.iter().filter(|e| e.ts >= cutoff).cloned().collect()
+    };
+    let left = kept(&events);
+    assert!(left.len() < events.len() && !left.is_empty());
+
+    let now = day_start() + 12 * 3_600_000;
+    let check = |events: Vec<Event>, stage: &'static str| {
+        let store = Arc::clone(&s.store);
+        let mut rng = StdRng::seed_from_u64(12);
+        async move {
+            for n in 0..40 {
+                let site = if n % 5 == 0 { "other" } else { "site" };
+                let over_visits = n % 3 == 0;
+                let metrics = if over_visits {
+                    json!(["visits", "bounce_rate", "visit_duration", "views_per_visit"])
+                } else {
+                    json!(["visitors", "pageviews", "events"])
+                };
+                let from = chrono::DateTime::from_timestamp_millis(
+                    cutoff + rng.random_range(-40..10i64) * 86_400_000,
+                )
+                .unwrap()
+                .format("%Y-%m-%d")
+                .to_string();
+                let date_range = match n % 4 {
+                    0 => json!("all"),
+                    1 => json!("month"),
+                    _ => json!([from, "2025-12-31"]),
+                };
+                let dims = [
+                    json!([]),
+                    json!(["time:day"]),
+                    json!(["time:month"]),
+                    json!(["event:page"]),
+                    json!(["visit:entry_page"]),
+                ];
+                let mut dimensions = dims[rng.random_range(0..dims.len())].clone();
+                if !over_visits && dimensions == json!(["visit:entry_page"]) {
+                    dimensions = json!(["event:page"]);
+                }
+                if over_visits && dimensions == json!(["event:page"]) {
+                    dimensions = json!(["visit:entry_page"]);
+                }
+                let zone = ["UTC", "Asia/Kolkata", "America/Santiago"][n % 3];
+                let mut body = json!({"site_id": site, "metrics": metrics,
+                                      "date_range": date_range, "dimensions": dimensions,
+                                      "timezone": zone});
+                if dimensions.as_array().is_some_and(|d| {
+                    d.iter()
+                        .any(|x| x.as_str().is_some_and(|x| x.starts_with("time")))
+                }) {
+                    body["include"] = json!({"time_labels": true});
+                }
+                let request = parse_request(&body).unwrap();
+                let first = store.first_event(site).await.unwrap();
+                let query = Arc::new(request.resolve(now, first).unwrap());
+                let actual = engine::run(&*store, Arc::clone(&query)).await.unwrap();
+                let expected = reference::evaluate(&events, &query);
+                assert_eq!(
+                    actual, expected,
+                    "{stage}, query {n}: {body}\nresolved: {}",
+                    query.echo
+                );
+            }
+        }
+    };
+    // The start has moved, nothing is deleted yet: answers are already
+    // those of the events after the cutoff.
+    check(kept(&events[..1_200]), "before deletion").await;
+    // Some stored, not folded yet, when the deletion runs.
+    s.store.insert(&events[1_200..]).await.unwrap();
+    let mut deleted = 0;
+    loop {
+        let n = s.store.delete_expired(100).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(n <= 100, "steps are bounded");
+        deleted += n;
+    }
+    assert_eq!(deleted, events.len() - left.len());
+    crate::helpers::fold_all(&*s.store).await;
+    assert_eq!(s.store.count_all().await.unwrap(), left.len() as u64);
+    check(left, "after deletion").await;
+}
 
 /// Pages of a raw export, of any size, chained by their `next`, give every
 /// event of the site in the range exactly once, oldest first, with all
