@@ -27,6 +27,7 @@ pub mod query;
 pub mod script;
 pub mod sites;
 pub mod stats;
+pub mod v1;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -224,6 +225,13 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
         .route(
             "/api/sites/{site_id}/events",
             listing(get(export::get_events)),
+        )
+        .route("/api/v1/stats/aggregate", listing(get(v1::aggregate)))
+        .route("/api/v1/stats/timeseries", listing(get(v1::timeseries)))
+        .route("/api/v1/stats/breakdown", listing(get(v1::breakdown)))
+        .route(
+            "/api/v1/stats/realtime/visitors",
+            listing(get(v1::realtime_visitors)),
         )
         .route(
             "/api/sites/{site_id}/erase",

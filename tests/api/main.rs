@@ -20,4 +20,5 @@ mod queue;
 mod redis_queue;
 mod stats;
 mod store;
+mod v1;
 mod worker;
