@@ -253,6 +253,31 @@ async fn the_dashboard_shows_what_the_query_api_answers_and_filters_by_a_click()
         "six visitors in the last 30 days"
     );
 
+    // The Pages panel's CSV button saves the query API's CSV answer for
+    // the panel, every row of it.
+    let csv = app
+        .client
+        .post(format!("{}/api/v2/query", app.address))
+        .header("Accept", "text/csv")
+        .json(
+            &json!({"site_id": SITE, "date_range": "30d", "timezone": ZONE,
+                      "metrics": ["visitors", "pageviews"], "dimensions": ["event:page"],
+                      "filters": [["is", "event:name", ["pageview"]]]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(csv.starts_with("event:page,visitors,pageviews\n"), "{csv}");
+    assert_eq!(report["csv"]["text"], csv, "the downloaded file");
+    let name = report["csv"]["name"].as_str().unwrap();
+    assert!(
+        name.starts_with(&format!("{SITE}-event-page-")) && name.ends_with(".csv"),
+        "{name}"
+    );
+
     let filtered = &steps[1];
     assert_eq!(filtered["filters"], json!(["Page is /pricing"]));
     assert!(

@@ -4,6 +4,7 @@
 // Prints a JSON report: what the page showed at each step (raw numbers),
 // console errors and failed requests. The caller compares the numbers with
 // the query API's answers.
+import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
 const [url, timezoneId, screenshot] = process.argv.slice(2);
@@ -70,6 +71,13 @@ try {
   await page.goto(url, { waitUntil: "load" });
   await snap("loaded");
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
+
+  // The Pages panel as CSV: the file the browser saves.
+  const [download] = await Promise.all([
+    page.waitForEvent("download", { timeout: 20_000 }),
+    page.click("[data-testid=panel-pages] [data-testid=csv]"),
+  ]);
+  report.csv = { name: download.suggestedFilename(), text: readFileSync(await download.path(), "utf8") };
 
   // Click a page: the whole dashboard is filtered by it.
   await page.click('[data-testid=panel-pages] button.key[data-value="/pricing"]');
