@@ -20,6 +20,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use chrono::{Datelike, Months, NaiveDate};
 use serde_json::{Map, Value, json};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{ApiError, AppState};
 use crate::query::time::Zone;
@@ -333,6 +334,32 @@ fn params_of(
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))
 }
 
+/// What an endpoint does first: a request slot, the token checked before
+/// anything else is answered, the parameters read, the site authorized.
+fn begin(
+    state: &AppState,
+    headers: &HeaderMap,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
+    endpoint: Endpoint,
+) -> Result<(OwnedSemaphorePermit, HashMap<String, String>, Request), ApiError> {
+    let slot = state.limits.admit()?;
+    let token = super::stats::reader(state, headers)?;
+    let params = params_of(params)?;
+    let r = read(endpoint, &params, query::time::now_ms())?;
+    authorize(state, token, &r.site_id)?;
+    Ok((slot, params, r))
+}
+
+/// A result row: `label` under `key`, then each metric asked (0 where the
+/// answers had none).
+fn row_of(key: &str, label: String, mut values: Map<String, Value>, metrics: &[String]) -> Value {
+    fill(&mut values, metrics);
+    let mut row = Map::new();
+    row.insert(key.to_owned(), json!(label));
+    row.extend(values);
+    Value::Object(row)
+}
+
 /// One set of metrics over `[first, last]`, no dimensions.
 async fn totals(
     state: &AppState,
@@ -361,11 +388,7 @@ pub async fn aggregate(
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
-    let params = params_of(params)?;
-    let r = read(Endpoint::Aggregate, &params, query::time::now_ms())?;
-    authorize(&state, token, &r.site_id)?;
+    let (_slot, params, r) = begin(&state, &headers, params, Endpoint::Aggregate)?;
     let compare = match params.get("compare").map(String::as_str) {
         None => false,
         Some("previous_period") => true,
@@ -419,11 +442,7 @@ pub async fn timeseries(
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
-    let params = params_of(params)?;
-    let r = read(Endpoint::Timeseries, &params, query::time::now_ms())?;
-    authorize(&state, token, &r.site_id)?;
+    let (_slot, params, r) = begin(&state, &headers, params, Endpoint::Timeseries)?;
     let grain = match params.get("interval").map(String::as_str) {
         Some("month") => "time:month",
         Some("day" | "date") => "time:day",
@@ -461,12 +480,8 @@ pub async fn timeseries(
     let results: Vec<Value> = labels
         .into_iter()
         .map(|label| {
-            let mut values = rows.remove(&vec![label.clone()]).unwrap_or_default();
-            fill(&mut values, &r.metrics);
-            let mut row = Map::new();
-            row.insert("date".into(), json!(label));
-            row.extend(values);
-            Value::Object(row)
+            let values = rows.remove(&vec![label.clone()]).unwrap_or_default();
+            row_of("date", label, values, &r.metrics)
         })
         .collect();
     Ok(Json(json!({"results": results})))
@@ -477,11 +492,7 @@ pub async fn breakdown(
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
-    let params = params_of(params)?;
-    let r = read(Endpoint::Breakdown, &params, query::time::now_ms())?;
-    authorize(&state, token, &r.site_id)?;
+    let (_slot, params, r) = begin(&state, &headers, params, Endpoint::Breakdown)?;
     let property = params.get("property").ok_or_else(|| {
         ApiError::bad_request("missing_field", "`property` is required").with_field("property")
     })?;
@@ -552,15 +563,9 @@ pub async fn breakdown(
     let results: Vec<Value> = merge(&answers)
         .into_iter()
         .take(lead_rows)
-        .map(|(dims, mut values)| {
-            fill(&mut values, &r.metrics);
-            let mut row = Map::new();
-            row.insert(
-                key.clone(),
-                json!(dims.first().cloned().unwrap_or_default()),
-            );
-            row.extend(values);
-            Value::Object(row)
+        .map(|(dims, values)| {
+            let label = dims.into_iter().next().unwrap_or_default();
+            row_of(&key, label, values, &r.metrics)
         })
         .collect();
     Ok(Json(json!({"results": results})))

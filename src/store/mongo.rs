@@ -567,6 +567,20 @@ impl From<StoreError> for ReadFailure {
     }
 }
 
+/// What runs in a transaction holding the fold (see `holding_fold`).
+#[derive(Debug, Clone, Copy)]
+enum Held<'a> {
+    Erase {
+        site: &'a str,
+        visitor: &'a str,
+        now_ms: i64,
+    },
+    /// Retention's cleaning of what was derived from old events.
+    Clean(i64),
+    /// Retention's move of the start of what queries read.
+    MoveStart(i64),
+}
+
 /// What a reset batch may do.
 enum Guard {
     /// Go on, in this transaction.
@@ -972,40 +986,12 @@ impl MongoStore {
     }
 
     /// Cleans what was derived from events before `cutoff` (see the SQLite
-    /// store's `clean_before`), holding the fold; `Ok(false)`: a fold holds
-    /// it, try again.
-    async fn clean_before(&self, cutoff: i64) -> mongodb::error::Result<bool> {
-        let mut session = self.start_transaction().await?;
-        let result = self.clean_in(cutoff, &mut session).await;
-        match result {
-            Ok(true) => {
-                Self::commit(&mut session).await?;
-                Ok(true)
-            }
-            other => {
-                let _ = session.abort_transaction().await;
-                other
-            }
-        }
-    }
-
+    /// store's `clean_before`), in a transaction holding the fold.
     async fn clean_in(
         &self,
         cutoff: i64,
         session: &mut ClientSession,
-    ) -> mongodb::error::Result<bool> {
-        let lock = self
-            .state
-            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"retention": 1}})
-            .session(&mut *session)
-            .await;
-        match lock {
-            Ok(_) => {}
-            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        }
+    ) -> mongodb::error::Result<()> {
         let month = Level::Month.start(cutoff);
         self.rollups
             .delete_many(doc! {"$or": [
@@ -1031,45 +1017,18 @@ impl MongoStore {
             )
             .session(&mut *session)
             .await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Moves the start of what queries read to `cutoff` (never back) and
     /// makes the visits over it again from their events after it (see the
-    /// SQLite store's `remake_visits_over`), holding the fold; `Ok(false)`:
-    /// a fold holds it, try again.
-    async fn move_kept_from(&self, cutoff: i64) -> mongodb::error::Result<bool> {
-        let mut session = self.start_transaction().await?;
-        let result = self.move_in(cutoff, &mut session).await;
-        match result {
-            Ok(true) => {
-                Self::commit(&mut session).await?;
-                Ok(true)
-            }
-            other => {
-                let _ = session.abort_transaction().await;
-                other
-            }
-        }
-    }
-
+    /// SQLite store's `remake_visits_over`), in a transaction holding the
+    /// fold.
     async fn move_in(
         &self,
         cutoff: i64,
         session: &mut ClientSession,
-    ) -> mongodb::error::Result<bool> {
-        let lock = self
-            .state
-            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"retention": 1}})
-            .session(&mut *session)
-            .await;
-        match lock {
-            Ok(_) => {}
-            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        }
+    ) -> mongodb::error::Result<()> {
         let state = self
             .state
             .find_one(doc! {"_id": RETENTION_STATE})
@@ -1079,7 +1038,7 @@ impl MongoStore {
             .and_then(|d| number(&d, "kept_from"))
             .is_some_and(|at| at >= cutoff)
         {
-            return Ok(true);
+            return Ok(());
         }
         self.state
             .update_one(
@@ -1134,8 +1093,77 @@ impl MongoStore {
                 }
             }
         }
-        self.fold_visits(&events, session).await?;
-        Ok(true)
+        self.fold_visits(&events, session).await
+    }
+
+    /// One transaction of `job`, holding the fold document (as a fold
+    /// does, so that the two never interleave); `Ok(None)`: a fold holds
+    /// it, try again.
+    async fn held_once(&self, job: Held<'_>) -> mongodb::error::Result<Option<u64>> {
+        let mut session = self.start_transaction().await?;
+        let result = self.held_in(job, &mut session).await;
+        match result {
+            Ok(Some(n)) => {
+                Self::commit(&mut session).await?;
+                Ok(Some(n))
+            }
+            other => {
+                let _ = session.abort_transaction().await;
+                other
+            }
+        }
+    }
+
+    async fn held_in(
+        &self,
+        job: Held<'_>,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<Option<u64>> {
+        let lock = self
+            .state
+            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"held": 1}})
+            .session(&mut *session)
+            .await;
+        match lock {
+            Ok(_) => {}
+            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        match job {
+            Held::Erase {
+                site,
+                visitor,
+                now_ms,
+            } => self
+                .erase_in(site, visitor, now_ms, session)
+                .await
+                .map(Some),
+            Held::Clean(cutoff) => self.clean_in(cutoff, session).await.map(|()| Some(0)),
+            Held::MoveStart(cutoff) => self.move_in(cutoff, session).await.map(|()| Some(0)),
+        }
+    }
+
+    /// Runs `job` until a transaction of it commits, waiting while folds
+    /// hold the fold document, for at most a minute.
+    async fn holding_fold(&self, job: Held<'_>) -> Result<u64, StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let waited = std::time::Instant::now() >= deadline;
+            match self.held_once(job).await {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) if waited => {
+                    return Err(StoreError::Unavailable(
+                        "the fold stayed busy for 60 s; try again".into(),
+                    ));
+                }
+                Err(e) if waited || !e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
+                    return Err(unavailable(e));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// The erasures in force, read in `session`.
@@ -1151,49 +1179,16 @@ impl MongoStore {
         Ok(super::Erasures::new(records))
     }
 
-    /// One erasure transaction; `Ok(None)` when a fold holds the fold
-    /// document (try again).
-    async fn erase_once(
-        &self,
-        site: &str,
-        visitor: &str,
-        now_ms: i64,
-    ) -> mongodb::error::Result<Option<u64>> {
-        let mut session = self.start_transaction().await?;
-        let result = self.erase_in(site, visitor, now_ms, &mut session).await;
-        match result {
-            Ok(Some(n)) => {
-                Self::commit(&mut session).await?;
-                Ok(Some(n))
-            }
-            other => {
-                let _ = session.abort_transaction().await;
-                other
-            }
-        }
-    }
-
+    /// Erases one person (see `StoreAdmin::erase`), in a transaction
+    /// holding the fold: no fold counts their events meanwhile, and the
+    /// next one sees the erasure.
     async fn erase_in(
         &self,
         site: &str,
         visitor: &str,
         now_ms: i64,
         session: &mut ClientSession,
-    ) -> mongodb::error::Result<Option<u64>> {
-        // Hold the fold, as a fold does: no fold counts the person's
-        // events meanwhile, and the next one sees the erasure.
-        let lock = self
-            .state
-            .find_one_and_update(doc! {"_id": FOLD_STATE}, doc! {"$inc": {"erasures": 1}})
-            .session(&mut *session)
-            .await;
-        match lock {
-            Ok(_) => {}
-            Err(e) if is_write_conflict(&e) || e.contains_label(TRANSIENT_TRANSACTION_ERROR) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        }
+    ) -> mongodb::error::Result<u64> {
         let mut ids = Vec::new();
         let mut counted = Vec::new();
         {
@@ -1363,7 +1358,7 @@ impl MongoStore {
             .delete_many(doc! {"erased_at": {"$lt": now_ms - super::ERASURE_KEPT_MS}})
             .session(&mut *session)
             .await?;
-        Ok(Some(ids.len() as u64))
+        Ok(ids.len() as u64)
     }
 
     /// One fold transaction; `Ok(None)` when another process holds the fold
@@ -2393,23 +2388,7 @@ impl StoreAdmin for MongoStore {
     }
 
     async fn set_kept_from(&self, cutoff: i64) -> Result<(), StoreError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.move_kept_from(cutoff).await {
-                Ok(true) => return Ok(()),
-                Ok(false) if std::time::Instant::now() < deadline => {}
-                Err(e)
-                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
-                        && std::time::Instant::now() < deadline => {}
-                Ok(false) => {
-                    return Err(StoreError::Unavailable(
-                        "the fold stayed busy for 60 s; retention retries later".into(),
-                    ));
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.holding_fold(Held::MoveStart(cutoff)).await.map(|_| ())
     }
 
     async fn delete_expired(&self, max_events: usize) -> Result<usize, StoreError> {
@@ -2457,58 +2436,22 @@ impl StoreAdmin for MongoStore {
             deleted += ids.len();
         }
         if deleted < max_events && cleaned_to.is_none_or(|c| c < cutoff) {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                match self.clean_before(cutoff).await {
-                    Ok(true) => break,
-                    Ok(false) if std::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e)
-                        if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
-                            && std::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(false) => {
-                        return Err(StoreError::Unavailable(
-                            "the fold stayed busy for 60 s; retention retries later".into(),
-                        ));
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                }
-            }
+            self.holding_fold(Held::Clean(cutoff)).await?;
         }
         Ok(deleted)
     }
 
     async fn erase(&self, site_id: &str, visitor: &str, now_ms: i64) -> Result<u64, StoreError> {
-        // A fold holds the fold document for a moment: wait for it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.erase_once(site_id, visitor, now_ms).await {
-                Ok(Some(n)) => {
-                    let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
-                    cache.remove(&(site_id.to_owned(), visitor.to_owned()));
-                    return Ok(n);
-                }
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Ok(None) => {
-                    return Err(StoreError::Unavailable(
-                        "the fold stayed busy for 60 s; erase again".into(),
-                    ));
-                }
-                Err(e)
-                    if e.contains_label(TRANSIENT_TRANSACTION_ERROR)
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
+        let erased = self
+            .holding_fold(Held::Erase {
+                site: site_id,
+                visitor,
+                now_ms,
+            })
+            .await?;
+        let mut cache = self.visitors.lock().unwrap_or_else(|p| p.into_inner());
+        cache.remove(&(site_id.to_owned(), visitor.to_owned()));
+        Ok(erased)
     }
 
     fn kind(&self) -> &'static str {
