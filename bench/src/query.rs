@@ -249,8 +249,126 @@ pub struct QueryCase {
     pub disk_mib_per_million: Option<f64>,
     pub reference: Option<String>,
     pub queries: Vec<Timed>,
+    /// What the dashboard asks when it opens on the whole range, all its
+    /// requests at once as a browser sends them (SQLite cases).
+    pub dashboard: Option<DashboardLoad>,
     /// The evtrack process that answered (its memory after the queries).
     pub service: Usage,
+}
+
+/// The dashboard's opening requests over a case's whole range, sent at
+/// once (as the page sends them): the time until the last answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct DashboardLoad {
+    pub requests: usize,
+    /// Median and worst of `runs` loads, ms.
+    pub unfiltered_p50_ms: f64,
+    pub unfiltered_max_ms: f64,
+    /// The same with a filter on one page.
+    pub filtered_p50_ms: f64,
+    pub filtered_max_ms: f64,
+    pub runs: usize,
+}
+
+/// The bodies the dashboard posts when it opens (`assets/dashboard/app.js`):
+/// headline figures over events and over visits for the range and the
+/// one before it, the chart, and the first tab of every panel.
+fn dashboard_bodies(days: usize, filters: &Value) -> Vec<Value> {
+    let first = first_day_ms();
+    let last = first + (days as i64 - 1) * DAY_MS;
+    let range = json!([date_of(first), date_of(last)]);
+    let before = json!([
+        date_of(first - days as i64 * DAY_MS),
+        date_of(first - DAY_MS)
+    ]);
+    let body = |range: &Value, extra: Value| {
+        let mut b =
+            json!({"site_id": SITE, "date_range": range, "timezone": "UTC", "filters": filters});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let events = json!({"metrics": ["visitors", "pageviews"]});
+    let visits = json!({"metrics": ["visits", "bounce_rate", "visit_duration"]});
+    let panel = |dim: &str, metrics: Value| json!({"metrics": metrics, "dimensions": [dim], "pagination": {"limit": 11}});
+    vec![
+        body(&range, events.clone()),
+        body(&range, visits.clone()),
+        body(&before, events),
+        body(&before, visits),
+        body(
+            &range,
+            json!({"metrics": ["visitors"], "dimensions": ["time:day"],
+                            "include": {"time_labels": true}}),
+        ),
+        body(
+            &range,
+            panel("event:page", json!(["visitors", "pageviews"])),
+        ),
+        body(&range, panel("visit:source", json!(["visitors", "visits"]))),
+        body(
+            &range,
+            panel("visit:country", json!(["visitors", "visits"])),
+        ),
+        body(&range, panel("visit:device", json!(["visitors", "visits"]))),
+        body(&range, panel("event:name", json!(["visitors", "events"]))),
+    ]
+}
+
+/// Times `runs` dashboard loads (after one untimed), all requests at once.
+async fn dashboard_load(
+    ctx: &Ctx,
+    port: u16,
+    days: usize,
+    runs: usize,
+) -> anyhow::Result<DashboardLoad> {
+    let url = format!("http://127.0.0.1:{port}/api/v2/query");
+    let time = |filters: Value| {
+        let bodies = dashboard_bodies(days, &filters);
+        let url = url.clone();
+        async move {
+            let mut samples = Vec::new();
+            for i in 0..=runs {
+                let t = Instant::now();
+                let answers = futures::future::join_all(bodies.iter().map(|b| {
+                    ctx.http
+                        .post(&url)
+                        .json(b)
+                        .timeout(Duration::from_secs(600))
+                        .send()
+                }))
+                .await;
+                for a in answers {
+                    let a = a?;
+                    if !a.status().is_success() {
+                        bail!(
+                            "dashboard load: {} {}",
+                            a.status(),
+                            a.text().await.unwrap_or_default()
+                        );
+                    }
+                    a.bytes().await?;
+                }
+                if i > 0 {
+                    samples.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            samples.sort_by(f64::total_cmp);
+            Ok::<_, anyhow::Error>(samples)
+        }
+    };
+    let unfiltered = time(json!([])).await?;
+    let filtered = time(json!([["is", "event:page", [ONE_PAGE]]])).await?;
+    let max = |s: &[f64]| s.last().copied().unwrap_or(0.0);
+    Ok(DashboardLoad {
+        requests: dashboard_bodies(days, &json!([])).len(),
+        unfiltered_p50_ms: percentile(&unfiltered, 0.5),
+        unfiltered_max_ms: max(&unfiltered),
+        filtered_p50_ms: percentile(&filtered, 0.5),
+        filtered_max_ms: max(&filtered),
+        runs,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -412,6 +530,17 @@ async fn sqlite_case(
     )?;
     procs::wait_http(&mut app, &ctx.http, port).await?;
     let mut queries = measure(ctx, port, &shapes, ctx.p.query_requests).await?;
+    let dashboard = dashboard_load(ctx, port, days, ctx.p.query_requests.min(5)).await?;
+    eprintln!(
+        "    sqlite {:>10} events, dashboard load ({} requests at once): p50 {:.0} ms, max {:.0} ms; \
+         filtered by a page: p50 {:.0} ms, max {:.0} ms",
+        days * per_day,
+        dashboard.requests,
+        dashboard.unfiltered_p50_ms,
+        dashboard.unfiltered_max_ms,
+        dashboard.filtered_p50_ms,
+        dashboard.filtered_max_ms
+    );
     app.check_alive()?;
     let service = procs::usage(&app, "evtrack");
     app.stop(Duration::from_secs(30)).await;
@@ -462,6 +591,7 @@ async fn sqlite_case(
         disk_mib_per_million: Some(disk / (events as f64 / 1e6)),
         reference,
         queries,
+        dashboard: Some(dashboard),
         service,
     })
 }
@@ -799,6 +929,7 @@ async fn mongo_case(ctx: &mut Ctx, days: usize, per_day: usize) -> anyhow::Resul
                 .into(),
         ),
         queries,
+        dashboard: None,
         service,
     })
 }

@@ -527,6 +527,23 @@ pub fn table(r: &Report) -> String {
             ],
             &rows,
         );
+        for c in &q.cases {
+            if let Some(d) = &c.dashboard {
+                let _ = writeln!(
+                    out,
+                    "dashboard opening on {} d × {} ({} requests at once, {} loads): \
+                     p50 {:.0} ms, max {:.0} ms; filtered by one page: p50 {:.0} ms, max {:.0} ms",
+                    c.days,
+                    n0(c.events_per_day as f64),
+                    d.requests,
+                    d.runs,
+                    d.unfiltered_p50_ms,
+                    d.unfiltered_max_ms,
+                    d.filtered_p50_ms,
+                    d.filtered_max_ms
+                );
+            }
+        }
         if let Some(v) = &q.visible {
             let _ = writeln!(
                 out,
