@@ -374,3 +374,59 @@ async fn retention_days_deletes_old_events_once_up() {
     assert_eq!(exported.lines().count(), 3);
     app.app.stop().await;
 }
+
+/// Redis mode with the worker stopped: a person's events wait in the queue
+/// when they are erased; once a worker drains the queue they are dropped,
+/// not stored, while everyone else's are stored, and the person's events
+/// sent after the erasure are stored as new data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_of_an_erased_person_are_dropped_when_they_arrive() {
+    use crate::helpers::RunningApp;
+    let env = TestEnv::new(Backend::RedisSqlite);
+    let settings = env.settings.clone();
+    let app = spawn_app_with(env, Role::Api).await;
+    let view = |user: &str| json!({"site_id": "shop", "event_type": "page_view", "userid": user, "path": "/"});
+    let queued = json_of(
+        app.post_events(&json!([view("zed"), view("zed"), view("amy")]))
+            .await,
+        202,
+    )
+    .await;
+    let queued = ids_of(&queued);
+    let r = erase(&app, "shop", &json!({"visitor": "zed"}), None).await;
+    assert_eq!(json_of(r, 200).await["erased"], 0, "nothing stored yet");
+    let later = json_of(app.post_event(&view("zed")).await, 202).await;
+    let later = vec![later["id"].as_str().unwrap().to_owned()];
+
+    let worker = RunningApp::start(settings, Role::Worker).await;
+    app.wait_stored("shop", &[queued[2].clone(), later[0].clone()])
+        .await;
+    let mut redis = app.env.redis_conn().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left: u64 = redis::cmd("XLEN")
+            .arg(app.env.stream_key())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the queue drains");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.store.count_ids("shop", &queued[..2]).await.unwrap(),
+        0,
+        "the erased person's queued events were dropped"
+    );
+    let dead: u64 = redis::cmd("XLEN")
+        .arg(app.env.dead_key())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "dropped, not dead-lettered");
+    assert_eq!(app.store.count_all().await.unwrap(), 2);
+    worker.stop().await;
+    app.app.stop().await;
+}
