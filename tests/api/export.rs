@@ -396,7 +396,7 @@ async fn queued_events_of_an_erased_person_are_dropped_when_they_arrive() {
     let r = erase(&app, "shop", &json!({"visitor": "zed"}), None).await;
     assert_eq!(json_of(r, 200).await["erased"], 0, "nothing stored yet");
     let later = json_of(app.post_event(&view("zed")).await, 202).await;
-    let later = vec![later["id"].as_str().unwrap().to_owned()];
+    let later = [later["id"].as_str().unwrap().to_owned()];
 
     let worker = RunningApp::start(settings, Role::Worker).await;
     app.wait_stored("shop", &[queued[2].clone(), later[0].clone()])
