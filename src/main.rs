@@ -61,6 +61,10 @@ async fn main() -> ExitCode {
         Some(Command::Worker) => Role::Worker,
         _ => Role::All,
     };
+    // Registered before anything listens: a SIGTERM that arrives while the
+    // service starts (a health check passed, a supervisor stopping it) is
+    // a graceful shutdown, not the default kill.
+    let signals = Signals::register();
     let app = match Application::build(cli.settings, role).await {
         Ok(app) => app,
         Err(e) => {
@@ -75,7 +79,7 @@ async fn main() -> ExitCode {
     }
     let shutdown = app.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
@@ -103,23 +107,49 @@ async fn main() -> ExitCode {
 /// How long graceful shutdown may take before the process exits anyway.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// The next delivery of a signal (never, if it could not be registered).
+#[cfg(unix)]
+async fn recv(signal: Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(mut s) => {
+            s.recv().await;
         }
+        None => std::future::pending::<()>().await,
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+/// SIGINT and SIGTERM, registered at once: deliveries from then on are
+/// kept until [`Signals::wait`] looks.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = recv(self.term) => {}
+                _ = recv(self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -2341,10 +2341,19 @@ impl StoreAdmin for MongoStore {
         // Keyset pagination on (timestamp, _id): the time index gives the
         // range, ties on a millisecond are sorted by `_id` (unique).
         let from = after.as_ref().map_or(start, |a| a.ts);
-        let mut filter = doc! {
-            "site_id": site_id,
-            "timestamp": {"$gte": DateTime::from_millis(from), "$lt": DateTime::from_millis(end)},
-        };
+        // Open ends stay open: some servers cannot decode a date in the
+        // year 292,278,994, which `i64::MAX` milliseconds is.
+        let mut time = Document::new();
+        if from > i64::MIN {
+            time.insert("$gte", DateTime::from_millis(from));
+        }
+        if end < i64::MAX {
+            time.insert("$lt", DateTime::from_millis(end));
+        }
+        let mut filter = doc! {"site_id": site_id};
+        if !time.is_empty() {
+            filter.insert("timestamp", time);
+        }
         if let Some(a) = &after {
             filter.insert(
                 "$or",
