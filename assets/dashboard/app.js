@@ -679,7 +679,7 @@
       onclick: () => downloadCsv(state, range, current, csv),
     }, "CSV");
     const section = el("section", { class: "card panel", "aria-label": title, "data-testid": testid || `panel-${title.toLowerCase().replace(/\W+/g, "-")}` },
-      el("div", { class: "panel-head" }, el("h2", {}, title), tabs.length > 1 ? tabBar : null, csv), body);
+      el("div", { class: "panel-head" }, el("div", { class: "panel-title" }, el("h2", {}, title), csv), tabs.length > 1 ? tabBar : null), body);
     const show = (tab, limit) => {
       current = tab;
       for (const b of tabBar.children) b.setAttribute("aria-selected", String(b.dataset.dim === tab.dim && b.textContent === tab.label));
