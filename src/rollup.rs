@@ -249,6 +249,35 @@ pub fn day_changes(
         .collect()
 }
 
+/// The site-days of `counts` as they stand (`stored`; absent: no event
+/// yet), unchanged: what events already counted are counted at, for taking
+/// them out again (an erasure).
+pub fn unchanged(counts: &SiteDays<u64>, stored: &SiteDays<DayState>) -> SiteDays<DayChange> {
+    counts
+        .iter()
+        .map(|(site, days)| {
+            let changes = days
+                .keys()
+                .map(|&day| {
+                    let state = stored
+                        .get(site)
+                        .and_then(|d| d.get(&day))
+                        .copied()
+                        .unwrap_or_default();
+                    (
+                        day,
+                        DayChange {
+                            before: state,
+                            after: state,
+                        },
+                    )
+                })
+                .collect();
+            (site.clone(), changes)
+        })
+        .collect()
+}
+
 /// One whole bucket of some level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Piece {

@@ -1096,6 +1096,76 @@ impl MongoStore {
         self.fold_visits(&events, session).await
     }
 
+    /// The stored state of the site-days in `counts` (absent: no event yet).
+    async fn stored_days(
+        &self,
+        counts: &SiteDays<u64>,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<SiteDays<DayState>> {
+        let mut stored: SiteDays<DayState> = HashMap::new();
+        let keys: Vec<String> = counts
+            .iter()
+            .flat_map(|(site, days)| days.keys().map(|&d| site_day_id(site, d)))
+            .collect();
+        for chunk in keys.chunks(IN_CHUNK) {
+            let mut cursor = self
+                .site_days
+                .find(doc! {"_id": {"$in": chunk}})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                let (Ok(site), Some(day), Some(events), Some(finest)) = (
+                    d.get_str("site_id"),
+                    number(&d, "day"),
+                    number(&d, "events"),
+                    number(&d, "finest"),
+                ) else {
+                    return Err(mongodb::error::Error::custom(format!(
+                        "`{SITE_DAYS}` holds a document that is not a site-day: {d}; rebuild the rollups"
+                    )));
+                };
+                let finest = Level::from_code(finest).ok_or_else(|| {
+                    mongodb::error::Error::custom(format!(
+                        "`{SITE_DAYS}` holds an unknown level {finest}; rebuild the rollups"
+                    ))
+                })?;
+                stored.entry(site.to_owned()).or_default().insert(
+                    day,
+                    DayState {
+                        events: events.max(0) as u64,
+                        finest,
+                    },
+                );
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The rollup documents of these ids that exist: events, pageviews
+    /// and visitors.
+    async fn rollup_docs<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<HashMap<String, Document>> {
+        let ids: Vec<&str> = ids.collect();
+        let mut existing: HashMap<String, Document> = HashMap::new();
+        for chunk in ids.chunks(IN_CHUNK) {
+            let mut cursor = self
+                .rollups
+                .find(doc! {"_id": {"$in": chunk}})
+                .projection(doc! {"events": 1, "pageviews": 1, "visitors": 1})
+                .session(&mut *session)
+                .await?;
+            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
+                if let Ok(id) = d.get_str("_id") {
+                    existing.insert(id.to_owned(), d.clone());
+                }
+            }
+        }
+        Ok(existing)
+    }
+
     /// One transaction of `job`, holding the fold document (as a fold
     /// does, so that the two never interleave); `Ok(None)`: a fold holds
     /// it, try again.
@@ -1213,32 +1283,7 @@ impl MongoStore {
         }
         // What the folds counted of them, at the levels their days keep now.
         let counts = rollup::day_counts(&counted);
-        let mut changes: SiteDays<rollup::DayChange> = HashMap::new();
-        for (s, days) in &counts {
-            for &day in days.keys() {
-                let d = self
-                    .site_days
-                    .find_one(doc! {"_id": site_day_id(s, day)})
-                    .session(&mut *session)
-                    .await?;
-                let state = match d {
-                    Some(d) => DayState {
-                        events: number(&d, "events").unwrap_or(0).max(0) as u64,
-                        finest: number(&d, "finest")
-                            .and_then(Level::from_code)
-                            .unwrap_or(Level::Month),
-                    },
-                    None => DayState::default(),
-                };
-                changes.entry(s.clone()).or_default().insert(
-                    day,
-                    rollup::DayChange {
-                        before: state,
-                        after: state,
-                    },
-                );
-            }
-        }
+        let changes = rollup::unchanged(&counts, &self.stored_days(&counts, session).await?);
         let vid = self
             .visitor_ids
             .find_one(doc! {"_id": document_id(site, visitor)})
@@ -1268,21 +1313,9 @@ impl MongoStore {
             };
             less.push((rollup_id(&key), row.0, Some(row.1)));
         }
-        let mut existing: HashMap<String, Document> = HashMap::new();
-        for chunk in less.chunks(IN_CHUNK) {
-            let keys: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-            let mut cursor = self
-                .rollups
-                .find(doc! {"_id": {"$in": keys}})
-                .projection(doc! {"events": 1, "pageviews": 1, "visitors": 1})
-                .session(&mut *session)
-                .await?;
-            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-                if let Ok(id) = d.get_str("_id") {
-                    existing.insert(id.to_owned(), d.clone());
-                }
-            }
-        }
+        let existing = self
+            .rollup_docs(less.iter().map(|r| r.0.as_str()), session)
+            .await?;
         let mut gone = Vec::new();
         let mut statements = Vec::new();
         for (id, n, pageviews) in &less {
@@ -1460,42 +1493,7 @@ impl MongoStore {
         // events of those that now keep finer levels (see `crate::rollup`,
         // "Sparse days").
         let counts = rollup::day_counts(&events);
-        let mut stored: SiteDays<DayState> = HashMap::new();
-        let keys: Vec<String> = counts
-            .iter()
-            .flat_map(|(site, days)| days.keys().map(|&d| site_day_id(site, d)))
-            .collect();
-        for chunk in keys.chunks(IN_CHUNK) {
-            let mut cursor = self
-                .site_days
-                .find(doc! {"_id": {"$in": chunk}})
-                .session(&mut *session)
-                .await?;
-            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-                let (Ok(site), Some(day), Some(events), Some(finest)) = (
-                    d.get_str("site_id"),
-                    number(&d, "day"),
-                    number(&d, "events"),
-                    number(&d, "finest"),
-                ) else {
-                    return Err(mongodb::error::Error::custom(format!(
-                        "`{SITE_DAYS}` holds a document that is not a site-day: {d}; rebuild the rollups"
-                    )));
-                };
-                let finest = Level::from_code(finest).ok_or_else(|| {
-                    mongodb::error::Error::custom(format!(
-                        "`{SITE_DAYS}` holds an unknown level {finest}; rebuild the rollups"
-                    ))
-                })?;
-                stored.entry(site.to_owned()).or_default().insert(
-                    day,
-                    DayState {
-                        events: events.max(0) as u64,
-                        finest,
-                    },
-                );
-            }
-        }
+        let stored = self.stored_days(&counts, session).await?;
         let changes = rollup::day_changes(&counts, &stored, self.density);
         let mut earlier = Vec::new();
         for (site, days) in &changes {
@@ -1571,21 +1569,9 @@ impl MongoStore {
                     }),
             )
             .collect();
-        let mut existing: HashMap<String, Document> = HashMap::new();
-        for chunk in rows.chunks(IN_CHUNK) {
-            let keys: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
-            let mut cursor = self
-                .rollups
-                .find(doc! {"_id": {"$in": keys}})
-                .projection(doc! {"events": 1, "pageviews": 1, "visitors": 1})
-                .session(&mut *session)
-                .await?;
-            while let Some(d) = cursor.next(&mut *session).await.transpose()? {
-                if let Ok(id) = d.get_str("_id") {
-                    existing.insert(id.to_owned(), d.clone());
-                }
-            }
-        }
+        let existing = self
+            .rollup_docs(rows.iter().map(|r| r.id.as_str()), session)
+            .await?;
         // Rows new to the rollups are inserted (no other fold can insert
         // them meanwhile: folds take turns), the others updated.
         let mut inserts = Vec::new();

@@ -640,32 +640,7 @@ fn fold(
     // The site-days the events fall on, and the earlier events of those
     // that now keep finer levels (see `crate::rollup`, "Sparse days").
     let counts = rollup::day_counts(&events);
-    let mut stored: SiteDays<DayState> = HashMap::new();
-    {
-        let mut get = tx.prepare_cached(
-            "SELECT events, finest FROM site_days WHERE site_id = ?1 AND day = ?2",
-        )?;
-        for (site, days) in &counts {
-            for &day in days.keys() {
-                let state = get
-                    .query_row(params![site, day], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                    })
-                    .optional()?;
-                if let Some((n, finest)) = state {
-                    let finest = Level::from_code(finest)
-                        .ok_or_else(|| rusqlite::Error::IntegralValueOutOfRange(1, finest))?;
-                    stored.entry(site.clone()).or_default().insert(
-                        day,
-                        DayState {
-                            events: n.max(0) as u64,
-                            finest,
-                        },
-                    );
-                }
-            }
-        }
-    }
+    let stored = stored_days(&tx, &counts)?;
     let changes = rollup::day_changes(&counts, &stored, density);
     let mut earlier = Vec::new();
     {
@@ -844,6 +819,37 @@ fn fold(
     Ok(events.len())
 }
 
+/// The stored state of the site-days in `counts` (absent: no event yet).
+fn stored_days(
+    tx: &rusqlite::Transaction<'_>,
+    counts: &SiteDays<u64>,
+) -> rusqlite::Result<SiteDays<DayState>> {
+    let mut stored: SiteDays<DayState> = HashMap::new();
+    let mut get =
+        tx.prepare_cached("SELECT events, finest FROM site_days WHERE site_id = ?1 AND day = ?2")?;
+    for (site, days) in counts {
+        for &day in days.keys() {
+            let state = get
+                .query_row(params![site, day], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            if let Some((n, finest)) = state {
+                let finest = Level::from_code(finest)
+                    .ok_or(rusqlite::Error::IntegralValueOutOfRange(1, finest))?;
+                stored.entry(site.clone()).or_default().insert(
+                    day,
+                    DayState {
+                        events: n.max(0) as u64,
+                        finest,
+                    },
+                );
+            }
+        }
+    }
+    Ok(stored)
+}
+
 /// [`StoreAdmin::erase`] on SQLite, in one write transaction. Deleted
 /// content is overwritten in the file (`secure_delete`), and the WAL is
 /// checkpointed and truncated afterwards so that its older copies of the
@@ -901,36 +907,7 @@ fn erase_in(
     // What the fold counted of them, at the levels their days keep now
     // (a day keeps every one of its events at each level it keeps).
     let counts = rollup::day_counts(&counted);
-    let mut changes: SiteDays<rollup::DayChange> = HashMap::new();
-    {
-        let mut get = tx.prepare_cached(
-            "SELECT events, finest FROM site_days WHERE site_id = ?1 AND day = ?2",
-        )?;
-        for (s, days) in &counts {
-            for &day in days.keys() {
-                let state = get
-                    .query_row(params![s, day], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                    })
-                    .optional()?;
-                let state = match state {
-                    Some((n, finest)) => DayState {
-                        events: n.max(0) as u64,
-                        finest: Level::from_code(finest)
-                            .ok_or(rusqlite::Error::IntegralValueOutOfRange(1, finest))?,
-                    },
-                    None => DayState::default(),
-                };
-                changes.entry(s.clone()).or_default().insert(
-                    day,
-                    rollup::DayChange {
-                        before: state,
-                        after: state,
-                    },
-                );
-            }
-        }
-    }
+    let changes = rollup::unchanged(&counts, &stored_days(&tx, &counts)?);
     let vid: Option<u32> = tx
         .query_row(
             "SELECT vid FROM visitors WHERE site_id = ?1 AND visitor = ?2",
