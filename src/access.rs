@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::event::MAX_NAME_CHARS;
+use crate::sites::Snapshot;
 
 /// Shortest token accepted: a guessable token is no protection.
 pub const MIN_TOKEN_CHARS: usize = 16;
@@ -54,7 +55,8 @@ impl fmt::Debug for StatsTokens {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+/// SHA-256 of a token: what is kept of it.
+pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -119,6 +121,19 @@ impl FromStr for StatsTokens {
 }
 
 impl StatsTokens {
+    /// Tokens known by their digests (the registry's run-time tokens),
+    /// each with its sites (`None`: every site).
+    pub fn from_digests(
+        tokens: impl IntoIterator<Item = ([u8; 32], Option<HashSet<String>>)>,
+    ) -> Self {
+        StatsTokens(
+            tokens
+                .into_iter()
+                .map(|(digest, sites)| StatsToken { digest, sites })
+                .collect(),
+        )
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -167,6 +182,32 @@ impl StatsTokens {
             Some(None) => Ok(()),
             Some(Some(sites)) if sites.contains(site) => Ok(()),
             _ => Err(Denied::Forbidden),
+        }
+    }
+}
+
+/// Who reads stats, as far as the token they present says.
+#[derive(Debug, Clone)]
+pub enum Reader {
+    /// Reads are open (no `STATS_TOKENS`): every site.
+    Open,
+    /// No token presented: public sites only.
+    Anonymous,
+    /// A valid token (from `STATS_TOKENS` or made at run time) for these
+    /// sites; `None`: every site.
+    Token(Option<HashSet<String>>),
+}
+
+impl Reader {
+    /// May this reader read `site`? Public sites ([`crate::sites`]) need no
+    /// token.
+    pub fn may_read(&self, site: &str, registry: &Snapshot) -> Result<(), Denied> {
+        match self {
+            Reader::Open | Reader::Token(None) => Ok(()),
+            Reader::Token(Some(sites)) if sites.contains(site) => Ok(()),
+            _ if registry.is_public(site) => Ok(()),
+            Reader::Anonymous => Err(Denied::Missing),
+            Reader::Token(_) => Err(Denied::Forbidden),
         }
     }
 }
@@ -240,6 +281,53 @@ impl Access {
         self.admin_tokens
             .check(authorization, site)
             .map_err(AdminDenied::Token)
+    }
+
+    /// Who presents `authorization`, for reading stats: checked against
+    /// `STATS_TOKENS` and the registry's run-time tokens. A request without
+    /// a token goes on only if some site is public; an unknown token never.
+    pub fn reader(
+        &self,
+        authorization: Option<&[u8]>,
+        registry: &Snapshot,
+    ) -> Result<Reader, Denied> {
+        if self.stats_tokens.is_empty() {
+            return Ok(Reader::Open);
+        }
+        let scope = |tokens: &StatsTokens, i: usize| tokens.0.get(i).and_then(|t| t.sites.clone());
+        match self.stats_tokens.authenticate(authorization) {
+            Ok(Some(i)) => Ok(Reader::Token(scope(&self.stats_tokens, i))),
+            Ok(None) => Ok(Reader::Open),
+            Err(Denied::Missing) if registry.has_public() => Ok(Reader::Anonymous),
+            Err(Denied::Invalid) if !registry.tokens.is_empty() => {
+                match registry.tokens.authenticate(authorization) {
+                    Ok(Some(i)) => Ok(Reader::Token(Some(
+                        scope(&registry.tokens, i).unwrap_or_default(),
+                    ))),
+                    _ => Err(Denied::Invalid),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The sites the bearer of `authorization` may manage: `None` every
+    /// site (an unscoped admin token, or open controls).
+    pub fn admin_scope(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<Option<HashSet<String>>, AdminDenied> {
+        if self.admin_tokens.is_empty() {
+            return match self.admin_open {
+                true => Ok(None),
+                false => Err(AdminDenied::Disabled),
+            };
+        }
+        match self.admin_tokens.authenticate(authorization) {
+            Ok(Some(i)) => Ok(self.admin_tokens.0.get(i).and_then(|t| t.sites.clone())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(AdminDenied::Token(e)),
+        }
     }
 
     pub fn ingest_allowed(&self, site: &str) -> bool {

@@ -15,6 +15,8 @@
 //!   the reference semantics, and the engine over the stores.
 //! - [`stats`]: `GET /stats`, the original one-day query, on the same engine.
 //! - [`access`]: read tokens for stats, the ingest allow-list.
+//! - [`sites`]: the site registry (time zone, public flag, hostnames,
+//!   excluded addresses, goals) and read tokens made at run time.
 //! - [`ratelimit`]: who a client is (trusted proxies) and its ingest rate limit.
 //! - [`metrics`]: counters and histograms for `GET /metrics`.
 //! - [`server`]: the HTTP server loop and its connection limits.
@@ -32,6 +34,7 @@ pub mod rollup;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod sites;
 pub mod startup;
 pub mod stats;
 pub mod store;

@@ -305,9 +305,27 @@ impl Application {
                         forget_idle_clients(Arc::clone(limit), shutdown.clone()),
                     );
                 }
+                // The registry as it is now, then kept fresh: a site's
+                // settings apply to the first request.
+                let registry = Arc::new(crate::sites::Registry::default());
+                if let Err(e) = registry.refresh(&*store).await {
+                    return Err(StartupError::new(
+                        "DATA_DIR",
+                        format!("cannot read the site registry: {e}"),
+                    ));
+                }
+                tasks.spawn(
+                    "site registry",
+                    crate::sites::run_refresh(
+                        Arc::clone(&registry),
+                        Arc::clone(&store),
+                        shutdown.clone(),
+                    ),
+                );
                 let state = AppState {
                     queue,
                     store,
+                    registry,
                     access: Arc::new(settings.access()),
                     metrics,
                     limit,

@@ -936,6 +936,15 @@ pub async fn run(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, St
 }
 
 async fn evaluate(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
+    if super::goals::applies(&query) {
+        return super::goals::answer(store, query, |store, q| Box::pin(evaluate_plain(store, q)))
+            .await;
+    }
+    evaluate_plain(store, query).await
+}
+
+/// A query without goals (see [`super::goals`]).
+async fn evaluate_plain(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
     if query.is_visit_scoped() {
         // Visits are read as the fold keeps them, one record per visit
         // that starts in the range (not yet from rollups).

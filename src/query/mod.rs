@@ -17,6 +17,7 @@
 //! lacks is `(none)`, for grouping and filtering alike.
 
 pub mod engine;
+pub mod goals;
 pub mod parse;
 pub mod reference;
 pub mod time;
@@ -54,10 +55,14 @@ pub enum Metric {
     VisitDuration,
     /// Pageviews per visit, to two decimals.
     ViewsPerVisit,
+    /// Percent of the visitors (with the query's other filters, in the
+    /// same group) who completed the goal, to two decimals. Needs an
+    /// `event:goal` filter or dimension ([`goals`]).
+    ConversionRate,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 8] = [
         Metric::Visitors,
         Metric::Pageviews,
         Metric::Events,
@@ -65,6 +70,7 @@ impl Metric {
         Metric::BounceRate,
         Metric::VisitDuration,
         Metric::ViewsPerVisit,
+        Metric::ConversionRate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +82,7 @@ impl Metric {
             Metric::BounceRate => "bounce_rate",
             Metric::VisitDuration => "visit_duration",
             Metric::ViewsPerVisit => "views_per_visit",
+            Metric::ConversionRate => "conversion_rate",
         }
     }
 
@@ -102,6 +109,7 @@ impl Metric {
             Metric::BounceRate => (u128::from(t.bounces) * 100, t.visits.into()),
             Metric::VisitDuration => (t.duration_ms.into(), u128::from(t.visits) * 1000),
             Metric::ViewsPerVisit => (t.pageviews.into(), t.visits.into()),
+            Metric::ConversionRate => (u128::from(t.visitors) * 100, t.base_visitors.into()),
         }
     }
 
@@ -121,7 +129,7 @@ impl Metric {
     pub fn value(self, t: &Totals) -> serde_json::Number {
         let (n, d) = self.exact(t);
         match self {
-            Metric::ViewsPerVisit => {
+            Metric::ViewsPerVisit | Metric::ConversionRate => {
                 let hundredths = if d == 0 { 0 } else { (n * 200 + d) / (2 * d) };
                 serde_json::Number::from_f64(hundredths as f64 / 100.0)
                     .unwrap_or_else(|| serde_json::Number::from(0))
@@ -231,6 +239,11 @@ pub enum Dimension {
     Prop(String),
     /// `visit:<field>`: a value of the visit, not of each event.
     Visit(VisitField),
+    /// `event:goal`: the site's goals an event completes ([`goals`]). An
+    /// event may complete several, so it is no value of the event: filters
+    /// on it are made conditions on names and pages when the query is
+    /// resolved, and a query grouped by it is answered goal by goal.
+    Goal,
 }
 
 impl Dimension {
@@ -240,6 +253,7 @@ impl Dimension {
             Dimension::Page => "event:page".into(),
             Dimension::Prop(k) => format!("event:props:{k}"),
             Dimension::Visit(f) => format!("visit:{}", f.name()),
+            Dimension::Goal => "event:goal".into(),
         }
     }
 }
@@ -257,7 +271,7 @@ pub fn value_of<'a>(e: &'a Event, dim: &Dimension) -> Cow<'a, str> {
             Some(v) => prop_text(v).unwrap_or(Cow::Borrowed(NONE)),
             None => Cow::Borrowed(NONE),
         },
-        Dimension::Visit(_) => Cow::Borrowed(NONE),
+        Dimension::Visit(_) | Dimension::Goal => Cow::Borrowed(NONE),
     }
 }
 
@@ -294,6 +308,9 @@ pub enum FilterOp {
     IsNot,
     Contains,
     ContainsNot,
+    /// The value matches one of the patterns: `*` any characters but `/`,
+    /// `**` any at all (page goals; not a v2 operator of its own).
+    Matches,
 }
 
 impl FilterOp {
@@ -303,6 +320,7 @@ impl FilterOp {
             FilterOp::IsNot => "is_not",
             FilterOp::Contains => "contains",
             FilterOp::ContainsNot => "contains_not",
+            FilterOp::Matches => "matches_wildcard",
         }
     }
 }
@@ -333,9 +351,13 @@ impl Condition {
             FilterOp::Contains | FilterOp::ContainsNot => {
                 self.values.iter().any(|v| value.contains(v.as_str()))
             }
+            FilterOp::Matches => self
+                .values
+                .iter()
+                .any(|p| crate::sites::page_matches(p, value)),
         };
         match self.op {
-            FilterOp::Is | FilterOp::Contains => any,
+            FilterOp::Is | FilterOp::Contains | FilterOp::Matches => any,
             FilterOp::IsNot | FilterOp::ContainsNot => !any,
         }
     }
@@ -415,6 +437,12 @@ pub struct Query {
     pub include_time_labels: bool,
     /// The query in normal form, as echoed in the answer.
     pub echo: Value,
+    /// With an `event:goal` dimension: each of the site's goals (those the
+    /// filters leave) by name, with the filter of what completes it.
+    pub goals: Option<Vec<(String, Filter)>>,
+    /// The filters but those on `event:goal`: whose visitors are the
+    /// denominator of `conversion_rate`.
+    pub base_filters: Vec<Filter>,
 }
 
 impl Query {
@@ -477,6 +505,15 @@ impl Query {
     /// (as a missing visit has, but `Direct / None` for its source and
     /// referrer).
     pub fn matches_pair(&self, e: Option<&Event>, v: Option<&crate::session::Visit>) -> bool {
+        Self::pair_passes(&self.filters, e, v)
+    }
+
+    /// [`Query::matches_pair`] with other filters.
+    pub fn pair_passes(
+        filters: &[Filter],
+        e: Option<&Event>,
+        v: Option<&crate::session::Visit>,
+    ) -> bool {
         let mut value = |d: &Dimension| match (d, e, v) {
             (Dimension::Visit(f), _, Some(v)) => Cow::Borrowed(f.value_of(v)),
             (Dimension::Visit(VisitField::Source | VisitField::Referrer), _, None) => {
@@ -486,7 +523,7 @@ impl Query {
             (d, Some(e), _) => value_of(e, d),
             (_, None, _) => Cow::Borrowed(NONE),
         };
-        self.filters.iter().all(|f| f.holds(&mut value))
+        filters.iter().all(|f| f.holds(&mut value))
     }
 }
 
@@ -501,6 +538,8 @@ pub struct Totals {
     pub visits: u64,
     pub bounces: u64,
     pub duration_ms: u64,
+    /// The visitors `conversion_rate` divides by.
+    pub base_visitors: u64,
 }
 
 /// A group's key: its time bucket label and its dimension value, when the

@@ -44,7 +44,7 @@ pub struct QueryError {
 }
 
 impl QueryError {
-    fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -99,6 +99,10 @@ pub struct Request {
     pub range: RangeSpec,
     metrics: Vec<Metric>,
     zone: Zone,
+    /// Whether the request named its time zone (else the site's applies).
+    zone_given: bool,
+    /// The site's goals ([`Request::for_site`]).
+    goals: Vec<crate::sites::Goal>,
     dims: Vec<DimSpec>,
     filters: Vec<Filter>,
     filters_echo: Value,
@@ -203,6 +207,24 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
             ),
         ));
     }
+    let goal_filtered = filters.iter().any(super::goals::mentions_goal);
+    let goal_grouped = grouped.contains(&&Dimension::Goal);
+    if metrics.contains(&Metric::ConversionRate) {
+        if !goal_filtered && !goal_grouped {
+            return Err(QueryError::new(
+                "unsupported_query",
+                "metrics",
+                "`conversion_rate` needs an event:goal filter or dimension",
+            ));
+        }
+        if visit_scoped {
+            return Err(QueryError::new(
+                "unsupported_query",
+                "metrics",
+                "`conversion_rate` with visit metrics or visit:* dimensions",
+            ));
+        }
+    }
     let order_by = parse_order_by(obj.get("order_by"))?;
     let (limit, offset) = parse_pagination(obj.get("pagination"))?;
     let (total_rows, time_labels) = parse_include(obj.get("include"))?;
@@ -216,7 +238,9 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
         site_id,
         range,
         metrics,
+        zone_given: !matches!(obj.get("timezone"), None | Some(Value::Null)),
         zone,
+        goals: Vec::new(),
         dims,
         filters,
         filters_echo,
@@ -229,6 +253,18 @@ pub fn parse_request(body: &Value) -> Result<Request, QueryError> {
 }
 
 impl Request {
+    /// What the site registry says of the site: its time zone, when the
+    /// request names none, and its goals.
+    pub fn for_site(mut self, site: Option<&crate::sites::SiteSettings>) -> Self {
+        if let Some(site) = site {
+            if !self.zone_given {
+                self.zone = site.zone();
+            }
+            self.goals = site.goals.clone();
+        }
+        self
+    }
+
     /// Whether resolving needs the site's first event (`"all"`).
     pub fn needs_first_event(&self) -> bool {
         self.range == RangeSpec::Relative(Relative::All)
@@ -366,6 +402,25 @@ impl Request {
             "include": include,
             "pagination": {"limit": self.limit, "offset": self.offset},
         });
+        // Goals: filters on them made conditions on names and pages; the
+        // goals the rows of an event:goal dimension are.
+        let mut filters = Vec::with_capacity(self.filters.len());
+        let mut base_filters = Vec::new();
+        for (i, f) in self.filters.iter().enumerate() {
+            let expanded = super::goals::expand(f, &self.goals, &format!("filters[{i}]"))?;
+            if !super::goals::mentions_goal(f) {
+                base_filters.push(expanded.clone());
+            }
+            filters.push(expanded);
+        }
+        let goals = dims
+            .contains(&Dim::Event(Dimension::Goal))
+            .then(|| {
+                self.goals
+                    .iter()
+                    .map(|g| (g.name(), super::goals::filter_of(g)))
+                    .collect()
+            });
         Ok(Query {
             site_id: self.site_id,
             metrics: self.metrics,
@@ -373,7 +428,9 @@ impl Request {
             start,
             end,
             dims,
-            filters: self.filters,
+            filters,
+            goals,
+            base_filters,
             order_by,
             limit: self.limit,
             offset: self.offset,
@@ -548,7 +605,7 @@ fn parse_dimension(name: &str, field: &str) -> Result<DimSpec, QueryError> {
             "unknown_dimension",
             field,
             format!(
-                "unknown dimension `{}`; known: event:name, event:page, event:props:<key>, \
+                "unknown dimension `{}`; known: event:name, event:page, event:goal, event:props:<key>, \
                  visit:source, visit:referrer, visit:utm_source, visit:utm_medium, \
                  visit:utm_campaign, visit:utm_content, visit:utm_term, visit:country, \
                  visit:browser, visit:browser_version, visit:os, visit:os_version, \
@@ -561,6 +618,7 @@ fn parse_dimension(name: &str, field: &str) -> Result<DimSpec, QueryError> {
     Ok(match name {
         "event:name" => DimSpec::Event(Dimension::Name),
         "event:page" => DimSpec::Event(Dimension::Page),
+        "event:goal" => DimSpec::Event(Dimension::Goal),
         "time" => DimSpec::Time(TimeSpec::Auto),
         "time:hour" => DimSpec::Time(TimeSpec::Grain(TimeGrain::Hour)),
         "time:day" => DimSpec::Time(TimeSpec::Grain(TimeGrain::Day)),

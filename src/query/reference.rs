@@ -5,7 +5,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Answer, GroupKey, PAGEVIEW, Query, Totals, value_of, visitor_of};
+use super::{
+    Answer, Dimension, GroupKey, Metric, PAGEVIEW, Query, Totals, value_of, visitor_of,
+};
 use crate::event::Event;
 use crate::session;
 
@@ -38,6 +40,11 @@ pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) 
     let grain = query.time_grain();
     let dimension = query.dimension();
     let mut groups: HashMap<GroupKey, (u64, u64, HashSet<&str>)> = HashMap::new();
+    // The denominator of `conversion_rate`: visitors by time bucket (and
+    // dimension value, but for event:goal) with the filters but those on
+    // goals.
+    let mut base: HashMap<GroupKey, HashSet<&str>> = HashMap::new();
+    let converting = query.metrics.contains(&Metric::ConversionRate);
     for e in events {
         if e.ts < query.start || e.ts >= query.end {
             continue;
@@ -47,34 +54,71 @@ pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) 
         }
         // Each event with its visit, when the filters look at visits.
         let visit = index.of(e).map(|i| &visits[i]);
+        let time = grain.map(|g| g.label_of(&query.zone, e.ts));
+        if converting && Query::pair_passes(&query.base_filters, Some(e), visit) {
+            let value = dimension
+                .filter(|d| **d != Dimension::Goal)
+                .map(|d| value_of(e, d).into_owned());
+            let key = GroupKey {
+                time: time.clone(),
+                value,
+            };
+            base.entry(key).or_default().extend(visitor_of(e));
+        }
         if !query.matches_pair(Some(e), visit) {
             continue;
         }
-        let key = GroupKey {
-            time: grain.map(|g| g.label_of(&query.zone, e.ts)),
-            value: dimension.map(|d| value_of(e, d).into_owned()),
+        // The groups the event is in: one, or one per goal it completes.
+        let values: Vec<Option<String>> = match (dimension, &query.goals) {
+            (Some(Dimension::Goal), Some(goals)) => goals
+                .iter()
+                .filter(|(_, f)| f.holds(&mut |d: &Dimension| value_of(e, d)))
+                .map(|(name, _)| Some(name.clone()))
+                .collect(),
+            (Some(Dimension::Goal), None) => Vec::new(),
+            (d, _) => vec![d.map(|d| value_of(e, d).into_owned())],
         };
-        let group = groups.entry(key).or_default();
-        group.0 += 1;
-        if e.event_type == PAGEVIEW {
-            group.1 += 1;
+        for value in values {
+            let key = GroupKey {
+                time: time.clone(),
+                value,
+            };
+            let group = groups.entry(key).or_default();
+            group.0 += 1;
+            if e.event_type == PAGEVIEW {
+                group.1 += 1;
+            }
+            group.2.extend(visitor_of(e));
         }
-        group.2.extend(visitor_of(e));
     }
-    let groups = groups
+    let groups: Vec<(GroupKey, Totals)> = groups
         .into_iter()
         .map(|(key, (events, pageviews, visitors))| {
+            let base_key = GroupKey {
+                time: key.time.clone(),
+                value: key.value.clone().filter(|_| dimension != Some(&Dimension::Goal)),
+            };
+            let base_visitors = base.get(&base_key).map_or(0, |b| b.len() as u64);
             (
                 key,
                 Totals {
                     events,
                     pageviews,
                     visitors: visitors.len() as u64,
+                    base_visitors,
                     ..Totals::default()
                 },
             )
         })
         .collect();
+    if query.dims.is_empty() && groups.is_empty() && converting {
+        // One row of zeros, with the denominator it still has.
+        let t = Totals {
+            base_visitors: base.get(&GroupKey::default()).map_or(0, |b| b.len() as u64),
+            ..Totals::default()
+        };
+        return Answer::shape(query, vec![(GroupKey::default(), t)]);
+    }
     Answer::shape(query, groups)
 }
 

@@ -333,6 +333,22 @@ async fn accept(
     if bot {
         return Ok(dropped(state, "bot", 1));
     }
+    // The site owners' rules: their own addresses, their hostnames.
+    let registry = state.registry.snapshot();
+    let mut reason = None;
+    let sites: Vec<SiteId> = sites
+        .into_iter()
+        .filter(|site| {
+            let why = registry
+                .site(site)
+                .and_then(|c| c.drops(client.ip, ctx.hostname.as_deref(), true));
+            reason = reason.or(why);
+            why.is_none()
+        })
+        .collect();
+    if let (true, Some(reason)) = (sites.is_empty(), reason) {
+        return Ok(dropped(state, reason, 1));
+    }
     ctx.non_interactive = !sent.interactive;
     ctx.scroll_depth = sent.scroll_depth;
     ctx.engaged_ms = sent.engaged_ms;

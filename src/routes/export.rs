@@ -132,6 +132,11 @@ pub async fn get_events(
         request["timezone"] = json!(zone);
     }
     let request = query::parse_request(&request)?;
+    let request = {
+        let registry = state.registry.snapshot();
+        let site = registry.site(&request.site_id).map(|c| c.settings.clone());
+        request.for_site(site.as_ref())
+    };
     let bound = state.stats_timeout + super::stats::STATS_TIMEOUT_SLACK;
     let first = match request.needs_first_event() {
         true => tokio::time::timeout(bound, state.store.first_event(site.as_str()))

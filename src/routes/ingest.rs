@@ -386,6 +386,18 @@ impl<'de> serde::Deserialize<'de> for Capped<'de> {
     }
 }
 
+/// Why the site's owner drops `e` ([`crate::sites::SiteConfig::drops`]),
+/// if they do.
+fn owner_drops(state: &AppState, client: &Client, e: &Event) -> Option<&'static str> {
+    let registry = state.registry.snapshot();
+    let site = registry.site(&e.site_id)?;
+    site.drops(
+        client.ip,
+        e.ctx.as_deref().and_then(|c| c.hostname.as_deref()),
+        false,
+    )
+}
+
 pub async fn post_event(
     State(state): State<AppState>,
     request: Request,
@@ -421,8 +433,17 @@ async fn accept_event(
     let now = now_ms();
     let mut event = parse_event(value, now)?;
     check_site(state, &event)?;
-    identify(state, &client, std::slice::from_mut(&mut event), now).await?;
     let id = event.id.clone();
+    if let Some(reason) = owner_drops(state, &client, &event) {
+        // Answered as taken, as the browser endpoint answers its drops:
+        // the sender has nothing to retry.
+        state.metrics.drop_events(reason, 1);
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"success": true, "id": id, "dropped": reason})),
+        ));
+    }
+    identify(state, &client, std::slice::from_mut(&mut event), now).await?;
     state.queue.enqueue(vec![event]).await?;
     tally.queued = 1;
     Ok((
@@ -483,10 +504,31 @@ async fn accept_events(
         });
         return Ok((StatusCode::BAD_REQUEST, Json(body)));
     }
+    // The site owners' rules drop some: listed, not refused.
+    let mut dropped = Vec::new();
+    let mut kept = Vec::with_capacity(events.len());
+    for (index, e) in events.into_iter().enumerate() {
+        match owner_drops(state, &client, &e) {
+            Some(reason) => {
+                state.metrics.drop_events(reason, 1);
+                dropped.push(json!({"id": e.id, "reason": reason, "index": index}));
+            }
+            None => kept.push(e),
+        }
+    }
+    let mut events = kept;
+    if events.is_empty() {
+        let body = json!({"success": true, "accepted": 0, "ids": [], "rejected": rejected, "dropped": dropped});
+        return Ok((StatusCode::ACCEPTED, Json(body)));
+    }
+    let ids: Vec<String> = events.iter().map(|e| e.id.as_str().to_owned()).collect();
     identify(state, &client, &mut events, now).await?;
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;
     tally.queued = n;
-    let body = json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
+    let mut body = json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
+    if !dropped.is_empty() {
+        body["dropped"] = json!(dropped);
+    }
     Ok((StatusCode::ACCEPTED, Json(body)))
 }

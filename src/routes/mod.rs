@@ -12,9 +12,15 @@
 //!   dashboard, [`dashboard`]
 //! - `GET /api/sites`, `GET /api/sites/{site_id}/properties`: listings the
 //!   dashboard needs, [`sites`]
+//! - `GET /api/sites/{site_id}/events`, `POST /api/sites/{site_id}/erase`:
+//!   raw export and erasure, [`export`]
+//! - `/api/sites/{site_id}/settings`, `/api/tokens`: the site registry and
+//!   run-time read tokens, [`admin`]
+//! - `/api/v1/stats/…`: Plausible's Stats API v1, [`v1`]
 //!
 //! All of them under `BASE_PATH` when it is set.
 
+pub mod admin;
 pub mod browser;
 pub mod dashboard;
 pub mod error;
@@ -34,7 +40,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderValue, Method, header};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -53,6 +59,8 @@ use crate::worker::Liveness;
 pub struct AppState {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn Store>,
+    /// Site settings and run-time read tokens ([`crate::sites`]).
+    pub registry: Arc<crate::sites::Registry>,
     pub access: Arc<Access>,
     pub metrics: Arc<Metrics>,
     /// `RATE_LIMIT` on ingestion; `None`: no limit.
@@ -196,7 +204,7 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
     let stats_cors_layer = stats_origins.map(|origins| {
         CorsLayer::new()
             .allow_origin(origins)
-            .allow_methods([Method::GET, Method::POST])
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
             .max_age(PREFLIGHT_MAX_AGE)
     });
@@ -233,6 +241,21 @@ pub fn router(state: AppState, stats_origins: Option<AllowOrigin>) -> Router {
             "/api/v1/stats/realtime/visitors",
             listing(get(v1::realtime_visitors)),
         )
+        .route(
+            "/api/sites/{site_id}/settings",
+            listing(
+                get(admin::get_settings)
+                    .put(admin::put_settings)
+                    .delete(admin::delete_settings),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(admin::MAX_ADMIN_BYTES)),
+        )
+        .route(
+            "/api/tokens",
+            listing(get(admin::get_tokens).post(admin::post_token))
+                .layer(axum::extract::DefaultBodyLimit::max(admin::MAX_ADMIN_BYTES)),
+        )
+        .route("/api/tokens/{id}", listing(delete(admin::delete_token)))
         .route(
             "/api/sites/{site_id}/erase",
             listing(post(export::post_erase)).layer(axum::extract::DefaultBodyLimit::max(

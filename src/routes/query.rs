@@ -47,8 +47,7 @@ pub async fn post_query(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
-    let tokens = &state.access.stats_tokens;
+    let viewer = super::stats::reader(&state, &headers)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -63,9 +62,11 @@ pub async fn post_query(
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
     let request = query::parse_request(&value)?;
-    if let Some(i) = token {
-        tokens.authorize(i, &request.site_id)?;
-    }
+    let request = {
+        let site = viewer.registry.site(&request.site_id).map(|c| c.settings.clone());
+        request.for_site(site.as_ref())
+    };
+    viewer.may_read(&request.site_id)?;
     // The store stops its own reads at the limit; this bound, a little
     // later, also covers a backend that does not answer at all.
     let bound = state.stats_timeout + super::stats::STATS_TIMEOUT_SLACK;

@@ -27,14 +27,23 @@ pub async fn get_sites(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
-    let tokens = &state.access.stats_tokens;
+    let viewer = super::stats::reader(&state, &headers)?;
     let store = Arc::clone(&state.store);
-    let sites = bounded(&state, store.sites(MAX_SITES)).await?;
-    let sites: Vec<Value> = sites
+    let mut ids: std::collections::BTreeSet<String> =
+        bounded(&state, store.sites(MAX_SITES)).await?.into_iter().collect();
+    // Registered sites too, with or without events yet.
+    ids.extend(
+        viewer
+            .registry
+            .sites()
+            .into_iter()
+            .map(|s| s.site_id.as_str().to_owned()),
+    );
+    let sites: Vec<Value> = ids
         .into_iter()
-        .filter(|s| token.is_none_or(|i| tokens.authorize(i, s).is_ok()))
-        .map(|s| json!({"site_id": s}))
+        .filter(|s| viewer.may_read(s).is_ok())
+        .take(MAX_SITES)
+        .map(|s| listing(&viewer.registry, &s))
         .collect();
     Ok(Json(json!({"sites": sites})))
 }
@@ -46,12 +55,10 @@ pub async fn get_properties(
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
+    let viewer = super::stats::reader(&state, &headers)?;
     let site = SiteId::parse(&site)
         .map_err(|e| ApiError::bad_request("invalid_site_id", e.message).with_field("site_id"))?;
-    if let Some(i) = token {
-        state.access.stats_tokens.authorize(i, &site)?;
-    }
+    viewer.may_read(&site)?;
     let Query(params) = params
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))?;
     if let Some(unknown) = params.keys().find(|k| k.as_str() != "event") {
@@ -78,6 +85,27 @@ pub async fn get_properties(
     )
     .await?;
     Ok(Json(json!({"site_id": site.as_str(), "properties": keys})))
+}
+
+/// What a reader sees of a site: its id, and from the registry its time
+/// zone, whether it is public, and its goals (not its hostnames and
+/// addresses: those are the owner's).
+fn listing(registry: &crate::sites::Snapshot, site: &str) -> Value {
+    match registry.site(site) {
+        None => json!({"site_id": site, "timezone": null, "public": false, "goals": []}),
+        Some(c) => json!({
+            "site_id": site,
+            "timezone": c.settings.timezone,
+            "public": c.settings.public,
+            "goals": c.settings.goals.iter().map(|g| {
+                let mut v = serde_json::to_value(g).unwrap_or_else(|_| json!({}));
+                if let Value::Object(m) = &mut v {
+                    m.insert("name".into(), g.name().into());
+                }
+                v
+            }).collect::<Vec<_>>(),
+        }),
+    }
 }
 
 /// A store read under the query time limit.

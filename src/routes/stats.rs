@@ -1,6 +1,7 @@
 //! `GET /stats?site_id=…&date=…&event_type=…&limit=…`
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -10,7 +11,9 @@ use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
+use crate::access::Reader;
 use crate::event::{EventName, FieldError, SiteId};
+use crate::sites::Snapshot;
 use crate::stats::{DEFAULT_EVENT_TYPE, DEFAULT_LIMIT, MAX_LIMIT, StatsQuery};
 use crate::store::StoreError;
 
@@ -76,16 +79,34 @@ pub fn parse_query(
     })
 }
 
-/// Who asks, for the read endpoints (`GET /stats`, `POST /api/v2/query`):
-/// the index of their token, `None` when no tokens are configured. Checked
-/// first: without a valid token nothing about the request, not even whether
-/// its parameters are right, is answered.
-pub(crate) fn reader(state: &AppState, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
-    Ok(state.access.stats_tokens.authenticate(
+/// Who asks, for the read endpoints (`GET /stats`, `POST /api/v2/query`,
+/// the listings and Stats API v1), with the registry as it was when they
+/// asked. Checked first: without a valid token nothing about the request,
+/// not even whether its parameters are right, is answered (unless some
+/// site is public: then a request without a token goes on to the site
+/// check).
+pub(crate) struct Viewer {
+    pub reader: Reader,
+    pub registry: Arc<Snapshot>,
+}
+
+impl Viewer {
+    /// May they read `site`? 401 without a token (and the site is not
+    /// public), 403 with one that does not cover it.
+    pub fn may_read(&self, site: &str) -> Result<(), ApiError> {
+        Ok(self.reader.may_read(site, &self.registry)?)
+    }
+}
+
+pub(crate) fn reader(state: &AppState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    let registry = state.registry.snapshot();
+    let reader = state.access.reader(
         headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
-    )?)
+        &registry,
+    )?;
+    Ok(Viewer { reader, registry })
 }
 
 pub async fn get_stats(
@@ -94,14 +115,11 @@ pub async fn get_stats(
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    let token = reader(&state, &headers)?;
-    let tokens = &state.access.stats_tokens;
+    let viewer = reader(&state, &headers)?;
     let Query(params) = params
         .map_err(|_| ApiError::bad_request("invalid_query", "the query string is malformed"))?;
     let query = parse_query(&params, Utc::now().date_naive())?;
-    if let Some(i) = token {
-        tokens.authorize(i, &query.site_id)?;
-    }
+    viewer.may_read(&query.site_id)?;
     // The store stops its own query at the limit (SQLite interrupt, MongoDB
     // maxTimeMS); this bound, a little later, also covers a backend that
     // does not answer at all.

@@ -271,6 +271,11 @@ async fn run(state: &AppState, body: Value, extra: Value) -> Result<Value, ApiEr
         b.extend(e.clone());
     }
     let request = query::parse_request(&body)?;
+    let request = {
+        let registry = state.registry.snapshot();
+        let site = registry.site(&request.site_id).map(|c| c.settings.clone());
+        request.for_site(site.as_ref())
+    };
     let bound = state.stats_timeout + super::stats::STATS_TIMEOUT_SLACK;
     let store = Arc::clone(&state.store);
     tokio::time::timeout(bound, async move {
@@ -318,14 +323,6 @@ fn fill(values: &mut Map<String, Value>, metrics: &[String]) {
     }
 }
 
-/// May the token (`None`: none configured) read `site`?
-fn authorize(state: &AppState, token: Option<usize>, site: &str) -> Result<(), ApiError> {
-    if let Some(i) = token {
-        state.access.stats_tokens.authorize(i, site)?;
-    }
-    Ok(())
-}
-
 fn params_of(
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<HashMap<String, String>, ApiError> {
@@ -343,10 +340,10 @@ fn begin(
     endpoint: Endpoint,
 ) -> Result<(OwnedSemaphorePermit, HashMap<String, String>, Request), ApiError> {
     let slot = state.limits.admit()?;
-    let token = super::stats::reader(state, headers)?;
+    let viewer = super::stats::reader(state, headers)?;
     let params = params_of(params)?;
     let r = read(endpoint, &params, query::time::now_ms())?;
-    authorize(state, token, &r.site_id)?;
+    viewer.may_read(&r.site_id)?;
     Ok((slot, params, r))
 }
 
@@ -578,7 +575,7 @@ pub async fn realtime_visitors(
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let _slot = state.limits.admit()?;
-    let token = super::stats::reader(&state, &headers)?;
+    let viewer = super::stats::reader(&state, &headers)?;
     let params = params_of(params)?;
     if let Some(unknown) = params.keys().find(|k| k.as_str() != "site_id") {
         return Err(ApiError::bad_request(
@@ -592,7 +589,7 @@ pub async fn realtime_visitors(
         .ok_or_else(|| {
             ApiError::bad_request("missing_field", "`site_id` is required").with_field("site_id")
         })?;
-    authorize(&state, token, site)?;
+    viewer.may_read(site)?;
     let now = query::time::now_ms();
     let utc = Zone::parse("UTC").ok_or_else(|| bad("timezone", "UTC is unknown"))?;
     let body = json!({

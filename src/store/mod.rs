@@ -214,6 +214,25 @@ pub trait StoreAdmin: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
+/// The site registry's records ([`crate::sites`]): small, read whole.
+#[async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
+    /// Every registered site (its settings as given to
+    /// [`RegistryStore::put_site`]) and every run-time read token.
+    async fn registry(&self) -> Result<crate::sites::Stored, StoreError>;
+    /// Creates or replaces a site's settings (checked JSON,
+    /// [`crate::sites::SiteSettings`]).
+    async fn put_site(&self, site_id: &str, settings: &serde_json::Value)
+    -> Result<(), StoreError>;
+    /// Removes a site from the registry (its events stay); whether it was
+    /// there.
+    async fn delete_site(&self, site_id: &str) -> Result<bool, StoreError>;
+    /// Keeps a new read token.
+    async fn put_token(&self, token: &crate::sites::TokenRecord) -> Result<(), StoreError>;
+    /// Revokes a read token by its id; whether it was there.
+    async fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+}
+
 /// How long an erasure is remembered, to drop events of the erased person
 /// that were received before it and arrive later (from a queue that was
 /// down, or redelivered).
@@ -271,9 +290,9 @@ pub struct EventPage {
 }
 
 /// A whole store.
-pub trait Store: EventSink + QueryStore + StoreAdmin {}
+pub trait Store: EventSink + QueryStore + StoreAdmin + RegistryStore {}
 
-impl<T: EventSink + QueryStore + StoreAdmin> Store for T {}
+impl<T: EventSink + QueryStore + StoreAdmin + RegistryStore> Store for T {}
 
 /// How long shutdown waits for a fold under way to end by itself.
 ///

@@ -66,8 +66,8 @@ use mongodb::options::{
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 
 use super::{
-    EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, StoreAdmin, StoreError,
-    VisitorCache,
+    EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, RegistryStore, StoreAdmin,
+    StoreError, VisitorCache,
 };
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
@@ -85,6 +85,10 @@ const SITE_DAYS_INDEX: &str = "evtrack_site_days";
 pub const VISITS: &str = "visits";
 /// Erasures in force (`StoreAdmin::erase`): `{_id: digest, erased_at}`.
 pub const ERASURES: &str = "erasures";
+/// The site registry ([`crate::sites`]): settings and run-time read tokens,
+/// as JSON text (the records are small and read whole).
+pub const SITES: &str = "sites";
+pub const READ_TOKENS: &str = "read_tokens";
 /// A visitor's visits by their end: what a fold looks up for new events.
 const VISITS_VISITOR_INDEX: &str = "evtrack_visits_visitor";
 /// A site's visits by their start: what queries read.
@@ -171,6 +175,8 @@ pub struct MongoStore {
     site_days: Collection<Document>,
     visits: Collection<Document>,
     erasures: Collection<Document>,
+    sites: Collection<Document>,
+    read_tokens: Collection<Document>,
     /// `maxTimeMS` of the stats queries.
     query_timeout: Duration,
     density: Density,
@@ -237,6 +243,8 @@ impl MongoStore {
             site_days: db.collection(SITE_DAYS),
             visits: db.collection(VISITS),
             erasures: db.collection(ERASURES),
+            sites: db.collection(SITES),
+            read_tokens: db.collection(READ_TOKENS),
             client,
             db,
             query_timeout,
@@ -2451,5 +2459,88 @@ impl StoreAdmin for MongoStore {
 
     fn kind(&self) -> &'static str {
         "mongodb"
+    }
+}
+
+#[async_trait]
+impl RegistryStore for MongoStore {
+    async fn registry(&self) -> Result<crate::sites::Stored, StoreError> {
+        use futures::TryStreamExt;
+        let limit = crate::sites::MAX_SITES as i64 * 2;
+        let docs: Vec<Document> = self
+            .sites
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .limit(limit)
+            .max_time(self.query_timeout)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let sites = docs
+            .iter()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                let text = d.get_str("settings").ok()?;
+                Some((id, serde_json::from_str(text).unwrap_or(serde_json::Value::Null)))
+            })
+            .collect();
+        let docs: Vec<Document> = self
+            .read_tokens
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .limit(crate::sites::MAX_TOKENS as i64 * 2)
+            .max_time(self.query_timeout)
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let tokens = docs
+            .iter()
+            .filter_map(|d| serde_json::from_str(d.get_str("record").ok()?).ok())
+            .collect();
+        Ok(crate::sites::Stored { sites, tokens })
+    }
+
+    async fn put_site(&self, site_id: &str, settings: &serde_json::Value) -> Result<(), StoreError> {
+        self.sites
+            .replace_one(
+                doc! {"_id": site_id},
+                doc! {"_id": site_id, "settings": settings.to_string()},
+            )
+            .upsert(true)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete_site(&self, site_id: &str) -> Result<bool, StoreError> {
+        let r = self
+            .sites
+            .delete_one(doc! {"_id": site_id})
+            .await
+            .map_err(unavailable)?;
+        Ok(r.deleted_count > 0)
+    }
+
+    async fn put_token(&self, token: &crate::sites::TokenRecord) -> Result<(), StoreError> {
+        let text = serde_json::to_string(token)
+            .map_err(|e| StoreError::Unavailable(format!("token record: {e}")))?;
+        self.read_tokens
+            .insert_one(doc! {"_id": &token.id, "record": text})
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        let r = self
+            .read_tokens
+            .delete_one(doc! {"_id": id})
+            .await
+            .map_err(unavailable)?;
+        Ok(r.deleted_count > 0)
     }
 }

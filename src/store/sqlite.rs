@@ -38,7 +38,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, StoreAdmin, StoreError};
+use super::{
+    EventPage, EventSink, InsertOutcome, PageAfter, QueryStore, RegistryStore, StoreAdmin,
+    StoreError,
+};
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, DayState, Deltas, Density, Level, SiteDays};
@@ -228,6 +231,16 @@ pub const MIGRATIONS: &[&str] = &[
         kept_from  INTEGER NOT NULL,
         cleaned_to INTEGER NOT NULL
     );",
+    // 10: the site registry (`crate::sites`): settings as JSON, and read
+    // tokens made at run time, by their digests.
+    "CREATE TABLE sites (
+        site_id  TEXT PRIMARY KEY NOT NULL,
+        settings TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE read_tokens (
+        id     TEXT PRIMARY KEY NOT NULL,
+        record TEXT NOT NULL
+    ) WITHOUT ROWID;",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1716,6 +1729,77 @@ impl crate::visitor::SaltSource for SqliteStore {
             current: find(day).ok_or_else(|| SaltError("the day's salt is missing".into()))?,
             previous: if grace { find(day - 1) } else { None },
         })
+    }
+}
+
+#[async_trait]
+impl RegistryStore for SqliteStore {
+    async fn registry(&self) -> Result<crate::sites::Stored, StoreError> {
+        // On the writer: registry reads are rare, and must see the change
+        // this process just made.
+        Self::with_conn(&self.writer, |conn| {
+            let mut sites = Vec::new();
+            let mut q = conn.prepare("SELECT site_id, settings FROM sites ORDER BY site_id")?;
+            let mut rows = q.query([])?;
+            while let Some(r) = rows.next()? {
+                let text: String = r.get(1)?;
+                let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+                sites.push((r.get::<_, String>(0)?, value));
+            }
+            let mut tokens = Vec::new();
+            let mut q = conn.prepare("SELECT record FROM read_tokens ORDER BY id")?;
+            let mut rows = q.query([])?;
+            while let Some(r) = rows.next()? {
+                let text: String = r.get(0)?;
+                if let Ok(t) = serde_json::from_str(&text) {
+                    tokens.push(t);
+                }
+            }
+            Ok(crate::sites::Stored { sites, tokens })
+        })
+        .await
+    }
+
+    async fn put_site(&self, site_id: &str, settings: &serde_json::Value) -> Result<(), StoreError> {
+        let (site_id, text) = (site_id.to_owned(), settings.to_string());
+        Self::with_conn(&self.writer, move |conn| {
+            conn.execute(
+                "INSERT INTO sites VALUES (?1, ?2)
+                 ON CONFLICT DO UPDATE SET settings = excluded.settings",
+                (site_id, text),
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn delete_site(&self, site_id: &str) -> Result<bool, StoreError> {
+        let site_id = site_id.to_owned();
+        Self::with_conn(&self.writer, move |conn| {
+            conn.execute("DELETE FROM sites WHERE site_id = ?1", [site_id])
+                .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn put_token(&self, token: &crate::sites::TokenRecord) -> Result<(), StoreError> {
+        let id = token.id.clone();
+        let text = serde_json::to_string(token)
+            .map_err(|e| StoreError::Unavailable(format!("token record: {e}")))?;
+        Self::with_conn(&self.writer, move |conn| {
+            conn.execute("INSERT INTO read_tokens VALUES (?1, ?2)", (id, text))
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        Self::with_conn(&self.writer, move |conn| {
+            conn.execute("DELETE FROM read_tokens WHERE id = ?1", [id])
+                .map(|n| n > 0)
+        })
+        .await
     }
 }
 
