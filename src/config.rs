@@ -89,6 +89,45 @@ pub enum Command {
         /// A file written by `evtrack backup`.
         file: PathBuf,
     },
+    /// The site registry: time zone, public flag, hostnames, excluded
+    /// addresses and goals of each site (as `/api/sites/{site_id}/settings`).
+    #[command(subcommand)]
+    Sites(SitesCommand),
+    /// Read tokens made at run time (as `/api/tokens`).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum SitesCommand {
+    /// Print every registered site's settings, one JSON object per line.
+    List,
+    /// Set a site's settings (replacing them), e.g.
+    /// `evtrack sites set shop.example '{"timezone": "Europe/Paris", "goals": [{"event": "Signup"}]}'`.
+    Set {
+        site_id: String,
+        /// The settings as JSON, or `@FILE` to read them from a file.
+        settings: String,
+    },
+    /// Remove a site's settings (its events stay).
+    Delete { site_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum TokensCommand {
+    /// Make a read token for some sites; prints it once, with share links.
+    Create {
+        /// A site it may read (repeat for more).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+        /// A note on what it is for.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List the read tokens (never the tokens themselves).
+    List,
+    /// Revoke a read token by its id.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

@@ -43,6 +43,8 @@ async fn main() -> ExitCode {
         Some(Command::Erase { site_id, visitor }) => {
             Some(evtrack::startup::erase(settings, site_id, visitor).await)
         }
+        Some(Command::Sites(c)) => Some(evtrack::startup::sites(settings, c).await),
+        Some(Command::Tokens(c)) => Some(evtrack::startup::tokens(settings, c).await),
     };
     if let Some(result) = one_shot {
         return match result {

@@ -528,6 +528,123 @@ pub async fn erase(settings: &Settings, site: &str, visitor: &str) -> Result<Str
     ))
 }
 
+/// `evtrack sites …`: the site registry, as the admin API keeps it.
+pub async fn sites(
+    settings: &Settings,
+    command: &crate::config::SitesCommand,
+) -> Result<String, StartupError> {
+    use crate::config::SitesCommand;
+    use crate::sites::{SiteConfig, SiteSettings, Snapshot};
+    let store = open_store(settings, Durability::Disk).await?;
+    let failed = |e: crate::store::StoreError| StartupError::new("DATA_DIR", e.to_string());
+    let site_of = |s: &str| {
+        crate::event::SiteId::parse(s).map_err(|e| StartupError::new("SITE_ID", e.message))
+    };
+    match command {
+        SitesCommand::List => {
+            let snapshot = Snapshot::from_stored(store.registry().await.map_err(failed)?);
+            let lines: Vec<String> = snapshot
+                .sites()
+                .iter()
+                .map(|c| c.to_json().to_string())
+                .collect();
+            Ok(match lines.is_empty() {
+                true => "no site has settings".into(),
+                false => lines.join("\n"),
+            })
+        }
+        SitesCommand::Set {
+            site_id,
+            settings: text,
+        } => {
+            let site = site_of(site_id)?;
+            let text = match text.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| StartupError::new("SETTINGS", format!("{path}: {e}")))?,
+                None => text.clone(),
+            };
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| StartupError::new("SETTINGS", format!("not JSON: {e}")))?;
+            let parsed = SiteSettings::parse(&value)
+                .map_err(|e| StartupError::new("SETTINGS", e.to_string()))?;
+            let value = serde_json::to_value(&parsed)
+                .map_err(|e| StartupError::new("SETTINGS", e.to_string()))?;
+            store
+                .put_site(site.as_str(), &value)
+                .await
+                .map_err(failed)?;
+            Ok(SiteConfig::new(site, parsed).to_json().to_string())
+        }
+        SitesCommand::Delete { site_id } => {
+            let site = site_of(site_id)?;
+            match store.delete_site(site.as_str()).await.map_err(failed)? {
+                true => Ok(format!("removed the settings of {}", site.as_str())),
+                false => Err(StartupError::new(
+                    "SITE_ID",
+                    format!("{} has no settings", site.as_str()),
+                )),
+            }
+        }
+    }
+}
+
+/// `evtrack tokens …`: read tokens made at run time.
+pub async fn tokens(
+    settings: &Settings,
+    command: &crate::config::TokensCommand,
+) -> Result<String, StartupError> {
+    use crate::config::TokensCommand;
+    use crate::sites::TokenRecord;
+    let store = open_store(settings, Durability::Disk).await?;
+    let failed = |e: crate::store::StoreError| StartupError::new("DATA_DIR", e.to_string());
+    match command {
+        TokensCommand::Create { sites, label } => {
+            let sites = sites
+                .iter()
+                .map(|s| {
+                    crate::event::SiteId::parse(s.as_str())
+                        .map_err(|e| StartupError::new("SITE_ID", e.message))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let (record, token) =
+                TokenRecord::create(sites, label.clone(), crate::query::time::now_ms())
+                    .map_err(|e| StartupError::new("TOKEN", e.to_string()))?;
+            store.put_token(&record).await.map_err(failed)?;
+            let links: Vec<String> = record
+                .sites
+                .iter()
+                .map(|s| {
+                    format!(
+                        "  {}/dashboard/{s}?auth={token}",
+                        settings.base_path.as_str()
+                    )
+                })
+                .collect();
+            Ok(format!(
+                "id {}\ntoken {token}\n(shown once: only its digest is kept)\n\
+                 share links (after the service's address):\n{}",
+                record.id,
+                links.join("\n")
+            ))
+        }
+        TokensCommand::List => {
+            let tokens = store.registry().await.map_err(failed)?.tokens;
+            Ok(match tokens.is_empty() {
+                true => "no read token".into(),
+                false => tokens
+                    .iter()
+                    .map(|t| t.to_json().to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            })
+        }
+        TokensCommand::Revoke { id } => match store.revoke_token(id).await.map_err(failed)? {
+            true => Ok(format!("revoked {id}")),
+            false => Err(StartupError::new("TOKEN", "no read token has this id")),
+        },
+    }
+}
+
 /// Backups are of the embedded store: MongoDB has its own tools.
 fn embedded_only(settings: &Settings, what: &str) -> Result<(), StartupError> {
     match settings.mongo_uri() {

@@ -4,13 +4,15 @@
 // sites the viewer may read), `GET /api/sites/{id}/properties` (property
 // keys, for the custom events panel) and `POST /api/v2/query` (every
 // figure, chart and panel). The state of a view (site, range, chart
-// metric, filters) lives in the URL, so a view can be shared; the viewer's
-// time zone goes with every query.
+// metric, filters) lives in the URL, so a view can be shared; the site's
+// time zone (from the registry), else the viewer's, goes with every query.
 "use strict";
 
 (() => {
   const BASE = (document.querySelector('meta[name="evtrack-base"]')?.content || "").replace(/\/$/, "");
-  const TZ = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+  const VIEWER_TZ = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+  // The zone of the dates shown and asked: the site's when it has one.
+  let TZ = VIEWER_TZ;
   const TOKEN_KEY = "evtrack.token";
   const LIVE_EVERY_MS = 30_000;
   const main = document.getElementById("main");
@@ -42,6 +44,7 @@
     if (value === null || value === undefined) return "–";
     switch (metric) {
       case "bounce_rate":
+      case "conversion_rate":
         return `${value}%`;
       case "visit_duration":
         return duration(value);
@@ -62,10 +65,18 @@
 
   // ---- dates in the viewer's zone --------------------------------------
 
-  const partsFormat = new Intl.DateTimeFormat("en-US", {
-    timeZone: TZ, hourCycle: "h23", year: "numeric", month: "2-digit", day: "2-digit",
+  const formatIn = (zone) => new Intl.DateTimeFormat("en-US", {
+    timeZone: zone, hourCycle: "h23", year: "numeric", month: "2-digit", day: "2-digit",
     hour: "2-digit", minute: "2-digit", second: "2-digit",
   });
+  let partsFormat = formatIn(TZ);
+
+  /** Dates from now on in `zone` (a site's), or the viewer's. */
+  function useZone(zone) {
+    let next = zone || VIEWER_TZ;
+    try { formatIn(next); } catch (e) { next = VIEWER_TZ; }
+    if (next !== TZ) { TZ = next; partsFormat = formatIn(TZ); }
+  }
 
   /** Wall-clock parts of an instant in the viewer's zone. */
   function wall(ms) {
@@ -166,6 +177,7 @@
   const DIM_LABELS = {
     "event:page": "Page",
     "event:name": "Event",
+    "event:goal": "Goal",
     "visit:source": "Source",
     "visit:referrer": "Referrer",
     "visit:utm_source": "UTM source",
@@ -395,8 +407,24 @@
   ];
   const LOWER_IS_BETTER = new Set(["bounce_rate"]);
 
-  function dashboard(state) {
+  /** What the listing says of each site (time zone, goals), read once. */
+  let sitesAnswer = null;
+  function siteInfo(site) {
+    sitesAnswer = sitesAnswer || api("/api/sites").catch((e) => { sitesAnswer = null; throw e; });
+    return sitesAnswer.then((a) => a.sites.find((s) => s.site_id === site) || null);
+  }
+
+  async function dashboard(state) {
     const mine = generation;
+    let info = null;
+    try {
+      info = await siteInfo(state.site);
+    } catch (e) {
+      if (mine !== generation) return;
+      if (e.status === 401 || e.status === 403) { main.append(tokenForm("This dashboard needs a read token.")); return; }
+    }
+    if (mine !== generation) return;
+    useZone(info && info.timezone);
     const range = periodRange(state);
     document.title = `${state.site} · evtrack`;
 
@@ -420,7 +448,8 @@
       to.addEventListener("change", apply);
       controls.append(from, to);
     }
-    top.append(el("span", { class: "site-name" }, state.site), live, el("span", { class: "spacer" }), controls);
+    const zone = el("span", { class: "muted zone", title: "Dates and times are in this time zone", "data-testid": "zone" }, TZ);
+    top.append(el("span", { class: "site-name" }, state.site), live, el("span", { class: "spacer" }), zone, controls);
 
     // Filters, each removable.
     const chips = el("div", { class: "filters", "aria-label": "Filters" });
@@ -483,6 +512,11 @@
       ]],
     ];
     for (const [title, tabs] of PANELS) panels.append(panel(state, range, title, tabs, mine));
+    if (info && info.goals && info.goals.length) {
+      panels.append(panel(state, range, "Goals", [
+        { label: "Goals", dim: "event:goal", metrics: ["visitors", "events", "conversion_rate"] },
+      ], mine, "panel-goals"));
+    }
     panels.append(eventsPanel(state, range, mine));
 
     if (range.live) {
@@ -662,7 +696,7 @@
     try { return regionNames?.of(code) || code; } catch (e) { return code; }
   }
 
-  const METRIC_LABELS = { visitors: "Visitors", pageviews: "Pageviews", visits: "Visits", events: "Events" };
+  const METRIC_LABELS = { visitors: "Visitors", pageviews: "Pageviews", visits: "Visits", events: "Events", conversion_rate: "CR" };
 
   /** A card of tabs, each a breakdown by one dimension; clicking a value
    *  filters the whole dashboard by it. */

@@ -87,7 +87,7 @@ pub const VISITS: &str = "visits";
 pub const ERASURES: &str = "erasures";
 /// The site registry ([`crate::sites`]): settings and run-time read tokens,
 /// as JSON text (the records are small and read whole).
-pub const SITES: &str = "sites";
+pub const SITES: &str = "site_settings";
 pub const READ_TOKENS: &str = "read_tokens";
 /// A visitor's visits by their end: what a fold looks up for new events.
 const VISITS_VISITOR_INDEX: &str = "evtrack_visits_visitor";

@@ -233,7 +233,7 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 10: the site registry (`crate::sites`): settings as JSON, and read
     // tokens made at run time, by their digests.
-    "CREATE TABLE sites (
+    "CREATE TABLE site_settings (
         site_id  TEXT PRIMARY KEY NOT NULL,
         settings TEXT NOT NULL
     ) WITHOUT ROWID;
@@ -1739,7 +1739,7 @@ impl RegistryStore for SqliteStore {
         // this process just made.
         Self::with_conn(&self.writer, |conn| {
             let mut sites = Vec::new();
-            let mut q = conn.prepare("SELECT site_id, settings FROM sites ORDER BY site_id")?;
+            let mut q = conn.prepare("SELECT site_id, settings FROM site_settings ORDER BY site_id")?;
             let mut rows = q.query([])?;
             while let Some(r) = rows.next()? {
                 let text: String = r.get(1)?;
@@ -1764,7 +1764,7 @@ impl RegistryStore for SqliteStore {
         let (site_id, text) = (site_id.to_owned(), settings.to_string());
         Self::with_conn(&self.writer, move |conn| {
             conn.execute(
-                "INSERT INTO sites VALUES (?1, ?2)
+                "INSERT INTO site_settings VALUES (?1, ?2)
                  ON CONFLICT DO UPDATE SET settings = excluded.settings",
                 (site_id, text),
             )
@@ -1776,7 +1776,7 @@ impl RegistryStore for SqliteStore {
     async fn delete_site(&self, site_id: &str) -> Result<bool, StoreError> {
         let site_id = site_id.to_owned();
         Self::with_conn(&self.writer, move |conn| {
-            conn.execute("DELETE FROM sites WHERE site_id = ?1", [site_id])
+            conn.execute("DELETE FROM site_settings WHERE site_id = ?1", [site_id])
                 .map(|n| n > 0)
         })
         .await
