@@ -435,7 +435,9 @@ impl Snapshot {
                 Some((site, settings)) => {
                     sites.insert(id, Arc::new(SiteConfig::new(site, settings)));
                 }
-                None => tracing::warn!(site = %id.escape_debug(), "site settings unreadable; ignored"),
+                None => {
+                    tracing::warn!(site = %id.escape_debug(), "site settings unreadable; ignored")
+                }
             }
         }
         let tokens = StatsTokens::from_digests(stored.tokens.iter().filter_map(|t| {
@@ -655,8 +657,7 @@ mod tests {
     #[test]
     fn tokens_are_kept_as_digests_and_scoped() {
         let (record, token) =
-            TokenRecord::create(vec!["b".parse().unwrap(), "a".parse().unwrap()], None, 0)
-                .unwrap();
+            TokenRecord::create(vec!["b".parse().unwrap(), "a".parse().unwrap()], None, 0).unwrap();
         assert!(token.starts_with("evt_") && token.len() == 68);
         assert!(!record.to_json().to_string().contains(&token));
         assert!(!record.to_json().to_string().contains(&record.digest));

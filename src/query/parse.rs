@@ -44,7 +44,11 @@ pub struct QueryError {
 }
 
 impl QueryError {
-    pub(crate) fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             code,
             message: message.into(),
@@ -413,14 +417,12 @@ impl Request {
             }
             filters.push(expanded);
         }
-        let goals = dims
-            .contains(&Dim::Event(Dimension::Goal))
-            .then(|| {
-                self.goals
-                    .iter()
-                    .map(|g| (g.name(), super::goals::filter_of(g)))
-                    .collect()
-            });
+        let goals = dims.contains(&Dim::Event(Dimension::Goal)).then(|| {
+            self.goals
+                .iter()
+                .map(|g| (g.name(), super::goals::filter_of(g)))
+                .collect()
+        });
         Ok(Query {
             site_id: self.site_id,
             metrics: self.metrics,

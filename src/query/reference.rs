@@ -5,9 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{
-    Answer, Dimension, GroupKey, Metric, PAGEVIEW, Query, Totals, value_of, visitor_of,
-};
+use super::{Answer, Dimension, GroupKey, Metric, PAGEVIEW, Query, Totals, value_of, visitor_of};
 use crate::event::Event;
 use crate::session;
 
@@ -96,7 +94,10 @@ pub fn evaluate<'a>(events: impl IntoIterator<Item = &'a Event>, query: &Query) 
         .map(|(key, (events, pageviews, visitors))| {
             let base_key = GroupKey {
                 time: key.time.clone(),
-                value: key.value.clone().filter(|_| dimension != Some(&Dimension::Goal)),
+                value: key
+                    .value
+                    .clone()
+                    .filter(|_| dimension != Some(&Dimension::Goal)),
             };
             let base_visitors = base.get(&base_key).map_or(0, |b| b.len() as u64);
             (

@@ -199,8 +199,7 @@ pub async fn post_token(
             format!("at most {MAX_TOKENS} read tokens; revoke some first"),
         ));
     }
-    let (record, token) =
-        TokenRecord::create(sites, request.label, crate::query::time::now_ms())?;
+    let (record, token) = TokenRecord::create(sites, request.label, crate::query::time::now_ms())?;
     state.store.put_token(&record).await?;
     refresh(&state).await;
     tracing::info!(id = %record.id, "read token created");

@@ -526,7 +526,8 @@ async fn accept_events(
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;
     tally.queued = n;
-    let mut body = json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
+    let mut body =
+        json!({"success": true, "accepted": ids.len(), "ids": ids, "rejected": rejected});
     if !dropped.is_empty() {
         body["dropped"] = json!(dropped);
     }

@@ -63,7 +63,10 @@ pub async fn post_query(
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")))?;
     let request = query::parse_request(&value)?;
     let request = {
-        let site = viewer.registry.site(&request.site_id).map(|c| c.settings.clone());
+        let site = viewer
+            .registry
+            .site(&request.site_id)
+            .map(|c| c.settings.clone());
         request.for_site(site.as_ref())
     };
     viewer.may_read(&request.site_id)?;

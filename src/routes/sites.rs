@@ -29,8 +29,10 @@ pub async fn get_sites(
     let _slot = state.limits.admit()?;
     let viewer = super::stats::reader(&state, &headers)?;
     let store = Arc::clone(&state.store);
-    let mut ids: std::collections::BTreeSet<String> =
-        bounded(&state, store.sites(MAX_SITES)).await?.into_iter().collect();
+    let mut ids: std::collections::BTreeSet<String> = bounded(&state, store.sites(MAX_SITES))
+        .await?
+        .into_iter()
+        .collect();
     // Registered sites too, with or without events yet.
     ids.extend(
         viewer

@@ -2483,7 +2483,10 @@ impl RegistryStore for MongoStore {
             .filter_map(|d| {
                 let id = d.get_str("_id").ok()?.to_owned();
                 let text = d.get_str("settings").ok()?;
-                Some((id, serde_json::from_str(text).unwrap_or(serde_json::Value::Null)))
+                Some((
+                    id,
+                    serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
+                ))
             })
             .collect();
         let docs: Vec<Document> = self
@@ -2504,7 +2507,11 @@ impl RegistryStore for MongoStore {
         Ok(crate::sites::Stored { sites, tokens })
     }
 
-    async fn put_site(&self, site_id: &str, settings: &serde_json::Value) -> Result<(), StoreError> {
+    async fn put_site(
+        &self,
+        site_id: &str,
+        settings: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         self.sites
             .replace_one(
                 doc! {"_id": site_id},

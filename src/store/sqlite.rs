@@ -1739,7 +1739,8 @@ impl RegistryStore for SqliteStore {
         // this process just made.
         Self::with_conn(&self.writer, |conn| {
             let mut sites = Vec::new();
-            let mut q = conn.prepare("SELECT site_id, settings FROM site_settings ORDER BY site_id")?;
+            let mut q =
+                conn.prepare("SELECT site_id, settings FROM site_settings ORDER BY site_id")?;
             let mut rows = q.query([])?;
             while let Some(r) = rows.next()? {
                 let text: String = r.get(1)?;
@@ -1760,7 +1761,11 @@ impl RegistryStore for SqliteStore {
         .await
     }
 
-    async fn put_site(&self, site_id: &str, settings: &serde_json::Value) -> Result<(), StoreError> {
+    async fn put_site(
+        &self,
+        site_id: &str,
+        settings: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         let (site_id, text) = (site_id.to_owned(), settings.to_string());
         Self::with_conn(&self.writer, move |conn| {
             conn.execute(

@@ -18,6 +18,7 @@ mod openapi;
 mod query;
 mod queue;
 mod redis_queue;
+mod registry;
 mod stats;
 mod store;
 mod v1;

@@ -80,7 +80,62 @@ store_tests!(
     visits_match_the_reference_in_any_arrival_order,
     export_pages_give_a_range_once_in_time_order,
     retention_keeps_every_answer_that_of_the_events_left,
+    the_registry_keeps_sites_and_tokens,
 );
+
+/// Site settings and run-time tokens: kept as given, replaced, removed;
+/// what a process reads back is what it would enforce.
+async fn the_registry_keeps_sites_and_tokens(s: Subject) {
+    use evtrack::sites::{SiteSettings, Snapshot, TokenRecord};
+    use serde_json::json;
+    let empty = s.store.registry().await.unwrap();
+    assert!(empty.sites.is_empty() && empty.tokens.is_empty());
+    let shop = SiteSettings::parse(&json!({
+        "timezone": "Europe/Paris", "public": true, "hostnames": ["shop.example"],
+        "exclude_ips": ["203.0.113.0/24"], "goals": [{"event": "Signup"}, {"page": "/blog/**"}],
+    }))
+    .unwrap();
+    let value = |s: &SiteSettings| serde_json::to_value(s).unwrap();
+    s.store.put_site("shop", &value(&shop)).await.unwrap();
+    s.store
+        .put_site("blog", &value(&SiteSettings::default()))
+        .await
+        .unwrap();
+    let (record, token) =
+        TokenRecord::create(vec!["shop".parse().unwrap()], Some("a".into()), 1).unwrap();
+    s.store.put_token(&record).await.unwrap();
+    let stored = s.store.registry().await.unwrap();
+    assert_eq!(stored.tokens, [record.clone()]);
+    let ids: Vec<&str> = stored.sites.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["blog", "shop"]);
+    let snapshot = Snapshot::from_stored(stored);
+    let read = snapshot.site("shop").expect("shop is registered");
+    assert_eq!(read.settings, shop);
+    assert!(snapshot.is_public("shop") && !snapshot.is_public("blog"));
+    assert!(read.excludes("203.0.113.9".parse().unwrap()));
+    let header = format!("Bearer {token}");
+    let i = snapshot
+        .tokens
+        .authenticate(Some(header.as_bytes()))
+        .unwrap()
+        .expect("the token is known by its digest");
+    assert!(snapshot.tokens.authorize(i, "shop").is_ok());
+    assert!(snapshot.tokens.authorize(i, "blog").is_err());
+    // Replaced whole; removed; revoked.
+    let private = SiteSettings {
+        public: false,
+        ..shop.clone()
+    };
+    s.store.put_site("shop", &value(&private)).await.unwrap();
+    assert!(s.store.delete_site("blog").await.unwrap());
+    assert!(!s.store.delete_site("blog").await.unwrap());
+    assert!(s.store.revoke_token(&record.id).await.unwrap());
+    assert!(!s.store.revoke_token(&record.id).await.unwrap());
+    let snapshot = Snapshot::from_stored(s.store.registry().await.unwrap());
+    assert_eq!(snapshot.sites().len(), 1);
+    assert!(!snapshot.is_public("shop"));
+    assert!(snapshot.tokens.is_empty());
+}
 
 /// Retention deletes whole UTC days from the oldest; every answer after it
 /// (and while it runs: the start moves first) equals the reference's over
@@ -1252,6 +1307,15 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         json!([op, dim, [value]])
     };
     let (mut visits_by_events, mut events_by_visits) = (0, 0);
+    // The sites' goals: an event's name, and page patterns (`/p1*` is /p1
+    // and /p10, /p11; `/**` every page).
+    let goals = evtrack::sites::SiteSettings::parse(&json!({"goals": [
+        {"event": "signup"}, {"page": "/p1"}, {"page": "/p1*"}, {"page": "/**"},
+    ]}))
+    .unwrap();
+    let goal_names = ["signup", "Visit /p1", "Visit /p1*", "Visit /**"];
+    let mut goal_queries = 0;
+    let mut goal_answers = 0;
     for n in 0..queries {
         let site = if rng.random_range(0..5) == 0 {
             "other"
@@ -1368,6 +1432,35 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
                 events_by_visits += 1;
             }
         }
+        // Goals: grouped by them, or filtered, with the conversion rate.
+        if !over_visits && rng.random_range(0..4) == 0 {
+            goal_queries += 1;
+            let name = |rng: &mut StdRng| goal_names[rng.random_range(0..goal_names.len())];
+            match rng.random_range(0..3) {
+                0 => {
+                    dimensions.retain(|d| d.as_str().is_some_and(|d| d.starts_with("time")));
+                    dimensions.push(json!("event:goal"));
+                }
+                1 => filters.push(json!(["is", "event:goal", [name(&mut rng)]])),
+                _ => {
+                    let op = ["is_not", "contains", "contains_not"][rng.random_range(0..3)];
+                    let needle = match op {
+                        "is_not" => name(&mut rng),
+                        _ => ["/p1", "signup", "Visit", "/**"][rng.random_range(0..4)],
+                    };
+                    filters.push(json!([
+                        "or",
+                        [[op, "event:goal", [needle]], leaf(&mut rng)]
+                    ]));
+                    filters.push(
+                        json!(["is", "event:goal", [name(&mut rng)], {"case_sensitive": false}]),
+                    );
+                }
+            }
+            if rng.random_range(0..2) == 0 {
+                metrics.push("conversion_rate");
+            }
+        }
         let mut body = json!({"site_id": site, "metrics": metrics, "date_range": date_range,
             "timezone": zone, "dimensions": dimensions, "filters": filters});
         // Orders by metrics (visitors among them: a top list counts only
@@ -1392,7 +1485,7 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
             body["include"] = json!({"total_rows": true});
         }
         let request = match parse_request(&body) {
-            Ok(r) => r,
+            Ok(r) => r.for_site(Some(&goals)),
             Err(e) => panic!("query {n} {body}: {e:?}"),
         };
         let first = s.store.first_event(site).await.unwrap();
@@ -1425,7 +1518,14 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
         if over_visits && expected.rows.iter().any(nonzero) {
             visit_answers += 1;
         }
+        if body.to_string().contains("event:goal") && expected.rows.iter().any(nonzero) {
+            goal_answers += 1;
+        }
     }
+    assert!(
+        goal_answers > goal_queries / 3,
+        "only {goal_answers} of {goal_queries} queries with goals found any"
+    );
     assert!(
         visit_answers > queries / 6,
         "only {visit_answers} queries over visits found any"
