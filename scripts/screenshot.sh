@@ -13,6 +13,10 @@ bin=${EVTRACK_BIN:-target/release/evtrack}
 [ -n "${EVTRACK_BIN:-}" ] || cargo build --release --bin evtrack
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+site=demo.example
+# Goals, as an owner sets them (`evtrack sites set`), for the goals panel.
+DATA_DIR="$dir" "$bin" sites set "$site" \
+  '{"goals": [{"event": "Signup"}, {"page": "/pricing"}, {"page": "/blog/**"}]}' >/dev/null
 PORT=$port DATA_DIR="$dir" "$bin" >"$dir/log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
@@ -20,7 +24,6 @@ for _ in $(seq 100); do
   curl -fs "http://127.0.0.1:$port/ready" >/dev/null && break
   sleep 0.1
 done
-site=demo.example
 n=$(python3 scripts/demo_events.py "http://127.0.0.1:$port" "$site")
 echo "sent $n events"
 for _ in $(seq 100); do

@@ -13,8 +13,13 @@ use crate::browser::run_script;
 use crate::helpers::{Backend, TestApp, TestEnv, spawn_app, spawn_app_with};
 
 const SITE: &str = "dash.test";
-/// A zone half an hour off UTC: the page's days are not UTC days.
+/// The site's zone, half an hour off UTC: the page's days are not UTC
+/// days, nor the browser's (it runs in another zone, [`BROWSER_ZONE`]).
 const ZONE: &str = "Asia/Kolkata";
+const BROWSER_ZONE: &str = "America/Los_Angeles";
+/// The test's own read token (the page reads with a share link's).
+const READER: &str = "dashboard-test-reader-01";
+const ADMIN: &str = "dashboard-test-admin-001";
 const MINUTE: i64 = 60_000;
 const DAY: i64 = 24 * 60 * MINUTE;
 
@@ -91,13 +96,28 @@ async fn seed(app: &TestApp) -> usize {
     n
 }
 
+/// `POST /api/v2/query` with the test's read token.
+async fn query(app: &TestApp, body: &Value) -> Value {
+    let r = app
+        .client
+        .post(format!("{}/api/v2/query", app.address))
+        .bearer_auth(READER)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    crate::helpers::json_of(r, 200).await
+}
+
 /// Waits until the site's events (all time) are `n` in the query API.
 async fn wait_all(app: &TestApp, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let r = app
-            .query(&json!({"site_id": SITE, "metrics": ["events"], "date_range": "all"}))
-            .await;
+        let r = query(
+            app,
+            &json!({"site_id": SITE, "metrics": ["events"], "date_range": "all"}),
+        )
+        .await;
         if r["results"][0]["metrics"][0] == n {
             return;
         }
@@ -113,7 +133,16 @@ async fn api(app: &TestApp, range: &str, filters: &Value, extra: Value) -> Value
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }
-    app.query(&body).await
+    query(app, &body).await
+}
+
+/// Numbers as numbers, whether written `50` or `50.0`.
+fn numeric(rows: &Value) -> Value {
+    match rows {
+        Value::Array(a) => Value::Array(a.iter().map(numeric).collect()),
+        Value::Number(n) => json!(n.as_f64()),
+        other => other.clone(),
+    }
 }
 
 /// Checks one step of the browser's report against the API.
@@ -186,6 +215,12 @@ async fn check_step(app: &TestApp, step: &Value, range: &str, filters: Value) {
             json!(["visitors", "events"]),
             json!([["is_not", "event:name", ["pageview"]]]),
         ),
+        (
+            "panel-goals",
+            "event:goal",
+            json!(["visitors", "events", "conversion_rate"]),
+            json!([]),
+        ),
     ];
     for (panel, dim, metrics, own) in panels {
         let mut all = filters.as_array().cloned().unwrap_or_default();
@@ -215,21 +250,52 @@ async fn check_step(app: &TestApp, step: &Value, range: &str, filters: Value) {
             );
         } else {
             assert_eq!(shown["dimension"], dim, "{name}: {panel}");
-            assert_eq!(shown["rows"], json!(expected), "{name}: {panel} rows");
+            assert_eq!(
+                numeric(&shown["rows"]),
+                numeric(&json!(expected)),
+                "{name}: {panel} rows"
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_what_the_query_api_answers_and_filters_by_a_click() {
-    let app = spawn_app(Backend::EmbeddedSqlite).await;
+    // Stats need tokens; the page reads with a share link's, scoped to the
+    // site. The site has a time zone and goals in the registry.
+    let mut env = TestEnv::new(Backend::EmbeddedSqlite);
+    env.settings.stats_tokens = READER.parse().unwrap();
+    env.settings.admin_tokens = ADMIN.parse().unwrap();
+    let app = spawn_app_with(env, Role::All).await;
+    let admin = |r: reqwest::RequestBuilder| r.bearer_auth(ADMIN).send();
+    let settings = json!({"timezone": ZONE, "goals": [{"event": "Signup"}, {"page": "/pricing"}]});
+    let r = admin(
+        app.client
+            .put(format!("{}/api/sites/{SITE}/settings", app.address))
+            .json(&settings),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = admin(
+        app.client
+            .post(format!("{}/api/tokens", app.address))
+            .json(&json!({"sites": [SITE], "label": "dashboard test"})),
+    )
+    .await
+    .unwrap();
+    let made = crate::helpers::json_of(r, 201).await;
     let n = seed(&app).await;
     wait_all(&app, n).await;
     let shot = app.env.dir.path().join("dashboard.png");
-    let url = format!("{}/dashboard/{SITE}", app.address);
+    let url = format!(
+        "{}{}",
+        app.address,
+        made["share_links"][SITE].as_str().expect("a share link")
+    );
     let report = run_script(
         "dashboard.mjs",
-        &[url.as_ref(), ZONE.as_ref(), shot.as_os_str()],
+        &[url.as_ref(), BROWSER_ZONE.as_ref(), shot.as_os_str()],
     )
     .await;
     assert_eq!(report["errors"], json!([]), "no console errors");
@@ -246,6 +312,14 @@ async fn the_dashboard_shows_what_the_query_api_answers_and_filters_by_a_click()
         "the default range: the last 30 days, today included"
     );
     assert_eq!(loaded["filters"], json!([]));
+    assert_eq!(loaded["zone"], ZONE, "the site's zone, not the browser's");
+    assert!(
+        loaded["panels"]["panel-goals"]["rows"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2),
+        "both goals reached: {}",
+        loaded["panels"]["panel-goals"]
+    );
     assert_eq!(loaded["chartPoints"], 30, "a point per day of the range");
     check_step(&app, loaded, "30d", json!([])).await;
     assert_eq!(
@@ -258,6 +332,7 @@ async fn the_dashboard_shows_what_the_query_api_answers_and_filters_by_a_click()
     let csv = app
         .client
         .post(format!("{}/api/v2/query", app.address))
+        .bearer_auth(READER)
         .header("Accept", "text/csv")
         .json(
             &json!({"site_id": SITE, "date_range": "30d", "timezone": ZONE,
@@ -328,7 +403,10 @@ async fn the_home_page_lists_readable_sites_and_assets_are_served() {
     let n = seed(&app).await;
     wait_all(&app, n).await;
     let sites: Value = app.get("/api/sites").await.json().await.unwrap();
-    assert_eq!(sites, json!({"sites": [{"site_id": SITE}]}));
+    assert_eq!(
+        sites,
+        json!({"sites": [{"site_id": SITE, "timezone": null, "public": false, "goals": []}]})
+    );
     let props: Value = app
         .get(&format!("/api/sites/{SITE}/properties?event=Signup"))
         .await
@@ -424,7 +502,8 @@ async fn a_token_sees_only_its_sites_and_a_base_path_moves_every_route() {
         .json()
         .await
         .unwrap();
-    assert_eq!(mine, json!({"sites": [{"site_id": SITE}]}));
+    assert_eq!(mine["sites"].as_array().map(Vec::len), Some(1), "{mine}");
+    assert_eq!(mine["sites"][0]["site_id"], SITE);
     assert_eq!(list(None).await.unwrap().status(), 401);
     let other = app
         .client

@@ -59,6 +59,7 @@ try {
         url: location.pathname + location.search,
         title: document.title,
         period: document.querySelector("[data-testid=period]").value,
+        zone: document.querySelector("[data-testid=zone]")?.textContent ?? null,
         filters: [...document.querySelectorAll("[data-testid=filter]")].map((f) => f.textContent.replace(/×$/, "").trim()),
         stats,
         chartPoints: document.querySelectorAll(".chart .point").length,
