@@ -28,7 +28,7 @@ use crate::query::{self, engine};
 use crate::store::StoreError;
 
 /// Metrics over events, and over visits (see [`crate::session`]).
-const EVENT_METRICS: [&str; 3] = ["visitors", "pageviews", "events"];
+const EVENT_METRICS: [&str; 4] = ["visitors", "pageviews", "events", "conversion_rate"];
 const VISIT_METRICS: [&str; 4] = ["visits", "bounce_rate", "visit_duration", "views_per_visit"];
 /// Most rows of a breakdown page, and the default.
 const MAX_LIMIT: usize = 1_000;
@@ -168,7 +168,7 @@ fn read(
                 "metrics",
                 format!(
                     "unknown or unsupported metric `{}`: visitors, visits, pageviews, \
-                     views_per_visit, bounce_rate, visit_duration, events",
+                     views_per_visit, bounce_rate, visit_duration, events, conversion_rate",
                     m.escape_debug()
                 ),
             ));

@@ -175,6 +175,17 @@ async fn settings_shape_what_is_counted_and_how_it_is_asked(backend: Backend) {
         signed_up["results"],
         json!([{"dimensions": ["/join"], "metrics": [1, 100.0]}])
     );
+    // Stats API v1: goals as a property, with their conversion rate.
+    let v1 = app
+        .get("/api/v1/stats/breakdown?site_id=shop&period=day&property=event:goal&metrics=visitors,conversion_rate")
+        .await;
+    assert_eq!(
+        json_of(v1, 200).await["results"],
+        json!([
+            {"goal": "Signup", "visitors": 1, "conversion_rate": 50.0},
+            {"goal": "Visit /blog/*", "visitors": 1, "conversion_rate": 50.0},
+        ])
+    );
     let r = app
         .post_json(
             "/api/v2/query",

@@ -105,7 +105,7 @@ async fn the_registry_keeps_sites_and_tokens(s: Subject) {
         TokenRecord::create(vec!["shop".parse().unwrap()], Some("a".into()), 1).unwrap();
     s.store.put_token(&record).await.unwrap();
     let stored = s.store.registry().await.unwrap();
-    assert_eq!(stored.tokens, [record.clone()]);
+    assert_eq!(stored.tokens, std::slice::from_ref(&record));
     let ids: Vec<&str> = stored.sites.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["blog", "shop"]);
     let snapshot = Snapshot::from_stored(stored);
