@@ -390,6 +390,23 @@ impl TokenRecord {
     }
 }
 
+/// The dashboard of `site` with `token` in the link (after the service's
+/// address and `base`, the `BASE_PATH`): whoever opens it reads that site.
+pub fn share_path(base: &str, site: &str, token: &str) -> String {
+    // The site id as one path segment: every byte but the unreserved ones
+    // escaped, as the dashboard decodes it (`decodeURIComponent`).
+    let segment: String = site
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    format!("{base}/dashboard/{segment}?auth={token}")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -674,5 +691,17 @@ mod tests {
         assert!(snap.tokens.authorize(i, "a").is_ok());
         assert!(snap.tokens.authorize(i, "c").is_err());
         assert!(TokenRecord::create(vec![], None, 0).is_err());
+    }
+
+    #[test]
+    fn share_links_name_the_site_as_one_path_segment() {
+        assert_eq!(
+            share_path("/analytics", "my site/ü", "evt_1"),
+            "/analytics/dashboard/my%20site%2F%C3%BC?auth=evt_1"
+        );
+        assert_eq!(
+            share_path("", "shop.example", "t"),
+            "/dashboard/shop.example?auth=t"
+        );
     }
 }

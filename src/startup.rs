@@ -615,8 +615,8 @@ pub async fn tokens(
                 .iter()
                 .map(|s| {
                     format!(
-                        "  {}/dashboard/{s}?auth={token}",
-                        settings.base_path.as_str()
+                        "  {}",
+                        crate::sites::share_path(settings.base_path.as_str(), s, &token)
                     )
                 })
                 .collect();

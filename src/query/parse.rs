@@ -503,7 +503,7 @@ fn parse_metrics(v: Option<&Value>) -> Result<Vec<Metric>, QueryError> {
                 &field,
                 format!(
                     "unknown metric `{}`; known: visitors, pageviews, events, visits, \
-                     bounce_rate, visit_duration, views_per_visit",
+                     bounce_rate, visit_duration, views_per_visit, conversion_rate",
                     short(name)
                 ),
             )

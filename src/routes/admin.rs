@@ -216,11 +216,7 @@ fn share_links(state: &AppState, record: &TokenRecord, token: &str) -> Value {
         .sites
         .iter()
         .map(|s| {
-            let path = format!(
-                "{}/dashboard/{}?auth={token}",
-                state.base_path.as_str(),
-                url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-            );
+            let path = crate::sites::share_path(state.base_path.as_str(), s, token);
             (s.clone(), json!(path))
         })
         .collect();

@@ -388,8 +388,11 @@ impl<'de> serde::Deserialize<'de> for Capped<'de> {
 
 /// Why the site's owner drops `e` ([`crate::sites::SiteConfig::drops`]),
 /// if they do.
-fn owner_drops(state: &AppState, client: &Client, e: &Event) -> Option<&'static str> {
-    let registry = state.registry.snapshot();
+fn owner_drops(
+    registry: &crate::sites::Snapshot,
+    client: &Client,
+    e: &Event,
+) -> Option<&'static str> {
     let site = registry.site(&e.site_id)?;
     site.drops(
         client.ip,
@@ -434,7 +437,7 @@ async fn accept_event(
     let mut event = parse_event(value, now)?;
     check_site(state, &event)?;
     let id = event.id.clone();
-    if let Some(reason) = owner_drops(state, &client, &event) {
+    if let Some(reason) = owner_drops(&state.registry.snapshot(), &client, &event) {
         // Answered as taken, as the browser endpoint answers its drops:
         // the sender has nothing to retry.
         state.metrics.drop_events(reason, 1);
@@ -472,6 +475,9 @@ async fn accept_events(
     let mut events: Vec<Event> = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
     let mut not_allowed = 0;
+    // The site owners' rules drop some: listed, not refused.
+    let registry = state.registry.snapshot();
+    let mut dropped = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         let parsed = parse_item(item).and_then(|v| {
             let event = parse_event(v, now)?;
@@ -479,7 +485,13 @@ async fn accept_events(
             Ok(event)
         });
         match parsed {
-            Ok(e) => events.push(e),
+            Ok(e) => match owner_drops(&registry, &client, &e) {
+                Some(reason) => {
+                    state.metrics.drop_events(reason, 1);
+                    dropped.push(json!({"index": index, "id": e.id, "reason": reason}));
+                }
+                None => events.push(e),
+            },
             Err(e) => {
                 not_allowed += usize::from(e.code == SITE_NOT_ALLOWED);
                 tally.rejected.push((e.code, 1));
@@ -488,6 +500,12 @@ async fn accept_events(
         }
     }
     let ids: Vec<String> = events.iter().map(|e| e.id.as_str().to_owned()).collect();
+    if events.is_empty() && !dropped.is_empty() {
+        // Taken, as far as the sender is concerned: nothing to retry.
+        let body = json!({"success": true, "accepted": 0, "ids": ids, "rejected": rejected,
+                          "dropped": dropped});
+        return Ok((StatusCode::ACCEPTED, Json(body)));
+    }
     if events.is_empty() && not_allowed == rejected.len() {
         // Every event is already counted as refused, item by item.
         return Err(ApiError::new(
@@ -504,24 +522,6 @@ async fn accept_events(
         });
         return Ok((StatusCode::BAD_REQUEST, Json(body)));
     }
-    // The site owners' rules drop some: listed, not refused.
-    let mut dropped = Vec::new();
-    let mut kept = Vec::with_capacity(events.len());
-    for (index, e) in events.into_iter().enumerate() {
-        match owner_drops(state, &client, &e) {
-            Some(reason) => {
-                state.metrics.drop_events(reason, 1);
-                dropped.push(json!({"id": e.id, "reason": reason, "index": index}));
-            }
-            None => kept.push(e),
-        }
-    }
-    let mut events = kept;
-    if events.is_empty() {
-        let body = json!({"success": true, "accepted": 0, "ids": [], "rejected": rejected, "dropped": dropped});
-        return Ok((StatusCode::ACCEPTED, Json(body)));
-    }
-    let ids: Vec<String> = events.iter().map(|e| e.id.as_str().to_owned()).collect();
     identify(state, &client, &mut events, now).await?;
     let n = events.len() as u64;
     state.queue.enqueue(events).await?;

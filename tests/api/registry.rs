@@ -143,6 +143,18 @@ async fn settings_shape_what_is_counted_and_how_it_is_asked(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(json_of(r, 202).await["dropped"], "excluded_ip");
+    // In a batch, each event on its own: one from another hostname is
+    // listed as dropped (by its place in the batch), the others taken.
+    let batch = json!([
+        {"site_id": "shop", "event_type": "Signup", "userid": "u2", "hostname": "evil.example"},
+        {"site_id": "blog", "event_type": "Signup", "userid": "u2", "hostname": "evil.example"},
+    ]);
+    let body = json_of(app.post_events(&batch).await, 202).await;
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(
+        body["dropped"],
+        json!([{"index": 0, "id": body["dropped"][0]["id"], "reason": "hostname_not_allowed"}])
+    );
     wait_events(&app, "shop", 4).await;
 
     // Queries without a time zone are in the site's.
