@@ -39,5 +39,6 @@ pub mod startup;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod visit_rollup;
 pub mod visitor;
 pub mod worker;

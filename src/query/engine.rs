@@ -943,8 +943,145 @@ async fn evaluate(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, S
     evaluate_plain(store, query).await
 }
 
+/// A query over visits from visit rollups ([`crate::visit_rollup`]), when
+/// the store keeps them and the query looks at no value the rows do not
+/// hold: its `visit:*` dimension (or none) and filters on that dimension
+/// only. The whole hours, days and months of each of its buckets from
+/// rows; what is left at their ends (less than an hour each) from the
+/// visits. `None`: answered from the visits.
+async fn from_visit_rollups(
+    store: &dyn QueryStore,
+    query: &Query,
+) -> Result<Option<Answer>, StoreError> {
+    let field = match query.dimension() {
+        None => None,
+        Some(Dimension::Visit(f)) => Some(*f),
+        Some(_) => return Ok(None),
+    };
+    let grouped = field.map(Dimension::Visit);
+    if query
+        .filter_dimensions()
+        .iter()
+        .any(|d| Some(d) != grouped.as_ref())
+    {
+        return Ok(None);
+    }
+    let intervals: Vec<(Option<String>, i64, i64)> = match query.time_grain() {
+        Some(grain) => buckets(&query.zone, grain, query.start, query.end)
+            .into_iter()
+            .map(|b| (Some(b.label), b.start, b.end))
+            .collect(),
+        None => vec![(None, query.start, query.end)],
+    };
+    let mut owners: HashMap<Piece, usize> = HashMap::new();
+    // (start, end, interval), in time order (intervals do not overlap).
+    let mut slivers: Vec<(i64, i64, usize)> = Vec::new();
+    for (i, (_, start, end)) in intervals.iter().enumerate() {
+        let (pieces, raw) = rollup::cover(*start, *end);
+        for p in pieces {
+            if crate::visit_rollup::LEVELS.contains(&p.level) {
+                owners.insert(p, i);
+            } else {
+                slivers.push((p.bucket, p.level.next(p.bucket), i));
+            }
+        }
+        slivers.extend(raw.into_iter().map(|(a, b)| (a, b, i)));
+    }
+    slivers.sort_unstable();
+    // Adjacent ranges of one bucket read as one.
+    let mut ranges: Vec<(i64, i64, usize)> = Vec::new();
+    for (a, b, i) in slivers {
+        match ranges.last_mut() {
+            Some(last) if last.1 == a && last.2 == i => last.1 = b,
+            _ => ranges.push((a, b, i)),
+        }
+    }
+    let read = store
+        .visit_rollups(
+            query.site_id.as_str(),
+            crate::visit_rollup::dim_name(field),
+            spans_of(owners.keys().copied()),
+            ranges.iter().map(|&(a, b, _)| (a, b)).collect(),
+        )
+        .await?;
+    let Some((rows, visits)) = read else {
+        return Ok(None);
+    };
+    let passes = |value: &str| {
+        let mut lookup = |_: &Dimension| std::borrow::Cow::Borrowed(value);
+        query.filters.iter().all(|f| f.holds(&mut lookup))
+    };
+    let mut groups: HashMap<GroupKey, (Totals, RoaringBitmap)> = HashMap::new();
+    for row in rows {
+        let piece = Piece {
+            level: row.level,
+            bucket: row.bucket,
+        };
+        let Some(&i) = owners.get(&piece) else {
+            continue;
+        };
+        if !passes(&row.value) {
+            continue;
+        }
+        let Some(visitors) = rollup::decode(&row.visitors) else {
+            return Err(StoreError::Unavailable(
+                "a visit rollup row does not read; rebuild the rollups".into(),
+            ));
+        };
+        let key = GroupKey {
+            time: intervals[i].0.clone(),
+            value: field.map(|_| row.value.clone()),
+        };
+        let (t, set) = groups.entry(key).or_default();
+        t.visits += row.visits;
+        t.bounces += row.bounces;
+        t.duration_ms += row.duration_ms;
+        t.pageviews += row.pageviews;
+        t.events += row.events;
+        *set |= visitors;
+    }
+    for (v, vid) in visits {
+        let at = ranges.partition_point(|r| r.0 <= v.start);
+        let Some(&(_, end, i)) = at.checked_sub(1).and_then(|k| ranges.get(k)) else {
+            continue;
+        };
+        if v.start >= end || v.site_id != query.site_id.as_str() {
+            continue;
+        }
+        let value = field.map(|f| f.value_of(&v));
+        if !passes(value.unwrap_or(NONE)) {
+            continue;
+        }
+        let key = GroupKey {
+            time: intervals[i].0.clone(),
+            value: value.map(str::to_owned),
+        };
+        let (t, set) = groups.entry(key).or_default();
+        t.visits += 1;
+        t.bounces += u64::from(v.is_bounce());
+        t.duration_ms += u64::try_from(v.duration_ms()).unwrap_or(0);
+        t.pageviews += v.pageviews;
+        t.events += v.events;
+        set.insert(vid);
+    }
+    let groups = groups
+        .into_iter()
+        .map(|(k, (mut t, set))| {
+            t.visitors = set.len();
+            (k, t)
+        })
+        .collect();
+    Ok(Some(Answer::shape(query, groups)))
+}
+
 /// A query without goals (see [`super::goals`]).
 async fn evaluate_plain(store: &dyn QueryStore, query: Arc<Query>) -> Result<Answer, StoreError> {
+    if query.is_visit_scoped()
+        && !query.filters_events()
+        && let Some(answer) = from_visit_rollups(store, &query).await?
+    {
+        return Ok(answer);
+    }
     if query.is_visit_scoped() {
         // Visits are read as the fold keeps them, one record per visit
         // that starts in the range (not yet from rollups).

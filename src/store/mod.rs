@@ -136,6 +136,22 @@ pub trait QueryStore: Send + Sync + 'static {
     /// before it are deleted or being deleted ([`StoreAdmin::delete_expired`]),
     /// so queries start no earlier. `None`: nothing deleted.
     async fn kept_from(&self) -> Result<Option<i64>, StoreError>;
+    /// Visit rollup rows ([`crate::visit_rollup`]) of the site and `dim` in
+    /// `spans`, and the site's visits that start in the `raw` ranges, each
+    /// with its visitor's dictionary id, in one snapshot (as folded so
+    /// far). `None`: the store keeps no visit rollups, and the engine reads
+    /// the visits instead ([`QueryStore::visits`]). Stopped with
+    /// [`StoreError::Timeout`] past the query time limit.
+    async fn visit_rollups(
+        &self,
+        site_id: &str,
+        dim: &'static str,
+        spans: Vec<crate::query::engine::Span>,
+        raw: Vec<(i64, i64)>,
+    ) -> Result<Option<VisitRollupRead>, StoreError> {
+        let _ = (site_id, dim, spans, raw);
+        Ok(None)
+    }
     /// Whether the visitor has a (folded) visit whose last event is at or
     /// after `since`: whether a visit of theirs is still open.
     async fn visit_open(
@@ -145,6 +161,13 @@ pub trait QueryStore: Send + Sync + 'static {
         since: i64,
     ) -> Result<bool, StoreError>;
 }
+
+/// What [`QueryStore::visit_rollups`] reads: rows, and visits with their
+/// visitors' ids.
+pub type VisitRollupRead = (
+    Vec<crate::visit_rollup::RowRead>,
+    Vec<(crate::session::Visit, u32)>,
+);
 
 /// Keeping derived data, and what tests and tools ask.
 #[async_trait]

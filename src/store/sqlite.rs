@@ -45,6 +45,7 @@ use super::{
 use crate::event::{Event, EventId, EventName, SiteId};
 use crate::query::engine::{Aggregator, Bits, Plan, RowRef};
 use crate::rollup::{self, DayState, Deltas, Density, Level, SiteDays};
+use crate::visit_rollup::Deltas as VisitDeltas;
 
 pub const FILE_NAME: &str = "evtrack.sqlite3";
 
@@ -241,6 +242,30 @@ pub const MIGRATIONS: &[&str] = &[
         id     TEXT PRIMARY KEY NOT NULL,
         record TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // 11: visit rollups (`crate::visit_rollup`), kept by the fold: every
+    // derived table is made again from the raw events, the visits and
+    // their rollups together (the next open folds them all).
+    "CREATE TABLE visit_rollups (
+        id          INTEGER PRIMARY KEY,
+        site_id     TEXT NOT NULL,
+        dim         TEXT NOT NULL,
+        level       INTEGER NOT NULL,
+        bucket      INTEGER NOT NULL,
+        value       TEXT NOT NULL,
+        visits      INTEGER NOT NULL,
+        bounces     INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        pageviews   INTEGER NOT NULL,
+        events      INTEGER NOT NULL,
+        visitors    BLOB NOT NULL,
+        counts      BLOB NOT NULL
+    );
+    CREATE UNIQUE INDEX visit_rollups_key ON visit_rollups (site_id, dim, level, bucket, value);
+    DELETE FROM rollups;
+    DELETE FROM rollup_bitmaps;
+    DELETE FROM site_days;
+    DELETE FROM visits;
+    UPDATE fold_state SET folded = 0;",
 ];
 /// When a commit is on disk. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -818,7 +843,7 @@ fn fold(
             }
         }
     }
-    fold_visits(&tx, &events)?;
+    fold_visits(&tx, &events, &ids, VisitDeltas::default())?;
     tx.execute("UPDATE fold_state SET folded = ?1", [last])?;
     tx.commit()?;
     // Only committed mappings are cached: a rolled-back id may be given to
@@ -1011,6 +1036,13 @@ fn erase_in(
             delete.execute([seq])?;
         }
     }
+    if let Some(vid) = vid {
+        let mut deltas = VisitDeltas::default();
+        for v in load_visits(&tx, "site_id = ?1 AND visitor = ?2", params![site, visitor])? {
+            deltas.add(&v, vid, -1);
+        }
+        apply_visit_deltas(&tx, deltas)?;
+    }
     tx.execute(
         "DELETE FROM visits WHERE site_id = ?1 AND visitor = ?2",
         params![site, visitor],
@@ -1097,6 +1129,10 @@ fn clean_before(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result
         &format!("DELETE FROM rollups WHERE {old_rows}"),
         params![cutoff, month],
     )?;
+    tx.execute(
+        &format!("DELETE FROM visit_rollups WHERE {old_rows}"),
+        params![cutoff, month],
+    )?;
     tx.execute("DELETE FROM site_days WHERE day < ?1", [cutoff])?;
     // What is left of them ended before the cutoff (see `remake_visits_over`).
     tx.execute("DELETE FROM visits WHERE start_ts < ?1", [cutoff])?;
@@ -1109,12 +1145,21 @@ fn clean_before(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result
 /// over visits are exact before anything is deleted.
 fn remake_visits_over(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::Result<()> {
     let folded: i64 = tx.query_row("SELECT folded FROM fold_state", [], |r| r.get(0))?;
-    let over: Vec<(String, String, i64)> = tx
-        .prepare(
-            "SELECT site_id, visitor, end_ts FROM visits WHERE start_ts < ?1 AND end_ts >= ?1",
-        )?
-        .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let old = load_visits(
+        tx,
+        "start_ts < ?1 AND end_ts >= ?1",
+        rusqlite::params_from_iter([cutoff]),
+    )?;
+    let over: Vec<(String, String, i64)> = old
+        .iter()
+        .map(|v| (v.site_id.clone(), v.visitor.clone(), v.end))
+        .collect();
+    let mut deltas = VisitDeltas::default();
+    for v in &old {
+        if let Some(vid) = vid_of(tx, &v.site_id, &v.visitor)? {
+            deltas.add(v, vid, -1);
+        }
+    }
     tx.execute(
         "DELETE FROM visits WHERE start_ts < ?1 AND end_ts >= ?1",
         [cutoff],
@@ -1136,11 +1181,160 @@ fn remake_visits_over(tx: &rusqlite::Transaction<'_>, cutoff: i64) -> rusqlite::
             }
         }
     }
-    fold_visits(tx, &events)
+    fold_visits(tx, &events, &HashMap::new(), deltas)
+}
+
+/// The visits `filter` (SQL on the `visits` table) selects, whole.
+fn load_visits(
+    tx: &rusqlite::Transaction<'_>,
+    filter: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<crate::session::Visit>> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT site_id, visitor, start_ts, start_id, end_ts, data FROM visits WHERE {filter}"
+    ))?;
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mut v: crate::session::Visit =
+            serde_json::from_str(r.get_ref(5)?.as_str()?).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    5,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+        v.site_id = r.get(0)?;
+        v.visitor = r.get(1)?;
+        v.start = r.get(2)?;
+        v.start_id = r.get(3)?;
+        v.end = r.get(4)?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// A visitor's dictionary id, if they have one.
+fn vid_of(
+    tx: &rusqlite::Transaction<'_>,
+    site: &str,
+    visitor: &str,
+) -> rusqlite::Result<Option<u32>> {
+    Ok(tx
+        .prepare_cached("SELECT vid FROM visitors WHERE site_id = ?1 AND visitor = ?2")?
+        .query_row(params![site, visitor], |r| r.get::<_, i64>(0))
+        .optional()?
+        .and_then(|v| u32::try_from(v).ok()))
+}
+
+/// Writes the changes of visit rollup rows (`crate::visit_rollup`): rows
+/// with no visit left are deleted.
+fn apply_visit_deltas(tx: &rusqlite::Transaction<'_>, deltas: VisitDeltas) -> rusqlite::Result<()> {
+    use crate::visit_rollup::Counted;
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut read = tx.prepare_cached(
+        "SELECT id, visits, bounces, duration_ms, pageviews, events, visitors, counts
+         FROM visit_rollups
+         WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket = ?4 AND value = ?5",
+    )?;
+    let mut update = tx.prepare_cached(
+        "UPDATE visit_rollups SET visits = ?2, bounces = ?3, duration_ms = ?4, pageviews = ?5,
+             events = ?6, visitors = ?7, counts = ?8
+         WHERE id = ?1",
+    )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO visit_rollups
+             (site_id, dim, level, bucket, value, visits, bounces, duration_ms, pageviews,
+              events, visitors, counts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM visit_rollups WHERE id = ?1")?;
+    let corrupt = || {
+        rusqlite::Error::InvalidColumnType(
+            0,
+            "visit_rollups (rows that do not add up; rebuild the rollups)".into(),
+            rusqlite::types::Type::Blob,
+        )
+    };
+    for ((site, dim, level, bucket, value), d) in deltas.rows() {
+        let key = params![site, dim, level.code(), bucket, value];
+        let existing = read
+            .query_row(key, |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    [
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ],
+                    r.get::<_, Vec<u8>>(6)?,
+                    r.get::<_, Vec<u8>>(7)?,
+                ))
+            })
+            .optional()?;
+        let (id, counts, mut visitors) = match existing {
+            Some((id, counts, set, n)) => (
+                Some(id),
+                counts,
+                Counted::decode(&set, &n).ok_or_else(corrupt)?,
+            ),
+            None => (None, [0; 5], Counted::default()),
+        };
+        let c = [
+            counts[0] + d.visits,
+            counts[1] + d.bounces,
+            counts[2] + d.duration_ms,
+            counts[3] + d.pageviews,
+            counts[4] + d.events,
+        ];
+        if !visitors.apply(&d.visitors) || c.iter().any(|n| *n < 0) {
+            return Err(corrupt());
+        }
+        match (id, c[0]) {
+            (Some(id), 0) => {
+                delete.execute([id])?;
+            }
+            (None, 0) => {}
+            (Some(id), _) => {
+                let (set, n) = visitors.encode();
+                update.execute(params![id, c[0], c[1], c[2], c[3], c[4], set, n])?;
+            }
+            (None, _) => {
+                let (set, n) = visitors.encode();
+                insert.execute(params![
+                    site,
+                    dim,
+                    level.code(),
+                    bucket,
+                    value,
+                    c[0],
+                    c[1],
+                    c[2],
+                    c[3],
+                    c[4],
+                    set,
+                    n
+                ])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Adds a fold's events to their visitors' visits (see [`crate::session`]).
-fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Result<()> {
+/// Adds a fold's events to their visitors' visits (see [`crate::session`]),
+/// and what changes of them to the visit rollups, with `deltas` (changes a
+/// caller made already); `vids` are visitor ids the caller knows.
+fn fold_visits(
+    tx: &rusqlite::Transaction<'_>,
+    events: &[Event],
+    vids: &HashMap<(String, String), u32>,
+    mut deltas: VisitDeltas,
+) -> rusqlite::Result<()> {
     use crate::session::{GAP_MS, Visit, fold_visitor};
     // A visitor's visits do not overlap: walking back from the last to
     // start before the events' latest (plus the gap), the first that ends
@@ -1188,6 +1382,22 @@ fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Re
             .map(|(id, v)| ((v.start, v.start_id.clone()), *id))
             .collect();
         let change = fold_visitor(stored.iter().map(|(_, v)| v.clone()).collect(), &list);
+        let vid = match vids.get(&(site.to_owned(), visitor.to_owned())) {
+            Some(&v) => Some(v),
+            None => vid_of(tx, site, visitor)?,
+        };
+        if let Some(vid) = vid {
+            let removed: std::collections::HashSet<&(i64, String)> =
+                change.removed.iter().collect();
+            for (_, v) in &stored {
+                if removed.contains(&(v.start, v.start_id.clone())) {
+                    deltas.add(v, vid, -1);
+                }
+            }
+            for v in &change.written {
+                deltas.add(v, vid, 1);
+            }
+        }
         let mut gone: Vec<i64> = change
             .removed
             .iter()
@@ -1210,7 +1420,7 @@ fn fold_visits(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> rusqlite::Re
             delete.execute([id])?;
         }
     }
-    Ok(())
+    apply_visit_deltas(tx, deltas)
 }
 
 /// Reads a plan (see [`QueryStore::fetch`]) in one read transaction.
@@ -1441,6 +1651,81 @@ impl QueryStore for SqliteStore {
         .await
     }
 
+    async fn visit_rollups(
+        &self,
+        site_id: &str,
+        dim: &'static str,
+        spans: Vec<crate::query::engine::Span>,
+        raw: Vec<(i64, i64)>,
+    ) -> Result<Option<super::VisitRollupRead>, StoreError> {
+        let site = site_id.to_owned();
+        self.read(move |conn| {
+            use crate::visit_rollup::RowRead;
+            let tx = conn.transaction()?;
+            let mut rows = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT bucket, value, visits, bounces, duration_ms, pageviews, events, visitors
+                     FROM visit_rollups
+                     WHERE site_id = ?1 AND dim = ?2 AND level = ?3 AND bucket >= ?4 AND bucket < ?5",
+                )?;
+                for span in &spans {
+                    let mut q =
+                        stmt.query(params![site, dim, span.level.code(), span.from, span.to])?;
+                    while let Some(r) = q.next()? {
+                        let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                        rows.push(RowRead {
+                            level: span.level,
+                            bucket: r.get(0)?,
+                            value: r.get(1)?,
+                            visits: n(2)?,
+                            bounces: n(3)?,
+                            duration_ms: n(4)?,
+                            pageviews: n(5)?,
+                            events: n(6)?,
+                            visitors: r.get(7)?,
+                        });
+                    }
+                }
+            }
+            let mut visits = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT v.visitor, v.data, v.start_ts, v.start_id, v.end_ts, d.vid
+                     FROM visits v LEFT JOIN visitors d
+                       ON d.site_id = v.site_id AND d.visitor = v.visitor
+                     WHERE v.site_id = ?1 AND v.start_ts >= ?2 AND v.start_ts < ?3",
+                )?;
+                for (a, b) in &raw {
+                    let mut q = stmt.query(params![site, a, b])?;
+                    while let Some(r) = q.next()? {
+                        let Some(vid) = r
+                            .get::<_, Option<i64>>(5)?
+                            .and_then(|v| u32::try_from(v).ok())
+                        else {
+                            // A visit whose visitor has no id: not countable
+                            // with the rows; the engine reads visits instead.
+                            return Ok(None);
+                        };
+                        let Ok(mut v) =
+                            serde_json::from_str::<crate::session::Visit>(r.get_ref(1)?.as_str()?)
+                        else {
+                            continue;
+                        };
+                        v.site_id.clone_from(&site);
+                        v.visitor = r.get(0)?;
+                        v.start = r.get(2)?;
+                        v.start_id = r.get(3)?;
+                        v.end = r.get(4)?;
+                        visits.push((v, vid));
+                    }
+                }
+            }
+            Ok(Some((rows, visits)))
+        })
+        .await
+    }
+
     async fn visit_open(
         &self,
         site_id: &str,
@@ -1560,7 +1845,8 @@ impl StoreAdmin for SqliteStore {
         Self::with_conn(&self.writer, |conn| {
             conn.execute_batch(
                 "BEGIN IMMEDIATE; DELETE FROM rollups; DELETE FROM rollup_bitmaps;
-                 DELETE FROM site_days; DELETE FROM visits; UPDATE fold_state SET folded = 0; COMMIT;",
+                 DELETE FROM site_days; DELETE FROM visits; DELETE FROM visit_rollups;
+                 UPDATE fold_state SET folded = 0; COMMIT;",
             )
         })
         .await?;

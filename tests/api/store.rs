@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use evtrack::event::Event;
-use evtrack::rollup::Density;
+use evtrack::rollup::{Density, Level};
 use evtrack::stats::{StatsQuery, aggregate};
 use evtrack::store::mongo::MongoStore;
 use evtrack::store::sqlite::{SqliteOptions, SqliteStore};
@@ -1233,6 +1233,35 @@ async fn queries_match_the_reference_on_random_data(s: Subject) {
     crate::helpers::fold_all(&*s.store).await;
     assert_eq!(s.store.count_all().await.unwrap(), events.len() as u64);
 
+    // Visit rollups, where a store keeps them: each month's row of every
+    // visit holds the site's visits that start in it, as the reference has
+    // them (and the queries below are answered from them).
+    let months = (
+        Level::Month.start(base - 86_400_000),
+        base + span + 40 * 86_400_000,
+    );
+    let month_span = evtrack::query::engine::Span {
+        level: Level::Month,
+        from: months.0,
+        to: Level::Month.start(months.1),
+    };
+    if let Some((rows, _)) = s
+        .store
+        .visit_rollups("site", "all", vec![month_span], Vec::new())
+        .await
+        .unwrap()
+    {
+        let reference = evtrack::session::visits_of(events.iter().filter(|e| e.site_id == "site"));
+        let mut want: std::collections::BTreeMap<i64, u64> = Default::default();
+        for v in &reference {
+            *want.entry(Level::Month.start(v.start)).or_default() += 1;
+        }
+        let got: std::collections::BTreeMap<i64, u64> =
+            rows.iter().map(|r| (r.bucket, r.visits)).collect();
+        assert_eq!(got, want, "visits by month in the visit rollups");
+    } else {
+        assert_ne!(s.store.kind(), "sqlite", "SQLite keeps visit rollups");
+    }
     let zones = [
         "UTC",
         "Europe/Paris",
