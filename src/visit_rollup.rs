@@ -44,17 +44,35 @@ pub struct RowDelta {
     pub visitors: HashMap<u32, i64>,
 }
 
+/// A row being summed: its visitors' changes as they come (summed once,
+/// at the end: cheaper than a map per row while adding).
+#[derive(Debug, Default)]
+struct Pending {
+    counts: [i64; 5],
+    visitors: Vec<(u32, i64)>,
+}
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The rows' changes of some visits taken out and others put in.
 #[derive(Debug, Default)]
-pub struct Deltas(HashMap<RowKey, RowDelta>);
+pub struct Deltas {
+    /// Site → (dimension, level, bucket) → value → row. Looked up by
+    /// borrowed text: a row already there costs no allocation.
+    sites: Map<String, SiteRows>,
+}
 
-/// A visit's value for each row dimension.
-fn dims_of(v: &Visit) -> impl Iterator<Item = (&'static str, &str)> {
-    std::iter::once((DIM_ALL, "")).chain(
-        VisitField::ALL
-            .into_iter()
-            .map(|f| (f.name(), f.value_of(v))),
-    )
+/// One site's rows being summed: (dimension, level, bucket) → value → row.
+type SiteRows = Map<(usize, Level, i64), Map<String, Pending>>;
+
+/// A visit's value for each row dimension, in [`dim_names`] order.
+fn values_of(v: &Visit) -> impl Iterator<Item = &str> {
+    std::iter::once("").chain(VisitField::ALL.into_iter().map(|f| f.value_of(v)))
+}
+
+/// Row dimensions: `all`, then each [`VisitField`].
+fn dim_names() -> impl Iterator<Item = &'static str> {
+    std::iter::once(DIM_ALL).chain(VisitField::ALL.into_iter().map(VisitField::name))
 }
 
 /// The row dimension name of a field, as [`RowKey`] holds it.
@@ -66,43 +84,74 @@ impl Deltas {
     /// Counts `v` in (`sign` 1) or out (`sign` -1) of its rows; `vid` is
     /// its visitor's dictionary id.
     pub fn add(&mut self, v: &Visit, vid: u32, sign: i64) {
-        let bounce = i64::from(v.is_bounce());
-        let duration = v.duration_ms().max(0);
-        let (pageviews, events) = (v.pageviews as i64, v.events as i64);
+        let counts = [
+            sign,
+            sign * i64::from(v.is_bounce()),
+            sign * v.duration_ms().max(0),
+            sign * v.pageviews as i64,
+            sign * v.events as i64,
+        ];
+        let site = match self.sites.get_mut(v.site_id.as_str()) {
+            Some(s) => s,
+            None => self.sites.entry(v.site_id.clone()).or_default(),
+        };
         for level in LEVELS {
             let bucket = level.start(v.start);
-            for (dim, value) in dims_of(v) {
-                let row = self
-                    .0
-                    .entry((v.site_id.clone(), dim, level, bucket, value.to_owned()))
-                    .or_default();
-                row.visits += sign;
-                row.bounces += sign * bounce;
-                row.duration_ms += sign * duration;
-                row.pageviews += sign * pageviews;
-                row.events += sign * events;
-                *row.visitors.entry(vid).or_default() += sign;
+            for (dim, value) in values_of(v).enumerate() {
+                let rows = site.entry((dim, level, bucket)).or_default();
+                let row = match rows.get_mut(value) {
+                    Some(r) => r,
+                    None => rows.entry(value.to_owned()).or_default(),
+                };
+                for (total, n) in row.counts.iter_mut().zip(counts) {
+                    *total += n;
+                }
+                row.visitors.push((vid, sign));
             }
         }
     }
 
     /// The rows that change, each once (a visit taken out and put back
-    /// unchanged changes nothing).
+    /// unchanged changes nothing), in key order (the order of the stored
+    /// index: each of its pages is visited once).
     pub fn rows(self) -> impl Iterator<Item = (RowKey, RowDelta)> {
-        self.0.into_iter().filter_map(|(k, mut d)| {
-            d.visitors.retain(|_, n| *n != 0);
-            let idle = d.visits == 0
-                && d.bounces == 0
-                && d.duration_ms == 0
-                && d.pageviews == 0
-                && d.events == 0
-                && d.visitors.is_empty();
-            (!idle).then_some((k, d))
-        })
+        let names: Vec<&'static str> = dim_names().collect();
+        let mut out: Vec<(RowKey, RowDelta)> = Vec::new();
+        for (site, groups) in self.sites {
+            for ((dim, level, bucket), rows) in groups {
+                for (value, p) in rows {
+                    let mut visitors: HashMap<u32, i64> = HashMap::with_capacity(p.visitors.len());
+                    for (vid, n) in p.visitors {
+                        *visitors.entry(vid).or_default() += n;
+                    }
+                    visitors.retain(|_, n| *n != 0);
+                    let [visits, bounces, duration_ms, pageviews, events] = p.counts;
+                    if p.counts == [0; 5] && visitors.is_empty() {
+                        continue;
+                    }
+                    let key = (site.clone(), names[dim], level, bucket, value);
+                    out.push((
+                        key,
+                        RowDelta {
+                            visits,
+                            bounces,
+                            duration_ms,
+                            pageviews,
+                            events,
+                            visitors,
+                        },
+                    ));
+                }
+            }
+        }
+        out.sort_unstable_by(|a, b| {
+            (&a.0.0, a.0.1, a.0.2, a.0.3, &a.0.4).cmp(&(&b.0.0, b.0.1, b.0.2, b.0.3, &b.0.4))
+        });
+        out.into_iter()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.sites.is_empty()
     }
 }
 
@@ -120,6 +169,11 @@ impl Counted {
     /// agree.
     pub fn decode(set: &[u8], counts: &[u8]) -> Option<Counted> {
         let set = crate::rollup::decode(set)?;
+        if counts.is_empty() {
+            // Every visitor with one visit: nothing stored beside the set.
+            let ones = vec![1; set.len() as usize];
+            return Some(Counted { set, counts: ones });
+        }
         let mut out = Vec::with_capacity(set.len() as usize);
         let mut at = 0;
         while at < counts.len() {
@@ -132,6 +186,9 @@ impl Counted {
 
     /// The set's bytes and the counts' bytes.
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
+        if self.counts.iter().all(|&n| n == 1) {
+            return (crate::rollup::encode(&self.set), Vec::new());
+        }
         let mut counts = Vec::with_capacity(self.counts.len());
         for &n in &self.counts {
             let mut n = n;
