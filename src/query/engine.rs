@@ -312,14 +312,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         };
         return (plan, agg);
     };
-    // The query's buckets: its time buckets, or the whole range as one.
-    let intervals: Vec<(Option<String>, i64, i64)> = match query.time_grain() {
-        Some(grain) => buckets(&query.zone, grain, query.start, query.end)
-            .into_iter()
-            .map(|b| (Some(b.label), b.start, b.end))
-            .collect(),
-        None => vec![(None, query.start, query.end)],
-    };
+    let intervals = intervals_of(&query);
     let mut owners = HashMap::new();
     let mut slivers = Vec::new();
     let mut labels = Vec::with_capacity(intervals.len());
@@ -416,6 +409,18 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         gate: None,
     };
     (plan, agg)
+}
+
+/// The query's buckets (label, start, end): its time buckets, or the whole
+/// range as one.
+fn intervals_of(query: &Query) -> Vec<(Option<String>, i64, i64)> {
+    match query.time_grain() {
+        Some(grain) => buckets(&query.zone, grain, query.start, query.end)
+            .into_iter()
+            .map(|b| (Some(b.label), b.start, b.end))
+            .collect(),
+        None => vec![(None, query.start, query.end)],
+    }
 }
 
 /// Values a top-level `is` filter on the family's dimension allows: only
@@ -966,13 +971,7 @@ async fn from_visit_rollups(
     {
         return Ok(None);
     }
-    let intervals: Vec<(Option<String>, i64, i64)> = match query.time_grain() {
-        Some(grain) => buckets(&query.zone, grain, query.start, query.end)
-            .into_iter()
-            .map(|b| (Some(b.label), b.start, b.end))
-            .collect(),
-        None => vec![(None, query.start, query.end)],
-    };
+    let intervals = intervals_of(query);
     let mut owners: HashMap<Piece, usize> = HashMap::new();
     // (start, end, interval), in time order (intervals do not overlap).
     let mut slivers: Vec<(i64, i64, usize)> = Vec::new();
