@@ -27,7 +27,10 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Context, Event};
-use crate::query::{Answer, Dimension, GroupKey, PAGEVIEW, Query, Totals, page_of, visitor_of};
+use crate::query::{
+    Answer, Dimension, GroupKey, PAGEVIEW, Query, TimeGrain, Totals, VisitField, page_of,
+    visitor_of,
+};
 
 /// The longest gap between two events of one visit: 30 minutes.
 pub const GAP_MS: i64 = 30 * 60 * 1000;
@@ -212,41 +215,79 @@ pub fn visits_of<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Visit> 
 pub fn answer<'a>(
     query: &Query,
     visits: impl IntoIterator<Item = &'a Visit>,
-    mut passes: impl FnMut(&Visit) -> bool,
+    passes: impl FnMut(&Visit) -> bool,
 ) -> Answer {
-    let grain = query.time_grain();
-    let field = match query.dimension() {
-        Some(Dimension::Visit(f)) => Some(*f),
-        _ => None,
-    };
-    let mut groups: HashMap<GroupKey, (Totals, HashSet<&str>)> = HashMap::new();
-    for v in visits {
-        if v.site_id != query.site_id.as_str() || v.start < query.start || v.start >= query.end {
-            continue;
-        }
-        if !passes(v) {
-            continue;
-        }
-        let key = GroupKey {
-            time: grain.map(|g| g.label_of(&query.zone, v.start)),
-            value: field.map(|f| f.value_of(v).to_owned()),
+    let mut tally = Tally::new(query);
+    tally.add(visits, passes);
+    tally.finish()
+}
+
+/// [`answer`] taken in parts: the visits may be handed over a window at a
+/// time, so that only the groups (and their visitors) stay in memory.
+pub struct Tally<'q> {
+    query: &'q Query,
+    grain: Option<TimeGrain>,
+    field: Option<VisitField>,
+    groups: HashMap<GroupKey, (Totals, HashSet<String>)>,
+}
+
+impl<'q> Tally<'q> {
+    pub fn new(query: &'q Query) -> Self {
+        let field = match query.dimension() {
+            Some(Dimension::Visit(f)) => Some(*f),
+            _ => None,
         };
-        let (t, visitors) = groups.entry(key).or_default();
-        t.visits += 1;
-        t.bounces += u64::from(v.is_bounce());
-        t.duration_ms += u64::try_from(v.duration_ms()).unwrap_or(0);
-        t.pageviews += v.pageviews;
-        t.events += v.events;
-        visitors.insert(&v.visitor);
+        Tally {
+            query,
+            grain: query.time_grain(),
+            field,
+            groups: HashMap::new(),
+        }
     }
-    let groups = groups
-        .into_iter()
-        .map(|(k, (mut t, visitors))| {
-            t.visitors = visitors.len() as u64;
-            (k, t)
-        })
-        .collect();
-    Answer::shape(query, groups)
+
+    /// Counts the visits of the query's site that start in its range and
+    /// that `passes`.
+    pub fn add<'a>(
+        &mut self,
+        visits: impl IntoIterator<Item = &'a Visit>,
+        mut passes: impl FnMut(&Visit) -> bool,
+    ) {
+        let query = self.query;
+        for v in visits {
+            if v.site_id != query.site_id.as_str()
+                || v.start < query.start
+                || v.start >= query.end
+                || !passes(v)
+            {
+                continue;
+            }
+            let key = GroupKey {
+                time: self.grain.map(|g| g.label_of(&query.zone, v.start)),
+                value: self.field.map(|f| f.value_of(v).to_owned()),
+            };
+            let (t, visitors) = self.groups.entry(key).or_default();
+            t.visits += 1;
+            t.bounces += u64::from(v.is_bounce());
+            t.duration_ms += u64::try_from(v.duration_ms()).unwrap_or(0);
+            t.pageviews += v.pageviews;
+            t.events += v.events;
+            if !visitors.contains(v.visitor.as_str()) {
+                visitors.insert(v.visitor.clone());
+            }
+        }
+    }
+
+    pub fn finish(self) -> Answer {
+        let groups = self
+            .groups
+            .into_iter()
+            .map(|(k, (mut t, visitors))| {
+                t.visitors = visitors.len() as u64;
+                (k, t)
+            })
+            .collect();
+        Answer::shape(self.query, groups)
+    }
 }
 
 /// Whether a visit passes filters that look at visits only (`event:*`

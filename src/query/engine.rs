@@ -83,6 +83,10 @@ pub struct Plan {
     /// property value is (or contains) `v` has `v` verbatim in its JSON,
     /// for values that JSON does not escape.
     pub raw_needles: Vec<Vec<String>>,
+    /// Another such test: when set, only events whose page (`path`) is one
+    /// of these can pass. Derived from a top-level, case-sensitive `is`
+    /// condition on `event:page` whose values are all real paths.
+    pub raw_pages: Option<Vec<String>>,
 }
 
 /// One rollup row as a store reads it.
@@ -276,6 +280,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
     }
     let raw_props = dims.iter().any(|d| matches!(d, Dimension::Prop(_)));
     let raw_needles = needles(&query.filters);
+    let raw_pages = pages_wanted(&query.filters);
     let any_name = !dims.contains(&Dimension::Name);
     dims.retain(|d| *d != Dimension::Name);
     let family = match dims.as_slice() {
@@ -297,6 +302,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
             raw_vids: false,
             raw_props,
             raw_needles,
+            raw_pages,
         };
         let agg = Aggregator {
             query,
@@ -390,6 +396,7 @@ pub fn plan_for(query: Arc<Query>, rollups: bool) -> (Plan, Aggregator) {
         raw_vids: true,
         raw_props,
         raw_needles,
+        raw_pages,
     };
     let agg = Aggregator {
         query,
@@ -464,6 +471,21 @@ fn needles(filters: &[Filter]) -> Vec<Vec<String>> {
             _ => None,
         })
         .collect()
+}
+
+/// See [`Plan::raw_pages`].
+fn pages_wanted(filters: &[Filter]) -> Option<Vec<String>> {
+    filters.iter().find_map(|f| match f {
+        Filter::Condition(c)
+            if c.op == FilterOp::Is
+                && c.case_sensitive
+                && c.dimension == Dimension::Page
+                && c.values.iter().all(|v| !v.is_empty() && v != NONE) =>
+        {
+            Some(c.values.clone())
+        }
+        _ => None,
+    })
 }
 
 /// Runs of consecutive buckets per level.
@@ -1082,22 +1104,7 @@ async fn evaluate_plain(store: &dyn QueryStore, query: Arc<Query>) -> Result<Ans
         return Ok(answer);
     }
     if query.is_visit_scoped() {
-        // Visits are read as the fold keeps them, one record per visit
-        // that starts in the range (not yet from rollups).
-        let visits = store.visits(&query.site_id, query.start, query.end).await?;
-        if !query.filters_events() {
-            return Ok(session::answer(&query, &visits, |v| {
-                session::passes_alone(&query, v)
-            }));
-        }
-        let visits = Arc::new(visits);
-        let passed = visits_with_events(store, &query, Arc::clone(&visits)).await?;
-        let kept = visits
-            .iter()
-            .zip(passed)
-            .filter(|(_, p)| *p)
-            .map(|(v, _)| v);
-        return Ok(session::answer(&query, kept, |_| true));
+        return visits_in_windows(store, &query).await;
     }
     if query.filters_visits() {
         return events_by_visit(store, query).await;
@@ -1126,14 +1133,55 @@ fn raw_unfiltered(query: &Query, start: i64, end: i64) -> (Plan, Aggregator) {
         .filter_dimensions()
         .iter()
         .any(|d| matches!(d, Dimension::Prop(_)));
+    // Every filter must hold for an event to pass with its visit, so the
+    // stores' cheap tests of the event alone still apply.
+    plan.raw_needles = needles(&query.filters);
+    plan.raw_pages = pages_wanted(&query.filters);
     (plan, agg)
 }
 
-/// Which of `visits` hold an event that passes the query's filters with
-/// its visit ([`session::events_of`]), from the raw events they span.
+/// How much of a visit-scoped query's range is read at a time, where its
+/// visits are read one by one (not from rollups): the visits that start in
+/// one window, and, when the filters look at events, the raw events those
+/// visits span. Only the groups outlive a window, so the memory such a
+/// query takes is that of one window's visits, not of the whole range's.
+const VISIT_WINDOW_MS: i64 = super::time::DAY_MS;
+
+/// A visit-scoped query from the visits as the fold keeps them, one record
+/// per visit that starts in the range, a window at a time.
+async fn visits_in_windows(
+    store: &dyn QueryStore,
+    query: &Arc<Query>,
+) -> Result<Answer, StoreError> {
+    let mut tally = session::Tally::new(query);
+    let mut from = query.start;
+    while from < query.end {
+        let to = from.saturating_add(VISIT_WINDOW_MS).min(query.end);
+        let visits = store.visits(&query.site_id, from, to).await?;
+        if !query.filters_events() {
+            tally.add(&visits, |v| session::passes_alone(query, v));
+        } else {
+            let visits = Arc::new(visits);
+            let passed = visits_with_events(store, query, from, Arc::clone(&visits)).await?;
+            let kept = visits
+                .iter()
+                .zip(passed)
+                .filter(|(_, p)| *p)
+                .map(|(v, _)| v);
+            tally.add(kept, |_| true);
+        }
+        from = to;
+    }
+    Ok(tally.finish())
+}
+
+/// Which of `visits` (none starting before `from`) hold an event that
+/// passes the query's filters with its visit ([`session::events_of`]),
+/// from the raw events they span.
 async fn visits_with_events(
     store: &dyn QueryStore,
     query: &Arc<Query>,
+    from: i64,
     visits: Arc<Vec<Visit>>,
 ) -> Result<Vec<bool>, StoreError> {
     let Some(until) = visits.iter().map(|v| v.end).max() else {
@@ -1141,7 +1189,7 @@ async fn visits_with_events(
     };
     let n = visits.len();
     let passed = Arc::new(Mutex::new(vec![false; n]));
-    let (plan, mut agg) = raw_unfiltered(query, query.start, until.saturating_add(1));
+    let (plan, mut agg) = raw_unfiltered(query, from, until.saturating_add(1));
     let index = session::VisitIndex::new(&visits);
     let (q, out) = (Arc::clone(query), Arc::clone(&passed));
     agg.gate = Some(Arc::new(move |e: &Event| {

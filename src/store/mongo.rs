@@ -411,6 +411,15 @@ fn raw_filter(site_id: &str, start: i64, end: i64) -> Document {
     }
 }
 
+/// [`raw_filter`] with the plan's cheap test of pages ([`Plan::raw_pages`]).
+fn raw_plan_filter(plan: &Plan, start: i64, end: i64) -> Document {
+    let mut filter = raw_filter(&plan.site_id, start, end);
+    if let Some(pages) = &plan.raw_pages {
+        filter.insert("path", doc! {"$in": pages.clone()});
+    }
+    filter
+}
+
 /// Which buckets of one level a rollup read takes.
 #[derive(Debug, Clone)]
 enum Buckets {
@@ -2109,7 +2118,7 @@ impl MongoStore {
         for &(start, end) in plan.raw.iter().chain(&sparse) {
             let mut cursor = self
                 .events
-                .find(raw_filter(&plan.site_id, start, end))
+                .find(raw_plan_filter(plan, start, end))
                 .max_time(left()?)
                 .session(&mut *session)
                 .await

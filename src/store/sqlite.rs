@@ -1510,6 +1510,11 @@ fn fetch(conn: &mut Connection, plan: &Plan, agg: &mut Aggregator) -> rusqlite::
             needles_sql.push_str(&format!(" AND e.props IS NOT NULL AND ({tests})"));
             needle_args.extend(any.iter().map(|v| v.clone().into()));
         }
+        if let Some(pages) = &plan.raw_pages {
+            let marks = vec!["?"; pages.len()].join(", ");
+            needles_sql.push_str(&format!(" AND e.path IN ({marks})"));
+            needle_args.extend(pages.iter().map(|v| v.clone().into()));
+        }
         let mut stmt = tx.prepare(&format!(
             "SELECT e.site_id, e.event_type, e.path, e.userid, e.ts, {props}, {vid}, e.id, e.visitor
              FROM events e {join}
