@@ -17,6 +17,8 @@ use crate::worker::WorkerConfig;
 pub const DEFAULT_PORT: u16 = 3000;
 pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const DEFAULT_REDIS_PREFIX: &str = "evtrack:";
+/// Most streams `QUEUE_PARTITIONS` may split the Redis queue into.
+pub const MAX_QUEUE_PARTITIONS: u16 = 256;
 pub const DEFAULT_QUEUE_MAX_LEN: u64 = 1_000_000;
 pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// The smallest `QUEUE_MAX_BYTES`. The limit refuses a request whole, so a
@@ -163,6 +165,16 @@ pub struct Settings {
     /// Prefix of every Redis key evtrack uses.
     #[arg(long, env = "REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX, global = true)]
     pub redis_prefix: String,
+
+    /// Streams the Redis queue is split into, each a key of its own (hash
+    /// tagged, so that on a Redis Cluster they spread over the masters).
+    /// Every process of one deployment must use the same number; change it
+    /// only once the queue is empty (a process refuses to start while the
+    /// streams of another number still hold events).
+    #[arg(long, env = "QUEUE_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUE_PARTITIONS as i64).map(usize::from),
+          global = true)]
+    pub queue_partitions: usize,
 
     /// Most events waiting in the Redis stream; beyond it ingestion answers
     /// 503 `queue_full`.
@@ -354,6 +366,7 @@ impl Default for Settings {
             redis_url: None,
             redis_ca_cert: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            queue_partitions: 1,
             queue_max_len: DEFAULT_QUEUE_MAX_LEN,
             queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             dead_letter_max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
@@ -391,6 +404,7 @@ impl Settings {
             url: url.to_owned(),
             ca_cert: self.redis_ca_cert.clone(),
             prefix: self.redis_prefix.clone(),
+            partitions: self.queue_partitions,
             max_len: self.queue_max_len,
             max_bytes: self.queue_max_bytes,
         })

@@ -324,7 +324,7 @@ fn dashboard_bodies(days: usize, filters: &Value) -> Vec<Value> {
 
 /// Times `runs` dashboard loads (after one untimed), all requests at once.
 async fn dashboard_load(
-    ctx: &Ctx,
+    http: &reqwest::Client,
     port: u16,
     days: usize,
     runs: usize,
@@ -342,7 +342,7 @@ async fn dashboard_load(
                 let answers = futures::future::join_all(
                     bodies
                         .iter()
-                        .map(|b| ctx.http.post(&url).json(b).timeout(limit).send()),
+                        .map(|b| http.post(&url).json(b).timeout(limit).send()),
                 )
                 .await;
                 for a in answers {
@@ -546,7 +546,7 @@ async fn sqlite_case(
     )?;
     procs::wait_http(&mut app, &ctx.http, port).await?;
     let mut queries = measure(ctx, port, &shapes, ctx.p.query_requests).await?;
-    let dashboard = dashboard_load(ctx, port, days, ctx.p.query_requests.min(5)).await?;
+    let dashboard = dashboard_load(&ctx.http, port, days, ctx.p.query_requests.min(5)).await?;
     eprintln!(
         "    sqlite {:>10} events, dashboard load ({} requests at once): p50 {:.0} ms, max {:.0} ms; \
          filtered by a page: {}",
@@ -1089,6 +1089,13 @@ pub struct QueryLocalArgs {
     /// `bench_local_<days>x<per_day>`, seeded when it holds no events).
     #[arg(long)]
     mongo_uri: Option<String>,
+    /// Then time the dashboard's opening over HTTP, as `run --only query`
+    /// does: `evtrack` from `--bin-dir` serving the seeded SQLite store.
+    #[arg(long)]
+    dashboard: bool,
+    /// Where `evtrack` is (with `--dashboard`).
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
 }
 
 pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
@@ -1172,6 +1179,44 @@ pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
         field("RssAnon:"),
         field("RssFile:"),
         field("VmHWM:")
+    );
+    if args.dashboard && args.mongo_uri.is_none() {
+        local_dashboard(&args).await?;
+    }
+    Ok(())
+}
+
+/// `query-local --dashboard`: the dashboard's opening, timed over HTTP
+/// against `evtrack` serving the seeded store (default settings, the query
+/// time limit raised as in the run's query cases).
+async fn local_dashboard(args: &QueryLocalArgs) -> anyhow::Result<()> {
+    let port = procs::free_port()?;
+    let mut cmd = std::process::Command::new(args.bin_dir.join("evtrack"));
+    cmd.current_dir(&args.dir);
+    for k in evtrack::config::env_names() {
+        cmd.env_remove(k);
+    }
+    cmd.env_remove("RUST_LOG")
+        .env("PORT", port.to_string())
+        .env("DATA_DIR", &args.dir)
+        .env("STATS_TIMEOUT_MS", "600000");
+    let mut app = procs::Proc::spawn("evtrack", &mut cmd, &args.dir.join("evtrack.log"))?;
+    let http = reqwest::Client::new();
+    procs::wait_http(&mut app, &http, port).await?;
+    let load = dashboard_load(&http, port, args.days, 5).await;
+    app.stop(Duration::from_secs(30)).await;
+    let load = load?;
+    eprintln!(
+        "dashboard load ({} requests at once): p50 {:.0} ms, max {:.0} ms of {} loads; \
+         filtered by a page: {}",
+        load.requests,
+        load.unfiltered_p50_ms,
+        load.unfiltered_max_ms,
+        load.runs,
+        load.filtered_ms.map_or_else(
+            || format!("did not end within {} s", FILTERED_LIMIT.as_secs()),
+            |ms| format!("{ms:.0} ms")
+        ),
     );
     Ok(())
 }

@@ -20,14 +20,33 @@
 //! consumers left behind by workers that died, once those have nothing
 //! pending either: each consumer left in the group is listed by XINFO and
 //! looked at by every claim pass for as long as the group lives.
+//!
+//! **Partitions.** A stream is one key, so on a Redis Cluster one shard. The
+//! queue may be split into `QUEUE_PARTITIONS` streams ([`Layout`]), each with
+//! its own group, byte counter and dead-letter stream under one hash tag
+//! (the three keys a script or transaction touches together must share a
+//! slot). A request goes whole to one partition, chosen round robin by each
+//! API process, the next one when that one is full; each partition holds at
+//! most its share of `QUEUE_MAX_LEN` and `QUEUE_MAX_BYTES`, so the limits
+//! hold for the whole queue. Every worker reads, claims from and
+//! dead-letters into every partition. No order between events is needed:
+//! the store keeps raw events and folds visits from them in any arrival
+//! order, so two workers storing one visitor's events at once, from two
+//! partitions, give the same visits as one worker storing them in order.
+//!
+//! `REDIS_URL` names one server, or the nodes of a cluster separated by
+//! commas; one node of a cluster is recognised as such (`INFO cluster`).
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::streams::{
     StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
     StreamRangeReply, StreamReadReply,
@@ -158,61 +177,174 @@ const BLOCK: Duration = Duration::from_millis(1000);
 /// How long a stopping worker waits to leave the consumer group.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Names of the keys, all under one prefix.
+/// Names of the keys of one partition, all under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub stream: String,
     pub dead: String,
     /// Payload bytes of the entries in `stream` (a string holding a number).
     pub bytes: String,
-    /// Before a UTC day number: that day's visitor salt ([`crate::visitor`]).
-    pub salt: String,
 }
 
 impl Keys {
+    /// The keys of a queue of one partition on one server, as they have
+    /// always been named.
     pub fn new(prefix: &str) -> Self {
+        Self::with_tag(prefix, "")
+    }
+
+    fn with_tag(prefix: &str, tag: &str) -> Self {
         Self {
-            stream: format!("{prefix}events"),
-            dead: format!("{prefix}dead"),
-            bytes: format!("{prefix}bytes"),
-            salt: format!("{prefix}salt:"),
+            stream: format!("{prefix}{tag}events"),
+            dead: format!("{prefix}{tag}dead"),
+            bytes: format!("{prefix}{tag}bytes"),
         }
+    }
+}
+
+/// Slots of a Redis Cluster: a key's slot is the CRC16 of its hash tag
+/// (the text between its first `{` and the next `}`), modulo this.
+const SLOTS: u16 = 16_384;
+
+fn slot_of(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
+}
+
+/// How the queue is split: the keys of each partition.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub partitions: Vec<Keys>,
+    /// Before a UTC day number: that day's visitor salt ([`crate::visitor`]).
+    pub salt: String,
+    /// The number of partitions the streams in Redis were made with.
+    pub marker: String,
+}
+
+impl Layout {
+    /// `n` partitions under `prefix`. One partition on one server keeps the
+    /// names of a queue that was never split (`<prefix>events`, …). Else
+    /// partition `i` is tagged `{q<i>.<k>}`, `k` the first number that puts
+    /// the tag in the middle of the `i`-th of `n` equal shares of the slots:
+    /// a cluster whose masters hold equal shares (what `redis-cli --cluster
+    /// create` makes) then holds `n / masters` partitions each. The names
+    /// depend on `n`: see [`Self::check`] for a change of `n`.
+    pub fn new(prefix: &str, n: usize, cluster: bool) -> Self {
+        let n = n.max(1);
+        let salt_tag = if cluster { "{salt}:" } else { "salt:" };
+        let partitions = if n == 1 && !cluster {
+            vec![Keys::new(prefix)]
+        } else {
+            (0..n)
+                .map(|i| Keys::with_tag(prefix, &Self::tag(i, n)))
+                .collect()
+        };
+        Self {
+            partitions,
+            salt: format!("{prefix}{salt_tag}"),
+            marker: format!("{prefix}partitions"),
+        }
+    }
+
+    fn tag(i: usize, n: usize) -> String {
+        let share = f64::from(SLOTS) / n as f64;
+        let middle = (i as f64 + 0.5) * share;
+        // Within a quarter of a share of the middle (at least one slot):
+        // found within a few thousand tries for any `n` allowed.
+        let reach = (share / 4.0).max(1.0);
+        let near = |slot: u16| (f64::from(slot) - middle).abs() <= reach;
+        (0u32..)
+            .map(|k| format!("{{q{i}.{k}}}"))
+            .find(|tag| near(slot_of(&tag[1..tag.len() - 1])))
+            .unwrap_or_default()
     }
 }
 
 /// Connection settings shared by the API and worker sides.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
+    /// One URL, or a cluster's nodes separated by commas.
     pub url: String,
     /// PEM file of the CA that signed the server's certificate (`rediss://`
     /// with a private CA); `None` uses the usual public roots.
     pub ca_cert: Option<std::path::PathBuf>,
     pub prefix: String,
-    /// Most entries in the stream.
+    /// Streams the queue is split into (`QUEUE_PARTITIONS`).
+    pub partitions: usize,
+    /// Most entries in the queue (all partitions).
     pub max_len: u64,
-    /// Most payload bytes (the events' JSON) in the stream.
+    /// Most payload bytes (the events' JSON) in the queue (all partitions).
     pub max_bytes: u64,
 }
 
-pub fn client(config: &RedisConfig) -> Result<Client, String> {
-    match &config.ca_cert {
-        None => Client::open(config.url.as_str()).map_err(|e| e.to_string()),
-        Some(path) => {
-            let pem = read_ca(path)?;
-            Client::build_with_tls(
-                config.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            )
-            .map_err(|e| e.to_string())
-        }
+impl RedisConfig {
+    fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
+}
+
+pub fn client(config: &RedisConfig) -> Result<Client, String> {
+    let url = config.urls().first().copied().unwrap_or_default();
+    match &config.ca_cert {
+        None => Client::open(url).map_err(|e| e.to_string()),
+        Some(path) => Client::build_with_tls(url, certificates(path)?).map_err(|e| e.to_string()),
+    }
+}
+
+fn certificates(path: &Path) -> Result<redis::TlsCertificates, String> {
+    Ok(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(read_ca(path)?),
+    })
 }
 
 fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read CA certificate {}: {e}", path.display()))
+}
+
+/// A connection to one server, or to a cluster (commands routed to the
+/// master of their keys' slot).
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
 }
 
 async fn manager(
@@ -227,9 +359,119 @@ async fn manager(
     client.get_connection_manager_with_config(config).await
 }
 
+/// Connects to the server or cluster `config` names: a cluster when it
+/// lists several nodes, or when its one server says it is a cluster node.
+pub async fn connect(config: &RedisConfig, response_timeout: Duration) -> Result<Conn, String> {
+    let urls = config.urls();
+    let cluster = match urls.as_slice() {
+        [] => return Err("no Redis URL".into()),
+        [_] => {
+            let mut single = manager(&client(config)?, response_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let info: String = redis::cmd("INFO")
+                .arg("cluster")
+                .query_async(&mut single)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+                return Ok(Conn::Single(single));
+            }
+            true
+        }
+        _ => true,
+    };
+    debug_assert!(cluster);
+    let mut builder = ClusterClientBuilder::new(urls)
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(response_timeout)
+        .retries(2);
+    if let Some(path) = &config.ca_cert {
+        builder = builder.certs(certificates(path)?);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    client
+        .get_async_connection()
+        .await
+        .map(Conn::Cluster)
+        .map_err(|e| e.to_string())
+}
+
+/// Connects, checks that the streams in Redis were made with the same
+/// number of partitions (see [`Layout::new`]), and makes every group.
+async fn open(config: &RedisConfig, response_timeout: Duration) -> Result<(Conn, Layout), String> {
+    let mut conn = connect(config, response_timeout).await?;
+    let layout = Layout::new(&config.prefix, config.partitions, conn.is_cluster());
+    check_layout(&mut conn, config, &layout)
+        .await
+        .map_err(|e| match e {
+            LayoutError::Redis(e) => e.to_string(),
+            LayoutError::Changed(message) => message,
+        })?;
+    for keys in &layout.partitions {
+        ensure_group(&mut conn, keys)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((conn, layout))
+}
+
+enum LayoutError {
+    Redis(RedisError),
+    Changed(String),
+}
+
+impl From<RedisError> for LayoutError {
+    fn from(e: RedisError) -> Self {
+        LayoutError::Redis(e)
+    }
+}
+
+/// Renaming the streams (another number of partitions) while the old ones
+/// hold events would leave those events where no worker reads: refused.
+/// Once they are empty, the new number is recorded and used. A queue made
+/// before partitions existed has no record: one partition.
+async fn check_layout(
+    conn: &mut Conn,
+    config: &RedisConfig,
+    layout: &Layout,
+) -> Result<(), LayoutError> {
+    let recorded: Option<usize> = redis::cmd("GET")
+        .arg(&layout.marker)
+        .query_async(conn)
+        .await?;
+    let before = recorded.unwrap_or(1);
+    if before != layout.partitions.len() {
+        let old = Layout::new(&config.prefix, before, conn.is_cluster());
+        let mut waiting = 0u64;
+        for keys in &old.partitions {
+            let n: u64 = redis::cmd("XLEN")
+                .arg(&keys.stream)
+                .query_async(conn)
+                .await?;
+            waiting += n;
+        }
+        if waiting > 0 {
+            return Err(LayoutError::Changed(format!(
+                "QUEUE_PARTITIONS is {} but the queue in Redis was made with {before} and still \
+                 holds {waiting} events: let workers with QUEUE_PARTITIONS={before} empty it first",
+                layout.partitions.len()
+            )));
+        }
+    }
+    if recorded != Some(layout.partitions.len()) {
+        let () = redis::cmd("SET")
+            .arg(&layout.marker)
+            .arg(layout.partitions.len())
+            .query_async(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Creates the stream and the group if missing. The group starts at `0`, not
 /// `$`: events queued before any worker existed must still be delivered.
-async fn ensure_group(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), RedisError> {
+async fn ensure_group(conn: &mut Conn, keys: &Keys) -> Result<(), RedisError> {
     let created: Result<(), RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&keys.stream)
@@ -251,30 +493,54 @@ fn unavailable(e: RedisError) -> QueueError {
 /// The API's side.
 #[derive(Clone)]
 pub struct RedisQueue {
-    conn: ConnectionManager,
-    keys: Keys,
+    conn: Conn,
+    layout: Layout,
+    /// Each partition's share of the limits.
     max_len: u64,
     max_bytes: u64,
     script: Script,
+    /// The partition the next request tries first.
+    next: Arc<AtomicUsize>,
 }
 
 impl RedisQueue {
     pub async fn connect(config: &RedisConfig) -> Result<Self, String> {
-        let client = client(config)?;
-        let mut conn = manager(&client, Duration::from_millis(900))
-            .await
-            .map_err(|e| e.to_string())?;
-        let keys = Keys::new(&config.prefix);
-        ensure_group(&mut conn, &keys)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (conn, layout) = open(config, Duration::from_millis(900)).await?;
+        let n = layout.partitions.len() as u64;
         Ok(Self {
             conn,
-            keys,
-            max_len: config.max_len,
-            max_bytes: config.max_bytes,
+            layout,
+            max_len: (config.max_len / n).max(1),
+            max_bytes: (config.max_bytes / n).max(1),
             script: Script::new(ENQUEUE_SCRIPT),
+            next: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// The keys of each partition.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// One try at one partition: `Ok(false)` when it is full.
+    async fn enqueue_into(&self, keys: &Keys, payloads: &[Vec<u8>]) -> Result<bool, QueueError> {
+        let mut invocation = self.script.key(&keys.stream);
+        invocation
+            .key(&keys.bytes)
+            .arg(self.max_len)
+            .arg(self.max_bytes);
+        for json in payloads {
+            invocation.arg(json.as_slice());
+        }
+        let mut conn = self.conn.clone();
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
+            Err(_) => Err(QueueError::Unavailable(
+                "redis did not answer within 1 s".into(),
+            )),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Ok(Ok(n)) => Ok(n >= 0),
+        }
     }
 }
 
@@ -284,26 +550,22 @@ impl Queue for RedisQueue {
         if events.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.script.key(&self.keys.stream);
-        invocation
-            .key(&self.keys.bytes)
-            .arg(self.max_len)
-            .arg(self.max_bytes);
-        for e in &events {
-            let json =
-                serde_json::to_vec(e).map_err(|err| QueueError::Unavailable(err.to_string()))?;
-            invocation.arg(json);
+        let payloads = events
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| QueueError::Unavailable(err.to_string()))?;
+        // Round robin over the partitions, each request whole into one; a
+        // full partition passes the request on to the next.
+        let n = self.layout.partitions.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            let keys = &self.layout.partitions[(first + i) % n];
+            if self.enqueue_into(keys, &payloads).await? {
+                return Ok(());
+            }
         }
-        let mut conn = self.conn.clone();
-        let call = invocation.invoke_async::<i64>(&mut conn);
-        match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
-            Err(_) => Err(QueueError::Unavailable(
-                "redis did not answer within 1 s".into(),
-            )),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Ok(Ok(n)) if n < 0 => Err(QueueError::Full),
-            Ok(Ok(_)) => Ok(()),
-        }
+        Err(QueueError::Full)
     }
 
     async fn check(&self) -> Result<(), QueueError> {
@@ -319,21 +581,42 @@ impl Queue for RedisQueue {
     }
 
     async fn depth(&self) -> Result<Depth, QueueError> {
+        let mut total = Depth {
+            events: 0,
+            bytes: Some(0),
+            oldest_age: None,
+        };
+        for keys in &self.layout.partitions {
+            let d = self.partition_depth(keys).await?;
+            total.events += d.events;
+            total.bytes = Some(total.bytes.unwrap_or(0) + d.bytes.unwrap_or(0));
+            total.oldest_age = total.oldest_age.max(d.oldest_age);
+        }
+        Ok(total)
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+impl RedisQueue {
+    async fn partition_depth(&self, keys: &Keys) -> Result<Depth, QueueError> {
         // Acknowledged entries are deleted (XACK + XDEL), so the stream holds
         // exactly the events not yet stored, and its first entry is the
         // oldest; its id starts with the millisecond Redis added it.
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("XLEN")
-            .arg(&self.keys.stream)
+            .arg(&keys.stream)
             .cmd("XRANGE")
-            .arg(&self.keys.stream)
+            .arg(&keys.stream)
             .arg("-")
             .arg("+")
             .arg("COUNT")
             .arg(1)
             .cmd("GET")
-            .arg(&self.keys.bytes);
+            .arg(&keys.bytes);
         let call = pipe.query_async::<(u64, StreamRangeReply, Option<u64>)>(&mut conn);
         let (events, first, bytes) = match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
             Err(_) => {
@@ -357,15 +640,13 @@ impl Queue for RedisQueue {
             oldest_age,
         })
     }
-
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
 }
 
 /// What the worker needs to acknowledge or dead-letter an entry.
 #[derive(Debug)]
 pub struct EntryTag {
+    /// The partition the entry is in.
+    pub partition: usize,
     pub id: String,
     /// Bytes of the entry's event field, as counted in `<prefix>bytes` when
     /// it was queued: what settling it frees.
@@ -380,32 +661,31 @@ pub struct EntryTag {
 pub struct ConsumerConfig {
     /// How long an entry may stay pending with a worker before another claims it.
     pub claim_idle: Duration,
-    /// Most entries kept in the dead-letter stream.
+    /// Most entries kept in the dead-letter stream (of each partition).
     pub dead_letter_max_len: u64,
 }
+
+/// How long a read waits for entries on one partition when the queue has
+/// several and all were empty: the others are looked at again after it.
+const PARTITION_BLOCK: Duration = Duration::from_millis(100);
 
 /// The worker's side. It owns a connection of its own: its reads block for up
 /// to a second, and on a shared multiplexed connection they would hold up the
 /// commands queued behind them.
 pub struct RedisConsumer {
-    conn: ConnectionManager,
-    keys: Keys,
+    conn: Conn,
+    layout: Layout,
     name: String,
     config: ConsumerConfig,
     next_claim: Instant,
+    /// The partition the next read looks at first.
+    next_read: usize,
 }
 
 impl RedisConsumer {
     pub async fn connect(redis: &RedisConfig, config: ConsumerConfig) -> Result<Self, String> {
-        let client = client(redis)?;
         // Responses may take as long as the blocking read, plus slack.
-        let mut conn = manager(&client, BLOCK + Duration::from_secs(2))
-            .await
-            .map_err(|e| e.to_string())?;
-        let keys = Keys::new(&redis.prefix);
-        ensure_group(&mut conn, &keys)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut conn, layout) = open(redis, BLOCK + Duration::from_secs(2)).await?;
         // Loaded now rather than on first use (EVALSHA, NOSCRIPT, load, and
         // again): the first acknowledgement takes one round trip like the
         // others. After a Redis restart empties its script cache, the
@@ -419,23 +699,30 @@ impl RedisConsumer {
         let name = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
         Ok(Self {
             conn,
-            keys,
+            layout,
             name,
             config,
             next_claim: Instant::now(),
+            next_read: 0,
         })
     }
 
-    /// This consumer's name in the group.
+    /// This consumer's name in the groups.
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Claims entries left pending by other (presumably dead) workers.
-    async fn claim_stale(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
+    /// Claims entries of one partition left pending by other (presumably
+    /// dead) workers.
+    async fn claim_stale(
+        &mut self,
+        partition: usize,
+        max: usize,
+    ) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
+        let keys = &self.layout.partitions[partition];
         let idle_ms = self.config.claim_idle.as_millis() as u64;
         let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-            .arg(&self.keys.stream)
+            .arg(&keys.stream)
             .arg(GROUP)
             .arg("IDLE")
             .arg(idle_ms)
@@ -455,7 +742,7 @@ impl RedisConsumer {
         // XCLAIM re-checks the idle time, so of two workers claiming at once
         // only one gets each entry.
         let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&self.keys.stream)
+        cmd.arg(&keys.stream)
             .arg(GROUP)
             .arg(&self.name)
             .arg(idle_ms);
@@ -468,7 +755,7 @@ impl RedisConsumer {
             .into_iter()
             .map(|entry| {
                 let attempts = deliveries.get(&entry.id).copied().unwrap_or(0) + 1;
-                to_delivery(entry, attempts as u32)
+                to_delivery(partition, entry, attempts as u32)
             })
             .collect())
     }
@@ -478,23 +765,46 @@ impl RedisConsumer {
             // Looking for stale entries every quarter of the idle time keeps a
             // dead worker's entries waiting at most 1.25 × claim_idle.
             self.next_claim = Instant::now() + self.config.claim_idle / 4;
-            // Before claiming: a consumer whose entries this pass is about to
-            // take over still has them pending now, so it stays; it goes on a
-            // later pass, once everything it held has been taken over (which
-            // may take several passes, `max` entries each).
-            if let Err(e) = self.forget_idle_consumers().await {
-                // Tidying only; the claim below meets a missing group too
-                // and handles it.
-                if e.code() != Some("NOGROUP") {
-                    tracing::warn!(error = %e, "cannot remove idle consumers from the group");
+            for partition in 0..self.layout.partitions.len() {
+                // Before claiming: a consumer whose entries this pass is
+                // about to take over still has them pending now, so it
+                // stays; it goes on a later pass, once everything it held
+                // has been taken over (which may take several passes, `max`
+                // entries each).
+                if let Err(e) = self.forget_idle_consumers(partition).await {
+                    // Tidying only; the claim below meets a missing group
+                    // too and handles it.
+                    if e.code() != Some("NOGROUP") {
+                        tracing::warn!(error = %e, "cannot remove idle consumers from the group");
+                    }
+                }
+                let claimed = self.claim_stale(partition, max).await?;
+                if !claimed.is_empty() {
+                    // The other partitions' turn comes with the next pass:
+                    // make it the next fetch.
+                    self.next_claim = Instant::now();
+                    return Ok(claimed);
                 }
             }
-            let claimed = self.claim_stale(max).await?;
-            if !claimed.is_empty() {
-                return Ok(claimed);
+        }
+        let n = self.layout.partitions.len();
+        if n == 1 {
+            return self.read_new(0, max, Some(BLOCK)).await;
+        }
+        // Each partition in turn without waiting, starting after the one
+        // read last, so that a busy partition does not starve the others;
+        // when all are empty, a short wait on one.
+        for i in 0..n {
+            let partition = (self.next_read + i) % n;
+            let got = self.read_new(partition, max, None).await?;
+            if !got.is_empty() {
+                self.next_read = (partition + 1) % n;
+                return Ok(got);
             }
         }
-        self.read_new(max).await
+        let partition = self.next_read;
+        self.next_read = (partition + 1) % n;
+        self.read_new(partition, max, Some(PARTITION_BLOCK)).await
     }
 
     /// How long a consumer with nothing pending may go unheard of before
@@ -513,11 +823,11 @@ impl RedisConsumer {
         self.config.claim_idle * 2
     }
 
-    /// Removes `consumer` from the group if it has nothing pending; true
-    /// when it is no longer in the group.
-    async fn leave_group(&mut self, consumer: &str) -> Result<bool, RedisError> {
+    /// Removes `consumer` from one partition's group if it has nothing
+    /// pending there; true when it is no longer in the group.
+    async fn leave_group(&mut self, partition: usize, consumer: &str) -> Result<bool, RedisError> {
         let left: i64 = LEAVE
-            .key(&self.keys.stream)
+            .key(&self.layout.partitions[partition].stream)
             .arg(GROUP)
             .arg(consumer)
             .invoke_async(&mut self.conn)
@@ -528,11 +838,11 @@ impl RedisConsumer {
     /// Removes consumers left behind by workers that stopped without leaving
     /// (killed, crashed, lost their connection): those with nothing pending
     /// that have been idle longer than [`Self::forget_after`].
-    async fn forget_idle_consumers(&mut self) -> Result<(), RedisError> {
+    async fn forget_idle_consumers(&mut self, partition: usize) -> Result<(), RedisError> {
         let bound = self.forget_after().as_millis();
         let info: StreamInfoConsumersReply = redis::cmd("XINFO")
             .arg("CONSUMERS")
-            .arg(&self.keys.stream)
+            .arg(&self.layout.partitions[partition].stream)
             .arg(GROUP)
             .query_async(&mut self.conn)
             .await?;
@@ -542,10 +852,11 @@ impl RedisConsumer {
             if c.pending > 0 || (c.idle as u128) <= bound || c.name == self.name {
                 continue;
             }
-            if self.leave_group(&c.name).await? {
+            if self.leave_group(partition, &c.name).await? {
                 tracing::info!(
                     consumer = %c.name,
                     idle_ms = c.idle,
+                    partition,
                     "removed an idle consumer with nothing pending from the group"
                 );
             }
@@ -553,17 +864,24 @@ impl RedisConsumer {
         Ok(())
     }
 
-    async fn read_new(&mut self, max: usize) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+    async fn read_new(
+        &mut self,
+        partition: usize,
+        max: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Delivery<EntryTag>>, RedisError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(GROUP)
             .arg(&self.name)
             .arg("COUNT")
-            .arg(max)
-            .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
+            .arg(max);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        let reply: Option<StreamReadReply> = cmd
             .arg("STREAMS")
-            .arg(&self.keys.stream)
+            .arg(&self.layout.partitions[partition].stream)
             .arg(">")
             .query_async(&mut self.conn)
             .await?;
@@ -571,13 +889,35 @@ impl RedisConsumer {
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .map(|entry| to_delivery(entry, 1))
+            .map(|entry| to_delivery(partition, entry, 1))
             .collect())
+    }
+
+    /// The deliveries of each partition, in partition order.
+    fn by_partition<T>(
+        &self,
+        items: Vec<T>,
+        partition: impl Fn(&T) -> usize,
+    ) -> Vec<(usize, Vec<T>)> {
+        let mut parts: Vec<Vec<T>> = (0..self.layout.partitions.len())
+            .map(|_| Vec::new())
+            .collect();
+        for item in items {
+            let p = partition(&item);
+            if let Some(part) = parts.get_mut(p) {
+                part.push(item);
+            }
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
     }
 }
 
 /// Reads an entry as an event, keeping the raw fields when that fails.
-fn to_delivery(entry: StreamId, attempts: u32) -> Delivery<EntryTag> {
+fn to_delivery(partition: usize, entry: StreamId, attempts: u32) -> Delivery<EntryTag> {
     let size = match entry.map.get(FIELD) {
         Some(Value::BulkString(bytes)) => bytes.len(),
         _ => 0,
@@ -606,6 +946,7 @@ fn to_delivery(entry: StreamId, attempts: u32) -> Delivery<EntryTag> {
         event: parsed,
         attempts,
         tag: EntryTag {
+            partition,
             id: entry.id,
             size,
             raw,
@@ -624,9 +965,11 @@ impl Consumer for RedisConsumer {
             // than fail forever.
             Err(e) if e.code() == Some("NOGROUP") => {
                 tracing::warn!("consumer group missing; creating it again");
-                ensure_group(&mut self.conn, &self.keys)
-                    .await
-                    .map_err(unavailable)?;
+                for keys in &self.layout.partitions {
+                    ensure_group(&mut self.conn, keys)
+                        .await
+                        .map_err(unavailable)?;
+                }
                 Ok(Vec::new())
             }
             other => other.map_err(unavailable),
@@ -634,85 +977,88 @@ impl Consumer for RedisConsumer {
     }
 
     async fn ack(&mut self, deliveries: Vec<Delivery<EntryTag>>) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
+        for (partition, deliveries) in self.by_partition(deliveries, |d| d.tag.partition) {
+            let keys = &self.layout.partitions[partition];
+            let mut invocation = SETTLE.key(&keys.stream);
+            invocation.key(&keys.bytes).arg(GROUP);
+            for d in &deliveries {
+                invocation.arg(&d.tag.id).arg(d.tag.size);
+            }
+            invocation
+                .invoke_async::<u64>(&mut self.conn)
+                .await
+                .map_err(unavailable)?;
         }
-        let mut invocation = SETTLE.key(&self.keys.stream);
-        invocation.key(&self.keys.bytes).arg(GROUP);
-        for d in &deliveries {
-            invocation.arg(&d.tag.id).arg(d.tag.size);
-        }
-        invocation
-            .invoke_async::<u64>(&mut self.conn)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        Ok(())
     }
 
     async fn dead_letter(
         &mut self,
         deliveries: Vec<(Delivery<EntryTag>, String)>,
     ) -> Result<u64, QueueError> {
-        if deliveries.is_empty() {
-            return Ok(0);
-        }
-        // One transaction (MULTI/EXEC): no other client runs between the
-        // copies to the dead-letter stream, its trim, and the removal from
-        // the queue.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (d, reason) in &deliveries {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(&self.keys.dead)
-                .arg("*")
-                .arg("source_id")
-                .arg(&d.tag.id)
-                .arg("reason")
-                .arg(reason)
-                .arg("attempts")
-                .arg(d.attempts);
-            match (&d.event, &d.tag.raw) {
-                (Ok(e), _) => {
-                    let json = serde_json::to_vec(e)
-                        .map_err(|err| QueueError::Unavailable(err.to_string()))?;
-                    cmd.arg(FIELD).arg(json);
-                }
-                (Err(_), Some(fields)) => {
-                    for (k, v) in fields {
-                        cmd.arg(format!("raw.{k}")).arg(v.as_slice());
+        let mut trimmed_total = 0;
+        for (partition, deliveries) in self.by_partition(deliveries, |(d, _)| d.tag.partition) {
+            let keys = &self.layout.partitions[partition];
+            // One transaction (MULTI/EXEC): no other client runs between the
+            // copies to the dead-letter stream, its trim, and the removal
+            // from the queue (all keys of one partition: one slot).
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (d, reason) in &deliveries {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&keys.dead)
+                    .arg("*")
+                    .arg("source_id")
+                    .arg(&d.tag.id)
+                    .arg("reason")
+                    .arg(reason)
+                    .arg("attempts")
+                    .arg(d.attempts);
+                match (&d.event, &d.tag.raw) {
+                    (Ok(e), _) => {
+                        let json = serde_json::to_vec(e)
+                            .map_err(|err| QueueError::Unavailable(err.to_string()))?;
+                        cmd.arg(FIELD).arg(json);
                     }
+                    (Err(_), Some(fields)) => {
+                        for (k, v) in fields {
+                            cmd.arg(format!("raw.{k}")).arg(v.as_slice());
+                        }
+                    }
+                    (Err(_), None) => {}
                 }
-                (Err(_), None) => {}
+                cmd.ignore();
+            }
+            // Exact (`=`, not `~`), after the adds: the newest entries are
+            // kept, and the answer is the number dropped, which the metric
+            // counts.
+            pipe.cmd("XTRIM")
+                .arg(&keys.dead)
+                .arg("MAXLEN")
+                .arg("=")
+                .arg(self.config.dead_letter_max_len);
+            // EVAL, not EVALSHA: inside a transaction a script missing from
+            // the server's cache (after a restart) could not be loaded and
+            // retried without the adds above running twice.
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(SETTLE_SCRIPT)
+                .arg(2)
+                .arg(&keys.stream)
+                .arg(&keys.bytes)
+                .arg(GROUP);
+            for (d, _) in &deliveries {
+                cmd.arg(&d.tag.id).arg(d.tag.size);
             }
             cmd.ignore();
+            let (trimmed,): (u64,) = pipe
+                .query_async(&mut self.conn)
+                .await
+                .map_err(unavailable)?;
+            trimmed_total += trimmed;
         }
-        // Exact (`=`, not `~`), after the adds: the newest entries are kept,
-        // and the answer is the number dropped, which the metric counts.
-        pipe.cmd("XTRIM")
-            .arg(&self.keys.dead)
-            .arg("MAXLEN")
-            .arg("=")
-            .arg(self.config.dead_letter_max_len);
-        // EVAL, not EVALSHA: inside a transaction a script missing from the
-        // server's cache (after a restart) could not be loaded and retried
-        // without the adds above running twice.
-        let cmd = pipe
-            .cmd("EVAL")
-            .arg(SETTLE_SCRIPT)
-            .arg(2)
-            .arg(&self.keys.stream)
-            .arg(&self.keys.bytes)
-            .arg(GROUP);
-        for (d, _) in &deliveries {
-            cmd.arg(&d.tag.id).arg(d.tag.size);
-        }
-        cmd.ignore();
-        let (trimmed,): (u64,) = pipe
-            .query_async(&mut self.conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(trimmed)
+        Ok(trimmed_total)
     }
 
     async fn release(
@@ -740,36 +1086,49 @@ impl Consumer for RedisConsumer {
         // is alive and busy with them (a store write slower than the claim
         // timeout, or retries through a store outage). Only entries still
         // this worker's: see KEEP_ALIVE_SCRIPT.
-        if deliveries.is_empty() {
-            return;
-        }
-        let mut invocation = KEEP_ALIVE.key(&self.keys.stream);
-        invocation.arg(GROUP).arg(&self.name);
-        for d in deliveries {
-            invocation.arg(&d.tag.id);
-        }
-        if let Err(e) = invocation.invoke_async::<u64>(&mut self.conn).await {
-            // Not fatal: at worst another worker claims them, and the store
-            // absorbs the duplicate.
-            tracing::warn!(error = %e, "cannot refresh pending entries");
+        for (partition, ids) in self.by_partition(
+            deliveries
+                .iter()
+                .map(|d| (d.tag.partition, &d.tag.id))
+                .collect(),
+            |(p, _)| *p,
+        ) {
+            let mut invocation = KEEP_ALIVE.key(&self.layout.partitions[partition].stream);
+            invocation.arg(GROUP).arg(&self.name);
+            for (_, id) in ids {
+                invocation.arg(id);
+            }
+            if let Err(e) = invocation.invoke_async::<u64>(&mut self.conn).await {
+                // Not fatal: at worst another worker claims them, and the
+                // store absorbs the duplicate.
+                tracing::warn!(error = %e, "cannot refresh pending entries");
+            }
         }
     }
 
     async fn close(&mut self) {
-        // Leave the group, unless entries are still pending with this
-        // consumer (the worker stopped while retrying a store outage): then
-        // it stays, so that another worker can claim them, and goes later
-        // (see `forget_idle_consumers`). Bounded: shutdown must not wait on
-        // a Redis that does not answer.
+        // Leave each group, unless entries are still pending with this
+        // consumer there (the worker stopped while retrying a store outage):
+        // then it stays, so that another worker can claim them, and goes
+        // later (see `forget_idle_consumers`). Bounded: shutdown must not
+        // wait on a Redis that does not answer.
         let name = self.name.clone();
-        match tokio::time::timeout(LEAVE_TIMEOUT, self.leave_group(&name)).await {
-            Ok(Ok(true)) => tracing::debug!(consumer = %name, "left the consumer group"),
-            Ok(Ok(false)) => tracing::info!(
-                consumer = %name,
-                "entries are pending with this worker: it stays in the group for another worker to claim them"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot leave the consumer group"),
-            Err(_) => tracing::warn!("cannot leave the consumer group: redis did not answer"),
+        for partition in 0..self.layout.partitions.len() {
+            match tokio::time::timeout(LEAVE_TIMEOUT, self.leave_group(partition, &name)).await {
+                Ok(Ok(true)) => {
+                    tracing::debug!(consumer = %name, partition, "left the consumer group")
+                }
+                Ok(Ok(false)) => tracing::info!(
+                    consumer = %name,
+                    partition,
+                    "entries are pending with this worker: it stays in the group for another worker to claim them"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot leave the consumer group"),
+                Err(_) => {
+                    tracing::warn!("cannot leave the consumer group: redis did not answer");
+                    return;
+                }
+            }
         }
     }
 }
@@ -782,7 +1141,7 @@ impl crate::visitor::SaltSource for RedisQueue {
     async fn salts(&self, now_ms: i64) -> Result<crate::visitor::Salts, crate::visitor::SaltError> {
         use crate::visitor::{GRACE, Salt, SaltError, Salts, day_of};
         let (day, grace) = day_of(now_ms);
-        let key = |d: i64| format!("{}{d}", self.keys.salt);
+        let key = |d: i64| format!("{}{d}", self.layout.salt);
         let expires = (day + 1) * crate::query::time::DAY_MS + GRACE.as_millis() as i64;
         let fresh = Salt::random()?;
         let mut conn = self.conn.clone();
@@ -811,5 +1170,47 @@ impl crate::visitor::SaltSource for RedisQueue {
                 None
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_partition_on_one_server_keeps_the_names_of_an_unsplit_queue() {
+        let layout = Layout::new("p:", 1, false);
+        assert_eq!(layout.partitions.len(), 1);
+        assert_eq!(layout.partitions[0].stream, "p:events");
+        assert_eq!(layout.partitions[0].bytes, "p:bytes");
+        assert_eq!(layout.partitions[0].dead, "p:dead");
+        assert_eq!(layout.salt, "p:salt:");
+    }
+
+    #[test]
+    fn partitions_take_equal_shares_of_the_slots_and_share_a_tag_per_partition() {
+        for n in [1, 2, 3, 6, 7, 64, 256] {
+            let layout = Layout::new("p:", n, true);
+            assert_eq!(layout.partitions.len(), n);
+            let share = f64::from(SLOTS) / n as f64;
+            for (i, keys) in layout.partitions.iter().enumerate() {
+                let tag = keys.stream["p:".len()..].strip_suffix("events").unwrap();
+                assert!(tag.starts_with('{') && tag.ends_with('}'), "{tag}");
+                assert_eq!(keys.bytes, format!("p:{tag}bytes"));
+                assert_eq!(keys.dead, format!("p:{tag}dead"));
+                let slot = f64::from(slot_of(&tag[1..tag.len() - 1]));
+                assert!(
+                    slot >= i as f64 * share && slot < (i + 1) as f64 * share,
+                    "partition {i} of {n}: slot {slot}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn slots_are_those_redis_computes() {
+        // From `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("123456789"), 12739);
     }
 }

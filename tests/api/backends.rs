@@ -103,6 +103,139 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of `masters` nodes (no replicas), each a
+/// `redis-server --cluster-enabled yes` on a loopback port whose bus port
+/// (port + 10000) is free too, joined by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    /// Every node's `redis://` URL, separated by commas (as `REDIS_URL`).
+    pub url: String,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let dir = tempdir("redis-cluster");
+                let args = "--bind 127.0.0.1 --dir . --save '' --appendonly no --port {port} \
+                            --cluster-enabled yes --cluster-config-file nodes.conf \
+                            --cluster-node-timeout 5000";
+                let proc = Proc::start_on("redis-server", dir, args, redis_ping, cluster_port);
+                let port = proc.port;
+                RedisServer {
+                    port,
+                    url: format!("redis://127.0.0.1:{port}"),
+                    ca: None,
+                    proc,
+                }
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every node must know the whole map before a client asks.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster is not ready after 30 s"
+                );
+                sleep(Duration::from_millis(100));
+            }
+        }
+        let url = nodes
+            .iter()
+            .map(|n| n.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        RedisCluster { nodes, url }
+    }
+
+    /// The port of the node that holds `key` (its master).
+    pub fn node_of(&self, key: &str) -> u16 {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.nodes[0].port.to_string(),
+                "cluster",
+                "keyslot",
+                key,
+            ])
+            .output()
+            .expect("redis-cli cluster keyslot");
+        let slot: u16 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a slot");
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[0].port.to_string(), "cluster", "shards"])
+            .output()
+            .expect("redis-cli cluster shards");
+        // `slots` then pairs of bounds, … `port` then the port, per shard.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let mut ranges: Vec<(u16, u16)> = Vec::new();
+        let mut i = 0;
+        while i < lines.len() {
+            match lines[i] {
+                "slots" => {
+                    ranges.clear();
+                    i += 1;
+                    while i + 1 < lines.len() {
+                        match (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>()) {
+                            (Ok(a), Ok(b)) => {
+                                ranges.push((a, b));
+                                i += 2;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                "port" if ranges.iter().any(|&(a, b)| a <= slot && slot <= b) => {
+                    return lines[i + 1].parse().expect("a port");
+                }
+                _ => i += 1,
+            }
+        }
+        panic!("no node holds slot {slot}:\n{text}");
+    }
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too: below
+/// the kernel's ephemeral range (from 32768), so that both fit.
+fn cluster_port() -> u16 {
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..30_000);
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
 /// A MongoDB wire-protocol server: SecantusDB (`secantusd-py`) as a child, or
 /// the external server named by `EVTRACK_TEST_MONGO_URI` (nothing is spawned
 /// then, so tests must isolate themselves with unique database names).
@@ -198,6 +331,17 @@ struct Proc {
 
 impl Proc {
     fn start(program: impl Into<PathBuf>, dir: TempDir, args: &str, probe: Probe) -> Proc {
+        Self::start_on(program, dir, args, probe, free_port)
+    }
+
+    /// [`Proc::start`] on ports chosen by `pick`.
+    fn start_on(
+        program: impl Into<PathBuf>,
+        dir: TempDir,
+        args: &str,
+        probe: Probe,
+        pick: fn() -> u16,
+    ) -> Proc {
         let (program, args, port, child) = (program.into(), args.to_string(), 0, None);
         let mut proc = Proc {
             program,
@@ -208,7 +352,7 @@ impl Proc {
             dir,
         };
         for attempt in 1..=3 {
-            proc.port = free_port();
+            proc.port = pick();
             match proc.launch() {
                 Ok(()) => return proc,
                 Err(e) if attempt == 3 => panic!("{e}"),

@@ -262,7 +262,7 @@ async fn bots_and_other_sites_are_dropped_with_a_reason(backend: Backend) {
 /// Salts under a clock the test moves: the day's salt is the same for every
 /// process and call, a new day gets a new one, yesterday's is kept for the
 /// grace period only, and then it is gone from the backend.
-async fn salts_rotate_at_midnight_and_yesterdays_is_deleted_after_the_grace_period(
+pub(crate) async fn salts_rotate_at_midnight_and_yesterdays_is_deleted_after_the_grace_period(
     backend: Backend,
 ) {
     let env = TestEnv::new(backend);
@@ -308,11 +308,11 @@ async fn salts_rotate_at_midnight_and_yesterdays_is_deleted_after_the_grace_peri
     assert_eq!((later.current, later.previous), (next.current, None));
     // …and no longer stored anywhere.
     match env.settings.redis() {
-        Some(config) => {
+        Some(_) => {
             // Expiry is Redis's own clock: the key's deadline is the end of
             // the grace period after its day.
-            let mut conn = env.redis_conn().await;
-            let key = format!("{}salt:{day}", config.prefix);
+            let (mut conn, layout) = env.queue_conn().await;
+            let key = format!("{}{day}", layout.salt);
             let at: i64 = redis::cmd("PEXPIRETIME")
                 .arg(&key)
                 .query_async(&mut conn)

@@ -72,6 +72,7 @@ fn service_env(
         ("PORT", port.to_string()),
         ("DATA_DIR", s.data_dir.display().to_string()),
         ("REDIS_PREFIX", s.redis_prefix.clone()),
+        ("QUEUE_PARTITIONS", s.queue_partitions.to_string()),
     ];
     if let Some(url) = &s.redis_url {
         vars.push(("REDIS_URL", url.clone()));
@@ -237,26 +238,82 @@ async fn dead_letters(env: &TestEnv) -> u64 {
     env.redis_conn().await.xlen(env.dead_key()).await.unwrap()
 }
 
+/// Entries in the queue, over every partition.
 async fn stream_len(env: &TestEnv) -> u64 {
-    env.redis_conn().await.xlen(env.stream_key()).await.unwrap()
+    let (mut conn, layout) = env.queue_conn().await;
+    let mut total = 0u64;
+    for keys in &layout.partitions {
+        let n: u64 = conn.xlen(&keys.stream).await.unwrap();
+        total += n;
+    }
+    total
 }
 
-/// The group's pending summary: each consumer holding entries, and how many.
+/// The groups' pending summary: each consumer holding entries, and how
+/// many (over every partition).
 async fn pending_by_consumer(env: &TestEnv) -> HashMap<String, usize> {
-    let reply: StreamPendingReply = env
-        .redis_conn()
-        .await
-        .xpending(env.stream_key(), GROUP)
-        .await
-        .unwrap();
-    match reply {
-        StreamPendingReply::Data(d) => d
-            .consumers
-            .into_iter()
-            .map(|c| (c.name, c.pending))
-            .collect(),
-        _ => HashMap::new(),
+    let (mut conn, layout) = env.queue_conn().await;
+    let mut holds = HashMap::new();
+    for keys in &layout.partitions {
+        let reply: StreamPendingReply = conn.xpending(&keys.stream, GROUP).await.unwrap();
+        if let StreamPendingReply::Data(d) = reply {
+            for c in d.consumers {
+                *holds.entry(c.name).or_insert(0) += c.pending;
+            }
+        }
     }
+    holds
+}
+
+/// The entries (stream, id) pending with `consumer`, and the events in them.
+async fn held_by(env: &TestEnv, consumer: &str) -> (Vec<(String, String)>, Vec<Event>) {
+    let (mut conn, layout) = env.queue_conn().await;
+    let mut held = Vec::new();
+    for keys in &layout.partitions {
+        let reply: StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&keys.stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg(consumer)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        held.extend(reply.ids.into_iter().map(|p| (keys.stream.clone(), p.id)));
+    }
+    let mut events = Vec::new();
+    for (stream, id) in &held {
+        let entries: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        events.extend(entries.ids.iter().map(|entry| match entry.map.get(FIELD) {
+            Some(redis::Value::BulkString(json)) => serde_json::from_slice(json).unwrap(),
+            other => panic!("entry {} holds {other:?}", entry.id),
+        }));
+    }
+    (held, events)
+}
+
+/// How many of `entries` (stream, id) are still in their streams.
+async fn still_there(env: &TestEnv, entries: &[(String, String)]) -> usize {
+    let (mut conn, _) = env.queue_conn().await;
+    let mut n = 0;
+    for (stream, id) in entries {
+        let r: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n += r.ids.len();
+    }
+    n
 }
 
 /// Sends a signal to a process this test started.
@@ -277,6 +334,12 @@ async fn a_worker_killed_mid_drain_of_50000_into_mongodb_loses_and_doubles_nothi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_drain_of_50000_into_sqlite_loses_and_doubles_nothing() {
     killed_worker_mid_drain(Backend::RedisSqlite).await;
+}
+
+/// The same on a 3-master Redis Cluster, the queue in 6 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_drain_on_a_redis_cluster_loses_and_doubles_nothing() {
+    killed_worker_mid_drain(Backend::RedisClusterSqlite).await;
 }
 
 async fn killed_worker_mid_drain(backend: Backend) {
@@ -340,34 +403,8 @@ async fn killed_worker_mid_drain(backend: Backend) {
         .map(|(name, &n)| (name.clone(), n))
         .unwrap_or_else(|| panic!("no pending entries of pid {pid}: {holds:?}"));
     assert!(held_count > 0, "the killed worker held nothing");
-    let mut conn = env.redis_conn().await;
-    let held: StreamPendingCountReply = redis::cmd("XPENDING")
-        .arg(env.stream_key())
-        .arg(GROUP)
-        .arg("-")
-        .arg("+")
-        .arg(10_000)
-        .arg(&consumer)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let held: Vec<String> = held.ids.into_iter().map(|p| p.id).collect();
+    let (held, held_events) = held_by(&env, &consumer).await;
     assert_eq!(held.len(), held_count);
-    // The events behind those entries, read before another worker settles
-    // (and deletes) them.
-    let mut pipe = redis::pipe();
-    for id in &held {
-        pipe.cmd("XRANGE").arg(env.stream_key()).arg(id).arg(id);
-    }
-    let entries: Vec<StreamRangeReply> = pipe.query_async(&mut conn).await.unwrap();
-    let held_events: Vec<Event> = entries
-        .iter()
-        .flat_map(|r| &r.ids)
-        .map(|entry| match entry.map.get(FIELD) {
-            Some(redis::Value::BulkString(json)) => serde_json::from_slice(json).unwrap(),
-            other => panic!("entry {} holds {other:?}", entry.id),
-        })
-        .collect();
     assert_eq!(
         held_events.len(),
         held.len(),
@@ -410,15 +447,7 @@ async fn killed_worker_mid_drain(backend: Backend) {
     // by a claim.
     let holds = pending_by_consumer(&env).await;
     assert!(holds.is_empty(), "entries still pending: {holds:?}");
-    let mut pipe = redis::pipe();
-    for id in &held {
-        pipe.cmd("XRANGE").arg(env.stream_key()).arg(id).arg(id);
-    }
-    let entries: Vec<StreamRangeReply> = pipe.query_async(&mut conn).await.unwrap();
-    assert!(
-        entries.iter().all(|r| r.ids.is_empty()),
-        "held entries left"
-    );
+    assert_eq!(still_there(&env, &held).await, 0, "held entries left");
     // The second worker wrote every entry left in the stream, the held ones
     // included: each counted once as stored or as a duplicate (a
     // redelivery of an event the dead worker had written).

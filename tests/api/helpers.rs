@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::{MongoServer, RedisServer};
+use crate::backends::{MongoServer, RedisCluster, RedisServer};
 
 /// The queue and store combinations every API test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub enum Backend {
     EmbeddedSqlite,
     RedisSqlite,
     RedisMongo,
+    /// A 3-master Redis Cluster, the queue in 6 partitions, and SQLite.
+    RedisClusterSqlite,
 }
 
 impl Backend {
@@ -31,6 +33,9 @@ impl Backend {
     }
     pub fn mongo(self) -> bool {
         self == Backend::RedisMongo
+    }
+    pub fn cluster(self) -> bool {
+        self == Backend::RedisClusterSqlite
     }
 }
 
@@ -57,6 +62,7 @@ pub(crate) use backend_tests;
 pub struct TestEnv {
     pub settings: Settings,
     pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
     pub mongo: Option<MongoServer>,
     pub dir: TempDir,
 }
@@ -65,12 +71,15 @@ impl TestEnv {
     pub fn new(backend: Backend) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let redis = backend.redis().then(RedisServer::start);
+        let cluster = backend.cluster().then(|| RedisCluster::start(3));
+        let redis = (backend.redis() && !backend.cluster()).then(RedisServer::start);
         let mongo = backend.mongo().then(MongoServer::start);
         let settings = Settings {
             port: 0,
             data_dir: dir.path().join("data"),
-            redis_url: redis.as_ref().map(|r| r.url.clone()),
+            redis_url: (redis.as_ref().map(|r| r.url.clone()))
+                .or_else(|| cluster.as_ref().map(|c| c.url.clone())),
+            queue_partitions: if cluster.is_some() { 6 } else { 1 },
             redis_prefix: format!("test-{id}:"),
             mongo_uri: mongo.as_ref().map(|m| m.uri.clone()),
             mongo_db: mongo.as_ref().map(|_| format!("evtrack_test_{id}")),
@@ -79,6 +88,7 @@ impl TestEnv {
         Self {
             settings,
             redis,
+            cluster,
             mongo,
             dir,
         }
@@ -104,6 +114,21 @@ impl TestEnv {
             .get_multiplexed_async_connection()
             .await
             .expect("connect to redis")
+    }
+
+    /// A connection as evtrack's queue makes it (to the server or to the
+    /// cluster), and the keys of the queue's partitions.
+    pub async fn queue_conn(&self) -> (evtrack::queue::redis::Conn, evtrack::queue::redis::Layout) {
+        let config = self.settings.redis().expect("a redis backend");
+        let conn = evtrack::queue::redis::connect(&config, Duration::from_secs(5))
+            .await
+            .expect("connect to redis");
+        let layout = evtrack::queue::redis::Layout::new(
+            &config.prefix,
+            config.partitions,
+            self.cluster.is_some(),
+        );
+        (conn, layout)
     }
 
     pub fn stream_key(&self) -> String {

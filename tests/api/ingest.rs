@@ -21,7 +21,7 @@ fn example() -> Value {
            "userid": "user-115", "timestamp": "2025-11-23T16:44:31.123Z"})
 }
 
-async fn the_design_example_is_accepted_and_stored(backend: Backend) {
+pub(crate) async fn the_design_example_is_accepted_and_stored(backend: Backend) {
     let app = spawn_app(backend).await;
     let body = json_of(app.post_event(&example()).await, 202).await;
     assert_eq!(body["success"], true);
@@ -261,7 +261,7 @@ async fn one_sites_event_id_does_not_hide_another_sites_event(backend: Backend) 
     app.app.stop().await;
 }
 
-async fn batches_accept_good_events_and_report_bad_ones(backend: Backend) {
+pub(crate) async fn batches_accept_good_events_and_report_bad_ones(backend: Backend) {
     let app = spawn_app(backend).await;
     let good = |n: usize| {
         json!({"site_id": "site-b", "event_type": "page_view", "path": format!("/p{n}"),

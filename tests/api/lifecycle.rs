@@ -14,14 +14,14 @@ use crate::helpers::{
 
 backend_tests!(health_and_readiness);
 
-async fn health_and_readiness(backend: Backend) {
+pub(crate) async fn health_and_readiness(backend: Backend) {
     let app = spawn_app(backend).await;
     let body = json_of(app.get("/health").await, 200).await;
     assert_eq!(body["success"], true);
     let body = json_of(app.get("/ready").await, 200).await;
     let (queue, store) = match backend {
         Backend::EmbeddedSqlite => ("embedded", "sqlite"),
-        Backend::RedisSqlite => ("redis", "sqlite"),
+        Backend::RedisSqlite | Backend::RedisClusterSqlite => ("redis", "sqlite"),
         Backend::RedisMongo => ("redis", "mongodb"),
     };
     assert_eq!(

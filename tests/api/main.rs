@@ -5,6 +5,7 @@ mod access;
 mod backends;
 mod backup;
 mod browser;
+mod cluster;
 mod dashboard;
 mod events_api;
 mod export;

@@ -245,6 +245,7 @@ pub fn redis_config(redis: &RedisServer, max_len: u64) -> RedisConfig {
         url: redis.url.clone(),
         ca_cert: None,
         prefix: format!("q-{}:", uuid::Uuid::now_v7().simple()),
+        partitions: 1,
         max_len,
         max_bytes: evtrack::config::DEFAULT_QUEUE_MAX_BYTES,
     }
