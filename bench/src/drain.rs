@@ -51,6 +51,21 @@ pub struct DrainCase {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Drain {
     pub cases: Vec<DrainCase>,
+    /// The drain into SQLite by 1, 2 and 4 workers at once.
+    pub scaling: Vec<ScalingCase>,
+}
+
+/// One drain of the scaling figure: `workers` processes started at once on
+/// the same preloaded stream and the same SQLite file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingCase {
+    pub workers: usize,
+    pub events: usize,
+    pub drain_s: f64,
+    pub events_per_s: f64,
+    pub stored: u64,
+    /// CPU seconds of all the workers together.
+    pub workers_cpu_s: f64,
 }
 
 fn seed_for(store: &str) -> u64 {
@@ -116,7 +131,62 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Drain> {
         ));
     }
     out.cases.push(drain_case(ctx, "mongodb", n).await?);
+    let n = ctx.p.drain_sqlite_events / 2;
+    for workers in [1, 2, 4] {
+        out.scaling.push(scaling_case(ctx, n, workers).await?);
+    }
     Ok(out)
+}
+
+/// Preloads `n` events, starts `workers` workers on one SQLite file at
+/// once, and times them until the stream is empty.
+async fn scaling_case(ctx: &mut Ctx, n: usize, workers: usize) -> anyhow::Result<ScalingCase> {
+    let dir = ctx.dir(&format!("drain-scaling-{workers}"))?;
+    let data = dir.join("data");
+    let prefix = format!("bench-scaling-{workers}:");
+    let stream = format!("{prefix}events");
+    let env = vec![
+        ("REDIS_URL", ctx.redis.url.clone()),
+        ("REDIS_PREFIX", prefix.clone()),
+        ("DATA_DIR", data.display().to_string()),
+    ];
+    // Made before the workers start: several opening a new file at once
+    // would all migrate it (they take turns, but the first drain would
+    // include that).
+    drop(evtrack::store::sqlite::SqliteStore::open(&data)?);
+    preload(ctx, "sqlite", &stream, n).await?;
+    let start = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..workers {
+        procs.push(ctx.evtrack(&format!("evtrack-worker-{i}"), Some("worker"), &dir, &env)?);
+    }
+    let mut first = procs.remove(0);
+    wait_empty(ctx, &stream, &mut first, Duration::from_secs(120)).await?;
+    let drain_s = start.elapsed().as_secs_f64();
+    procs.insert(0, first);
+    let workers_cpu_s = procs
+        .iter()
+        .map(|p| procs::usage(p, "evtrack worker").cpu_s)
+        .sum();
+    for mut p in procs {
+        p.stop(Duration::from_secs(30)).await;
+    }
+    let stored = sqlite_count(&data)?;
+    ctx.flush_redis().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let events_per_s = n as f64 / drain_s;
+    eprintln!(
+        "    sqlite, {workers} worker(s): drained {n} in {drain_s:.2} s = {events_per_s:.0} events/s \
+         (stored {stored}; CPU s of the workers {workers_cpu_s:.1})"
+    );
+    Ok(ScalingCase {
+        workers,
+        events: n,
+        drain_s,
+        events_per_s,
+        stored,
+        workers_cpu_s,
+    })
 }
 
 async fn drain_case(ctx: &mut Ctx, store: &str, n: usize) -> anyhow::Result<DrainCase> {

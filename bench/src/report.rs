@@ -415,6 +415,42 @@ pub fn table(r: &Report) -> String {
             ],
             &rows,
         );
+        if !drain.scaling.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nDRAIN SCALING: the same into one SQLite file by 1, 2 and 4 workers at once (2 cores: \
+                 see bench/README.md for what this can show)"
+            );
+            let one = drain.scaling.first().map_or(1.0, |c| c.events_per_s);
+            let rows: Vec<Vec<String>> = drain
+                .scaling
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.workers.to_string(),
+                        n0(c.events as f64),
+                        format!("{:.2}", c.drain_s),
+                        n0(c.events_per_s),
+                        format!("{:.2}", c.events_per_s / one),
+                        n0(c.stored as f64),
+                        format!("{:.1}", c.workers_cpu_s),
+                    ]
+                })
+                .collect();
+            grid(
+                &mut out,
+                &[
+                    "workers",
+                    "events",
+                    "seconds",
+                    "events/s",
+                    "÷ 1 worker",
+                    "stored",
+                    "CPU s workers",
+                ],
+                &rows,
+            );
+        }
     }
     if let Some(stats) = &r.stats {
         let _ = writeln!(
