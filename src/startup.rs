@@ -335,10 +335,10 @@ impl Application {
                         settings.max_body_bytes_in_flight,
                     )),
                     stats_timeout: settings.stats_timeout(),
-                    proxies: settings.trusted_proxies.clone(),
+                    proxies: Arc::new(settings.trusted_proxies.clone()),
                     agents: Arc::new(crate::enrich::ua::Agents::default()),
                     visitors,
-                    base_path: settings.base_path.clone(),
+                    base_path: Arc::new(settings.base_path.clone()),
                 };
                 let app = router(state, stats_origins);
                 let stop = shutdown.clone();

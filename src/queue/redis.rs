@@ -52,6 +52,7 @@ use redis::streams::{
     StreamRangeReply, StreamReadReply,
 };
 use redis::{Client, RedisError, Script, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Consumer, Delivery, Depth, Queue, QueueError};
 use crate::event::{self, Event};
@@ -60,11 +61,13 @@ pub const GROUP: &str = "workers";
 /// The field of a stream entry that holds the event as JSON.
 pub const FIELD: &str = "e";
 
-/// Adds events only if the stream stays within both its limits, atomically:
+/// Adds the events of several requests to one partition, each request
+/// whole and only if the partition stays within both its limits, atomically:
 /// a check and an add in two round trips would let concurrent API processes
 /// overshoot. KEYS: the stream, the byte counter. ARGV: most entries, most
-/// payload bytes, then one event's JSON each. Answers -1 (too many entries),
-/// -2 (too many bytes), or the length before the add.
+/// payload bytes, then for each request the number of its events followed
+/// by their JSON. Answers one number per request, in order: 1 (added), -1
+/// (too many entries) or -2 (too many bytes).
 ///
 /// An empty stream holds no bytes, whatever the counter says: a counter left
 /// behind by a stream that went away without it (deleted or evicted alone)
@@ -72,19 +75,31 @@ pub const FIELD: &str = "e";
 /// from zero then.
 const ENQUEUE_SCRIPT: &str = r"
 local len = redis.call('XLEN', KEYS[1])
-if len + #ARGV - 2 > tonumber(ARGV[1]) then return -1 end
 local used = 0
 if len == 0 then
   redis.call('DEL', KEYS[2])
 else
   used = tonumber(redis.call('GET', KEYS[2])) or 0
 end
-local size = 0
-for i = 3, #ARGV do size = size + #ARGV[i] end
-if used + size > tonumber(ARGV[2]) then return -2 end
-for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', 'e', ARGV[i]) end
-redis.call('INCRBY', KEYS[2], size)
-return len
+local max_len, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, added, i = {}, 0, 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local size = 0
+  for k = i + 1, i + n do size = size + #ARGV[k] end
+  if len + n > max_len then
+    out[#out + 1] = -1
+  elseif used + size > max_bytes then
+    out[#out + 1] = -2
+  else
+    for k = i + 1, i + n do redis.call('XADD', KEYS[1], '*', 'e', ARGV[k]) end
+    len, used, added = len + n, used + size, added + size
+    out[#out + 1] = 1
+  end
+  i = i + n + 1
+end
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return out
 ";
 
 /// Acknowledges and deletes entries, and takes their payload bytes off the
@@ -490,57 +505,157 @@ fn unavailable(e: RedisError) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+/// Most requests one round trip to Redis carries.
+const MAX_GROUP: usize = 512;
+/// Most payload bytes one round trip carries (a request is never split).
+const MAX_GROUP_BYTES: usize = 4 << 20;
+/// Round trips to Redis under way at once; requests arriving meanwhile
+/// wait and go together in the next.
+const GROUPS_IN_FLIGHT: usize = 4;
+/// Requests waiting to be sent; beyond it `enqueue` waits (within its 1 s).
+const WAITING_REQUESTS: usize = 8_192;
+
 /// The API's side.
+///
+/// Requests are not sent one by one: a task of the queue takes every
+/// request waiting when a round trip can start and sends them in one
+/// script call (each still whole or not at all), so that under load one
+/// round trip, one script run and one reply carry many requests, as the
+/// embedded queue's group commit does. Alone, a request goes at once.
 #[derive(Clone)]
 pub struct RedisQueue {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Pending>,
+}
+
+struct Shared {
     conn: Conn,
     layout: Layout,
     /// Each partition's share of the limits.
     max_len: u64,
     max_bytes: u64,
     script: Script,
-    /// The partition the next request tries first.
-    next: Arc<AtomicUsize>,
+    /// The partition the next group tries first.
+    next: AtomicUsize,
+}
+
+/// A request waiting to be sent, and where its answer goes.
+struct Pending {
+    payloads: Vec<Vec<u8>>,
+    answer: oneshot::Sender<Result<(), QueueError>>,
 }
 
 impl RedisQueue {
     pub async fn connect(config: &RedisConfig) -> Result<Self, String> {
         let (conn, layout) = open(config, Duration::from_millis(900)).await?;
         let n = layout.partitions.len() as u64;
-        Ok(Self {
+        let shared = Arc::new(Shared {
             conn,
             layout,
             max_len: (config.max_len / n).max(1),
             max_bytes: (config.max_bytes / n).max(1),
             script: Script::new(ENQUEUE_SCRIPT),
-            next: Arc::new(AtomicUsize::new(0)),
-        })
+            next: AtomicUsize::new(0),
+        });
+        let (requests, waiting) = mpsc::channel(WAITING_REQUESTS);
+        // Ends when the last handle of this queue is dropped.
+        tokio::spawn(send_groups(Arc::clone(&shared), waiting));
+        Ok(Self { shared, requests })
     }
 
     /// The keys of each partition.
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        &self.shared.layout
+    }
+}
+
+/// Takes the waiting requests a group at a time and sends each group.
+async fn send_groups(shared: Arc<Shared>, mut waiting: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT));
+    while let Some(first) = waiting.recv().await {
+        // Waiting for a free slot lets the requests arriving meanwhile
+        // join this group.
+        let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let mut bytes: usize = first.payloads.iter().map(Vec::len).sum();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+            let Ok(next) = waiting.try_recv() else { break };
+            bytes += next.payloads.iter().map(Vec::len).sum::<usize>();
+            group.push(next);
+        }
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            shared.send(group).await;
+            drop(slot);
+        });
+    }
+}
+
+impl Shared {
+    /// Sends a group to one partition, chosen round robin; the requests it
+    /// has no room for go on to the next partition, and are refused only
+    /// when no partition has room.
+    async fn send(&self, mut group: Vec<Pending>) {
+        let n = self.layout.partitions.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            let keys = &self.layout.partitions[(first + i) % n];
+            let call = self.add(keys, &group);
+            let results = match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
+                Err(_) => Err(QueueError::Unavailable(
+                    "redis did not answer within 1 s".into(),
+                )),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Ok(Ok(r)) if r.len() == group.len() => Ok(r),
+                Ok(Ok(r)) => Err(QueueError::Unavailable(format!(
+                    "redis answered {} results for {} requests",
+                    r.len(),
+                    group.len()
+                ))),
+            };
+            let results = match results {
+                Ok(r) => r,
+                Err(e) => {
+                    for p in group {
+                        let _ = p.answer.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            };
+            let mut full = Vec::new();
+            for (p, added) in group.into_iter().zip(results) {
+                if added > 0 {
+                    let _ = p.answer.send(Ok(()));
+                } else {
+                    full.push(p);
+                }
+            }
+            if full.is_empty() {
+                return;
+            }
+            group = full;
+        }
+        for p in group {
+            let _ = p.answer.send(Err(QueueError::Full));
+        }
     }
 
-    /// One try at one partition: `Ok(false)` when it is full.
-    async fn enqueue_into(&self, keys: &Keys, payloads: &[Vec<u8>]) -> Result<bool, QueueError> {
+    async fn add(&self, keys: &Keys, group: &[Pending]) -> Result<Vec<i64>, RedisError> {
         let mut invocation = self.script.key(&keys.stream);
         invocation
             .key(&keys.bytes)
             .arg(self.max_len)
             .arg(self.max_bytes);
-        for json in payloads {
-            invocation.arg(json.as_slice());
+        for p in group {
+            invocation.arg(p.payloads.len());
+            for json in &p.payloads {
+                invocation.arg(json.as_slice());
+            }
         }
         let mut conn = self.conn.clone();
-        let call = invocation.invoke_async::<i64>(&mut conn);
-        match tokio::time::timeout(ENQUEUE_TIMEOUT, call).await {
-            Err(_) => Err(QueueError::Unavailable(
-                "redis did not answer within 1 s".into(),
-            )),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Ok(Ok(n)) => Ok(n >= 0),
-        }
+        invocation.invoke_async(&mut conn).await
     }
 }
 
@@ -555,21 +670,27 @@ impl Queue for RedisQueue {
             .map(serde_json::to_vec)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| QueueError::Unavailable(err.to_string()))?;
-        // Round robin over the partitions, each request whole into one; a
-        // full partition passes the request on to the next.
-        let n = self.layout.partitions.len();
-        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        for i in 0..n {
-            let keys = &self.layout.partitions[(first + i) % n];
-            if self.enqueue_into(keys, &payloads).await? {
-                return Ok(());
-            }
+        let (answer, answered) = oneshot::channel();
+        let closed = || QueueError::Unavailable("the queue is closed".into());
+        // One bound for the wait to be sent and the round trip: the API
+        // answers within a second whatever Redis does.
+        let sent = async {
+            self.requests
+                .send(Pending { payloads, answer })
+                .await
+                .map_err(|_| closed())?;
+            answered.await.map_err(|_| closed())?
+        };
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, sent).await {
+            Err(_) => Err(QueueError::Unavailable(
+                "redis did not answer within 1 s".into(),
+            )),
+            Ok(r) => r,
         }
-        Err(QueueError::Full)
     }
 
     async fn check(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.shared.conn.clone();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
         match tokio::time::timeout(ENQUEUE_TIMEOUT, ping).await {
@@ -586,7 +707,7 @@ impl Queue for RedisQueue {
             bytes: Some(0),
             oldest_age: None,
         };
-        for keys in &self.layout.partitions {
+        for keys in &self.shared.layout.partitions {
             let d = self.partition_depth(keys).await?;
             total.events += d.events;
             total.bytes = Some(total.bytes.unwrap_or(0) + d.bytes.unwrap_or(0));
@@ -605,7 +726,7 @@ impl RedisQueue {
         // Acknowledged entries are deleted (XACK + XDEL), so the stream holds
         // exactly the events not yet stored, and its first entry is the
         // oldest; its id starts with the millisecond Redis added it.
-        let mut conn = self.conn.clone();
+        let mut conn = self.shared.conn.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("XLEN")
             .arg(&keys.stream)
@@ -1141,10 +1262,10 @@ impl crate::visitor::SaltSource for RedisQueue {
     async fn salts(&self, now_ms: i64) -> Result<crate::visitor::Salts, crate::visitor::SaltError> {
         use crate::visitor::{GRACE, Salt, SaltError, Salts, day_of};
         let (day, grace) = day_of(now_ms);
-        let key = |d: i64| format!("{}{d}", self.layout.salt);
+        let key = |d: i64| format!("{}{d}", self.shared.layout.salt);
         let expires = (day + 1) * crate::query::time::DAY_MS + GRACE.as_millis() as i64;
         let fresh = Salt::random()?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.shared.conn.clone();
         let (today, yesterday): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::pipe()
             .cmd("SET")
             .arg(key(day))

@@ -72,13 +72,13 @@ pub struct AppState {
     /// How long a stats query may take (`STATS_TIMEOUT_MS`).
     pub stats_timeout: Duration,
     /// Who a request's client is (`TRUSTED_PROXIES`).
-    pub proxies: crate::ratelimit::TrustedProxies,
+    pub proxies: Arc<crate::ratelimit::TrustedProxies>,
     /// Parsed User-Agents.
     pub agents: Arc<crate::enrich::ua::Agents>,
     /// Cookieless visitor ids.
     pub visitors: Arc<crate::visitor::VisitorIds>,
     /// The prefix every route is served under (`BASE_PATH`).
-    pub base_path: dashboard::BasePath,
+    pub base_path: Arc<dashboard::BasePath>,
 }
 
 /// Global bounds on what clients hold at once, whatever the number of
