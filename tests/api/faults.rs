@@ -282,38 +282,40 @@ async fn held_by(env: &TestEnv, consumer: &str) -> (Vec<(String, String)>, Vec<E
             .unwrap();
         held.extend(reply.ids.into_iter().map(|p| (keys.stream.clone(), p.id)));
     }
-    let mut events = Vec::new();
-    for (stream, id) in &held {
-        let entries: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(id)
-            .arg(id)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        events.extend(entries.ids.iter().map(|entry| match entry.map.get(FIELD) {
+    let events = entries(&mut conn, &held)
+        .await
+        .iter()
+        .map(|entry| match entry.map.get(FIELD) {
             Some(redis::Value::BulkString(json)) => serde_json::from_slice(json).unwrap(),
             other => panic!("entry {} holds {other:?}", entry.id),
-        }));
-    }
+        })
+        .collect();
     (held, events)
 }
 
-/// How many of `entries` (stream, id) are still in their streams.
-async fn still_there(env: &TestEnv, entries: &[(String, String)]) -> usize {
-    let (mut conn, _) = env.queue_conn().await;
-    let mut n = 0;
-    for (stream, id) in entries {
+/// Those of `ids` (stream, id) still in their streams.
+async fn entries(
+    conn: &mut evtrack::queue::redis::Conn,
+    ids: &[(String, String)],
+) -> Vec<redis::streams::StreamId> {
+    let mut found = Vec::new();
+    for (stream, id) in ids {
         let r: StreamRangeReply = redis::cmd("XRANGE")
             .arg(stream)
             .arg(id)
             .arg(id)
-            .query_async(&mut conn)
+            .query_async(conn)
             .await
             .unwrap();
-        n += r.ids.len();
+        found.extend(r.ids);
     }
-    n
+    found
+}
+
+/// How many of `ids` (stream, id) are still in their streams.
+async fn still_there(env: &TestEnv, ids: &[(String, String)]) -> usize {
+    let (mut conn, _) = env.queue_conn().await;
+    entries(&mut conn, ids).await.len()
 }
 
 /// Sends a signal to a process this test started.
