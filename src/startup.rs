@@ -146,6 +146,24 @@ impl Application {
                  (or run plain `evtrack` for the embedded queue)",
             ));
         }
+        if let Some(config) = &redis {
+            // Each partition holds its share of the byte limit, and the
+            // largest request must fit an empty one.
+            let least = crate::config::MIN_QUEUE_MAX_BYTES * config.partitions as u64;
+            if config.max_bytes < least {
+                return Err(StartupError::new(
+                    "QUEUE_MAX_BYTES",
+                    format!(
+                        "{} is below {least}: with QUEUE_PARTITIONS={} each partition holds \
+                         QUEUE_MAX_BYTES / QUEUE_PARTITIONS, which must be at least {} so that \
+                         the largest request fits an empty partition",
+                        config.max_bytes,
+                        config.partitions,
+                        crate::config::MIN_QUEUE_MAX_BYTES
+                    ),
+                ));
+            }
+        }
         if role != Role::Worker {
             check_exposure(&settings)?;
         }

@@ -61,6 +61,14 @@ async fn bad_settings_fail_start_up_naming_the_setting() {
         ..env.settings.clone()
     };
     expect(nonsense, Role::All, "REDIS_URL").await;
+    // Each partition must have room for the largest request.
+    let thin = Settings {
+        redis_url: Some("redis://127.0.0.1:1".into()),
+        queue_partitions: 4,
+        queue_max_bytes: 3 * evtrack::config::MIN_QUEUE_MAX_BYTES,
+        ..env.settings.clone()
+    };
+    expect(thin, Role::All, "QUEUE_MAX_BYTES").await;
     // The embedded queue in front of MongoDB is refused before anything is
     // connected: a request could be partly stored yet answered 503.
     let embedded_mongo = Settings {
