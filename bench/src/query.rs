@@ -357,7 +357,10 @@ async fn dashboard_load(
                             a.text().await.unwrap_or_default()
                         );
                     }
-                    a.bytes().await?;
+                    match a.bytes().await {
+                        Err(e) if e.is_timeout() => return Ok(None),
+                        other => other?,
+                    };
                 }
                 if i >= warm {
                     samples.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -1191,7 +1194,9 @@ pub async fn local(args: QueryLocalArgs) -> anyhow::Result<()> {
 /// time limit raised as in the run's query cases).
 async fn local_dashboard(args: &QueryLocalArgs) -> anyhow::Result<()> {
     let port = procs::free_port()?;
-    let mut cmd = std::process::Command::new(args.bin_dir.join("evtrack"));
+    // Absolute: the child runs in the store's directory.
+    let bin = std::fs::canonicalize(&args.bin_dir)?.join("evtrack");
+    let mut cmd = std::process::Command::new(bin);
     cmd.current_dir(&args.dir);
     for k in evtrack::config::env_names() {
         cmd.env_remove(k);
