@@ -378,25 +378,23 @@ async fn manager(
 /// lists several nodes, or when its one server says it is a cluster node.
 pub async fn connect(config: &RedisConfig, response_timeout: Duration) -> Result<Conn, String> {
     let urls = config.urls();
-    let cluster = match urls.as_slice() {
-        [] => return Err("no Redis URL".into()),
-        [_] => {
-            let mut single = manager(&client(config)?, response_timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            let info: String = redis::cmd("INFO")
-                .arg("cluster")
-                .query_async(&mut single)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-                return Ok(Conn::Single(single));
-            }
-            true
+    if urls.is_empty() {
+        return Err("no Redis URL".into());
+    }
+    if urls.len() == 1 {
+        // One server: a cluster only if it says it is one.
+        let mut single = manager(&client(config)?, response_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut single)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            return Ok(Conn::Single(single));
         }
-        _ => true,
-    };
-    debug_assert!(cluster);
+    }
     let mut builder = ClusterClientBuilder::new(urls)
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(response_timeout)
