@@ -3,7 +3,8 @@
 #   scripts/bench.sh           full run (about 25 minutes on 2 cores)
 #   scripts/bench.sh --tiny    seconds, small sizes: checks the suite still works
 # Installs what it needs when missing: wrk and redis-server (Debian packages,
-# when run as root) and SecantusDB in ./.venv-test (scripts/lib.sh); then
+# when run as root), SecantusDB in ./.venv-test and the original design's
+# npm packages in bench/original (scripts/lib.sh); then
 # builds the release binaries and runs `evtrack-bench run` with the arguments
 # given here. Every server it starts is its own, on a free loopback port.
 set -euo pipefail
@@ -12,6 +13,7 @@ source scripts/lib.sh
 
 ensure_commands wrk redis-server
 ensure_postgres
+ensure_original
 unset EVTRACK_TEST_MONGO_URI # the benchmark always starts its own server
 ensure_secantusdb
 

@@ -95,6 +95,19 @@ ensure_browser() {
     fi
 }
 
+# ensure_original: Node.js and bench/original's npm packages at the versions
+# of its package-lock.json: the original design's API, a reference of the
+# benchmark's ingest section.
+ensure_original() {
+    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    local lock=bench/original/package-lock.json stamp=bench/original/node_modules/.installed-lock.json
+    if ! cmp -s "$lock" "$stamp"; then
+        echo "==> npm ci in bench/original"
+        (cd bench/original && npm ci --no-audit --no-fund --silent)
+        cp "$lock" "$stamp"
+    fi
+}
+
 # ensure_schemathesis: schemathesis (API fuzzing against the OpenAPI document)
 # in ./.venv-test; exports EVTRACK_SCHEMATHESIS unless already set.
 ensure_schemathesis() {

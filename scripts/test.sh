@@ -11,6 +11,8 @@
 # its OpenAPI document (tests/api/openapi.rs); and for the browser test
 # (tests/api/browser.rs) Debian's chromium with Node.js and the npm packages
 # of tests/browser/package-lock.json (playwright-core, Plausible's tracker).
+# The tiny benchmark runs the original design's API (bench/original: Node.js,
+# npm packages of its package-lock.json).
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +23,7 @@ ensure_postgres
 ensure_secantusdb
 ensure_schemathesis
 ensure_browser
+ensure_original
 
 # DATA_DIR's default is ./data: a database committed there would be what
 # `cargo run --release` starts on in a fresh clone.

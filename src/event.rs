@@ -450,56 +450,75 @@ impl std::fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
+/// The error for a field no event has, with a hint for the usual misspellings.
+fn unknown_field(key: &str) -> FieldError {
+    let hint = match key.to_ascii_lowercase().as_str() {
+        "userid" | "user_id" => " (did you mean `userid`?)",
+        "siteid" => " (did you mean `site_id`?)",
+        "eventtype" | "type" => " (did you mean `event_type`?)",
+        "id" | "eventid" => " (did you mean `event_id`?)",
+        "ts" | "time" => " (did you mean `timestamp`?)",
+        _ => "",
+    };
+    FieldError::new(
+        "unknown_field",
+        &truncate_for_message(key),
+        format!("unknown field `{}`{hint}", truncate_for_message(key)),
+    )
+}
+
 /// Validates one event sent by a client. `now_ms` is the receive time: the
 /// default timestamp, `createdAt`, and the reference for "too far in the future".
 pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
-    let Value::Object(mut obj) = value else {
+    let Value::Object(obj) = value else {
         return Err(FieldError::document(
             "invalid_event",
             "an event must be a JSON object",
         ));
     };
-    // Unknown fields first: a misspelt `userId` must be reported as such, not
-    // silently dropped (and not hidden behind some other error).
-    if let Some(key) = obj
-        .keys()
-        .find(|k| !KNOWN_FIELDS.contains(&k.as_str()) && !Context::FIELDS.contains(&k.as_str()))
-    {
-        let hint = match key.to_ascii_lowercase().as_str() {
-            "userid" | "user_id" => " (did you mean `userid`?)",
-            "siteid" => " (did you mean `site_id`?)",
-            "eventtype" | "type" => " (did you mean `event_type`?)",
-            "id" | "eventid" => " (did you mean `event_id`?)",
-            "ts" | "time" => " (did you mean `timestamp`?)",
-            _ => "",
-        };
-        return Err(FieldError::new(
-            "unknown_field",
-            &truncate_for_message(key),
-            format!("unknown field `{}`{hint}", truncate_for_message(key)),
-        ));
+    // One pass over the fields into slots, rather than a lookup per known
+    // field: the map hashes every key it is asked for, present or not, and
+    // twenty-one lookups per event were a tenth of the API's time on batches.
+    let mut known: [Option<Value>; KNOWN_FIELDS.len()] = Default::default();
+    let mut context: [Option<Value>; Context::FIELDS.len()] = Default::default();
+    for (key, value) in obj {
+        if let Some(i) = KNOWN_FIELDS.iter().position(|f| *f == key) {
+            known[i] = Some(value);
+        } else if let Some(i) = Context::FIELDS.iter().position(|f| *f == key) {
+            context[i] = Some(value);
+        } else {
+            // Unknown fields first: a misspelt `userId` must be reported as
+            // such, not silently dropped (and not hidden behind some other
+            // error).
+            return Err(unknown_field(&key));
+        }
     }
-
-    let site_id = SiteId::parse(name(obj.remove("site_id"), "site_id")?)?;
-    let event_type = EventName::parse(name(obj.remove("event_type"), "event_type")?)?;
+    let mut take = |field: &str| {
+        KNOWN_FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .and_then(|i| known[i].take())
+    };
+    let site_id = SiteId::parse(name(take("site_id"), "site_id")?)?;
+    let event_type = EventName::parse(name(take("event_type"), "event_type")?)?;
     if event_type.as_str() == ENGAGEMENT {
         return Err(FieldError::invalid(
             "event_type",
             "`engagement` is reserved for engagement events (send them to /api/event)",
         ));
     }
-    let path = optional_text(obj.remove("path"), "path", MAX_PATH_BYTES)?;
-    let userid = optional_text(obj.remove("userid"), "userid", MAX_USERID_BYTES)?;
-    let ts = match obj.remove("timestamp") {
+    let path = optional_text(take("path"), "path", MAX_PATH_BYTES)?;
+    let userid = optional_text(take("userid"), "userid", MAX_USERID_BYTES)?;
+    let ts = match take("timestamp") {
         None | Some(Value::Null) => now_ms,
         Some(v) => parse_timestamp(&v, now_ms)?,
     };
-    let id = match obj.remove("event_id") {
+    let id = match take("event_id") {
         None | Some(Value::Null) => EventId(uuid::Uuid::now_v7().to_string()),
         Some(Value::String(s)) => EventId::parse(s)?,
         Some(_) => return Err(FieldError::wrong_type("event_id", "a string")),
     };
-    let props = match obj.remove("props") {
+    let props = match take("props") {
         None | Some(Value::Null) => None,
         Some(Value::Object(map)) => {
             check_props(&map)?;
@@ -510,13 +529,13 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
     // What a server says of its visitor's request, as the API would have
     // found it from a browser's.
     let mut ctx = Context::default();
-    for field in Context::FIELDS {
+    for (field, value) in Context::FIELDS.into_iter().zip(context) {
         let max = if field == "referrer" {
             MAX_PATH_BYTES
         } else {
             MAX_CONTEXT_BYTES
         };
-        let value = optional_text(obj.remove(field), field, max)?.filter(|v| !v.is_empty());
+        let value = optional_text(value, field, max)?.filter(|v| !v.is_empty());
         ctx.set_text(field, value);
     }
     Ok(Event {

@@ -25,7 +25,7 @@ use crate::queue::Queue;
 use crate::queue::embedded;
 use crate::queue::redis::{RedisConsumer, RedisQueue};
 use crate::ratelimit::ClientLimit;
-use crate::routes::{AppState, InFlight, router};
+use crate::routes::{AppState, InFlight, StateParts, router};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::{Durability, SqliteOptions, SqliteStore};
@@ -340,7 +340,7 @@ impl Application {
                         shutdown.clone(),
                     ),
                 );
-                let state = AppState {
+                let state = AppState::new(StateParts {
                     queue,
                     store,
                     registry,
@@ -357,7 +357,7 @@ impl Application {
                     agents: Arc::new(crate::enrich::ua::Agents::default()),
                     visitors,
                     base_path: Arc::new(settings.base_path.clone()),
-                };
+                });
                 let app = router(state, stats_origins);
                 let stop = shutdown.clone();
                 tasks.spawn("server", async move {

@@ -25,6 +25,8 @@ pub struct IngestCase {
     /// The ceiling this case is compared with, and req/s ÷ the ceiling's req/s.
     pub ceiling: Option<String>,
     pub ratio_to_ceiling: Option<f64>,
+    /// Single events: req/s ÷ the original design's req/s.
+    pub ratio_to_original: Option<f64>,
     /// Memory and CPU of each server process of the case.
     pub processes: Vec<Usage>,
     /// Events in the store (or the ceiling's stream) once the processes stopped.
@@ -50,6 +52,10 @@ pub fn sqlite_count(data_dir: &Path) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
+/// Queue limits of the Redis batch case (see `redis_mode`).
+const BATCH_QUEUE_MAX_LEN: u64 = 20_000_000;
+const BATCH_QUEUE_MAX_BYTES: u64 = 8 << 30;
+
 fn case(
     name: &str,
     description: &str,
@@ -71,6 +77,7 @@ fn case(
         events_per_s,
         ceiling: None,
         ratio_to_ceiling: None,
+        ratio_to_original: None,
         processes: Vec::new(),
         stored: None,
         queued_after_load: None,
@@ -103,19 +110,27 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Ingest> {
     let mut out = Ingest::default();
     let plain = ceiling(ctx, None, &single, &dir).await?;
     let with_redis = ceiling(ctx, Some("bench-ceiling:events"), &single, &dir).await?;
+    let original = original(ctx, &single, &dir).await?;
     let mut local = embedded(ctx, "/event", 1, &single, &dir).await?;
-    let mut queued = redis_mode(ctx, "/event", 1, &single, &dir).await?;
-    for (c, base) in [(&mut local, &plain), (&mut queued, &with_redis)] {
+    let mut queued = redis_mode(ctx, "/event", 1, &single, &dir, true).await?;
+    let mut api_alone = redis_mode(ctx, "/event", 1, &single, &dir, false).await?;
+    for (c, base) in [
+        (&mut local, &plain),
+        (&mut queued, &with_redis),
+        (&mut api_alone, &with_redis),
+    ] {
         c.ceiling = Some(base.case.clone());
         c.ratio_to_ceiling =
             (base.wrk.req_per_s > 0.0).then(|| c.wrk.req_per_s / base.wrk.req_per_s);
+        c.ratio_to_original =
+            (original.wrk.req_per_s > 0.0).then(|| c.wrk.req_per_s / original.wrk.req_per_s);
     }
-    out.single = vec![plain, with_redis, local, queued];
+    out.single = vec![plain, with_redis, original, local, queued, api_alone];
 
     let n = ctx.p.batch_events;
     out.batches = vec![
         embedded(ctx, "/events", n, &batch, &dir).await?,
-        redis_mode(ctx, "/events", n, &batch, &dir).await?,
+        redis_mode(ctx, "/events", n, &batch, &dir, true).await?,
     ];
     Ok(out)
 }
@@ -149,6 +164,32 @@ async fn ceiling(
         c.stored = Some(ctx.xlen(stream).await?);
         ctx.flush_redis().await?;
     }
+    progress(&c);
+    Ok(c)
+}
+
+/// The original design's API (`bench/original/server.js`: Node.js,
+/// Express, one LPUSH per event), on our Redis. Its worker is not run: the
+/// reference is its API alone, which flatters it against `redis` (whose
+/// worker drains beside it).
+async fn original(ctx: &mut Ctx, script: &Path, dir: &Path) -> anyhow::Result<IngestCase> {
+    let (mut proc, port) = ctx.original().await?;
+    let url = format!("http://127.0.0.1:{port}/event");
+    let log = dir.join("original.wrk.txt");
+    let result = wrk::run(&url, script, &ctx.p.wrk, &log).await?;
+    proc.check_alive()?;
+    let mut c = case(
+        "original",
+        "the original design's API: Node.js + Express, LPUSH per event (its worker not running)",
+        "/event",
+        1,
+        result,
+    );
+    c.processes
+        .push(procs::usage(&proc, "node (original design)"));
+    proc.stop(Duration::from_secs(5)).await;
+    c.stored = Some(ctx.llen(crate::run::ORIGINAL_LIST).await?);
+    ctx.flush_redis().await?;
     progress(&c);
     Ok(c)
 }
@@ -254,8 +295,13 @@ async fn redis_mode(
     per_request: usize,
     script: &Path,
     wrk_dir: &Path,
+    with_worker: bool,
 ) -> anyhow::Result<IngestCase> {
-    let kind = if per_request == 1 { "single" } else { "batch" };
+    let kind = match (per_request, with_worker) {
+        (1, true) => "single",
+        (1, false) => "single-api-alone",
+        _ => "batch",
+    };
     let dir = ctx.dir(&format!("ingest-redis-{kind}"))?;
     let data = dir.join("data");
     let prefix = format!("bench-ingest-{kind}:");
@@ -267,6 +313,13 @@ async fn redis_mode(
             ("REDIS_PREFIX", prefix.clone()),
             ("DATA_DIR", data.display().to_string()),
         ];
+        if per_request > 1 {
+            // The figure is the rate of acceptance into the queue: at the
+            // default limit (1,000,000) the stream fills within seconds,
+            // and the 503s that follow would measure the limit instead.
+            env.push(("QUEUE_MAX_LEN", BATCH_QUEUE_MAX_LEN.to_string()));
+            env.push(("QUEUE_MAX_BYTES", BATCH_QUEUE_MAX_BYTES.to_string()));
+        }
         env.extend(extra);
         env
     };
@@ -278,11 +331,28 @@ async fn redis_mode(
         &env(vec![("PORT", port.to_string())]),
     )?;
     procs::wait_http(&mut api, &ctx.http, port).await?;
+    let url = format!("http://127.0.0.1:{port}{endpoint}");
+    let log = wrk_dir.join(format!("redis-{kind}.wrk.txt"));
+    if !with_worker {
+        let result = wrk::run(&url, script, &ctx.p.wrk, &log).await?;
+        api.check_alive()?;
+        let mut c = case(
+            "redis, no worker",
+            "evtrack api (Redis Stream queue) alone: no worker drains meanwhile",
+            endpoint,
+            per_request,
+            result,
+        );
+        c.processes.push(procs::usage(&api, "evtrack api"));
+        api.stop(Duration::from_secs(30)).await;
+        c.stored = Some(ctx.xlen(&stream).await?);
+        ctx.flush_redis().await?;
+        progress(&c);
+        return Ok(c);
+    }
     let mut worker = ctx.evtrack("evtrack-worker", Some("worker"), &dir, &env(vec![]))?;
     wait_worker(ctx, &stream, &mut worker).await?;
 
-    let url = format!("http://127.0.0.1:{port}{endpoint}");
-    let log = wrk_dir.join(format!("redis-{kind}.wrk.txt"));
     let result = wrk::run(&url, script, &ctx.p.wrk, &log).await?;
     api.check_alive()?;
     let mut c = case(

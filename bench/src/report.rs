@@ -278,6 +278,95 @@ fn cpu(c: &crate::drain::DrainCase) -> String {
     s
 }
 
+/// One row of the TARGETS table: what was measured, beside the target.
+fn target_row(figure: &str, measured: String, target: &str, met: Option<bool>) -> Vec<String> {
+    vec![
+        figure.to_owned(),
+        measured,
+        target.to_owned(),
+        match met {
+            Some(true) => "met".into(),
+            Some(false) => "missed".into(),
+            None => "—".into(),
+        },
+    ]
+}
+
+/// Issue 13's ingest and drain targets beside what this run measured (the
+/// ceilings and the original design are in the tables above).
+fn targets(out: &mut String, r: &Report) {
+    let mut rows = Vec::new();
+    if let Some(ingest) = &r.ingest {
+        let single = |name: &str| ingest.single.iter().find(|c| c.case == name);
+        let batch = |name: &str| ingest.batches.iter().find(|c| c.case == name);
+        if let Some(c) = single("redis") {
+            let ratio = c.ratio_to_ceiling.unwrap_or(0.0);
+            let original = c.ratio_to_original.unwrap_or(0.0);
+            rows.push(target_row(
+                "single events, Redis, worker draining",
+                format!(
+                    "{ratio:.2} × ceiling+redis, p99 {} ms, {original:.1} × original",
+                    ms(c.wrk.p99_ms)
+                ),
+                "≥ 0.9 ×, p99 ≤ 5 ms, ≥ 12 × original",
+                Some(ratio >= 0.9 && c.wrk.p99_ms <= 5.0 && original >= 12.0),
+            ));
+        }
+        if let Some(c) = single("embedded") {
+            let ratio = c.ratio_to_ceiling.unwrap_or(0.0);
+            rows.push(target_row(
+                "single events, embedded",
+                format!("{ratio:.2} × ceiling, p99 {} ms", ms(c.wrk.p99_ms)),
+                "≥ 0.7 ×, p99 ≤ 5 ms",
+                Some(ratio >= 0.7 && c.wrk.p99_ms <= 5.0),
+            ));
+        }
+        if let Some(c) = batch("redis") {
+            rows.push(target_row(
+                "batches of 100, Redis: accepted into the queue",
+                format!("{} events/s", n0(c.events_per_s)),
+                "≥ 500,000 events/s",
+                Some(c.events_per_s >= 500_000.0),
+            ));
+        }
+        if let Some(c) = batch("embedded") {
+            rows.push(target_row(
+                "batches of 100, embedded: stored",
+                format!("{} events/s", n0(c.events_per_s)),
+                "≥ 250,000 events/s",
+                Some(c.events_per_s >= 250_000.0),
+            ));
+        }
+    }
+    if let Some(drain) = &r.drain {
+        for c in &drain.cases {
+            match c.store.as_str() {
+                "sqlite" => rows.push(target_row(
+                    "drain into SQLite, folded",
+                    format!("{} events/s", n0(c.events_per_s)),
+                    "≥ 250,000 events/s",
+                    Some(c.events_per_s >= 250_000.0),
+                )),
+                "mongodb" => rows.push(target_row(
+                    "drain into MongoDB",
+                    format!("{:.2} × the plain driver", c.ratio_to_baseline),
+                    "≥ 0.8 ×",
+                    Some(c.ratio_to_baseline >= 0.8),
+                )),
+                _ => {}
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nTARGETS (issue 13): this run's figures; bench/README.md says what limits those missed"
+    );
+    grid(out, &["figure", "measured", "target", ""], &rows);
+}
+
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
     let m = &r.machine;
@@ -314,6 +403,8 @@ pub fn table(r: &Report) -> String {
                         (Some(base), Some(x)) => format!("{x:.2} × {base}"),
                         _ => "—".into(),
                     },
+                    c.ratio_to_original
+                        .map_or("—".into(), |x| format!("{x:.1} ×")),
                     c.stored.map_or("—".into(), |s| n0(s as f64)),
                     cpu_s(c),
                     peak(c),
@@ -330,6 +421,7 @@ pub fn table(r: &Report) -> String {
                 "non-2xx",
                 "sock err",
                 "ratio",
+                "× original",
                 "stored",
                 "CPU s",
                 "peak RSS MiB",
@@ -673,6 +765,7 @@ pub fn table(r: &Report) -> String {
             ]],
         );
     }
+    targets(&mut out, r);
     if !r.memory.is_empty() {
         let _ = writeln!(
             out,

@@ -12,6 +12,11 @@ use crate::report::{self, Machine, Report};
 use crate::wrk::WrkSettings;
 use crate::{drain, ingest, query, stats};
 
+/// The original design's API, relative to the workspace root, and the list
+/// it pushes to.
+pub const ORIGINAL_SERVER: &str = "bench/original/server.js";
+pub const ORIGINAL_LIST: &str = "events";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Section {
@@ -214,6 +219,39 @@ impl Ctx {
         let mut proc = Proc::spawn("ceiling", &mut cmd, &dir.join("ceiling.log"))?;
         procs::wait_http(&mut proc, &self.http, port).await?;
         Ok((proc, port))
+    }
+
+    /// Starts the original design's API (`bench/original`, Node.js) on a
+    /// free port, pushing to our Redis; returns it once it answers.
+    pub async fn original(&self) -> anyhow::Result<(Proc, u16)> {
+        let server = std::env::current_dir()?.join(ORIGINAL_SERVER);
+        let modules = server.with_file_name("node_modules");
+        if !server.is_file() || !modules.is_dir() {
+            bail!(
+                "{} and its node_modules are needed: run from the workspace root after \
+                 `scripts/bench.sh` (or `npm ci` in bench/original) installed them",
+                ORIGINAL_SERVER
+            );
+        }
+        let port = procs::free_port()?;
+        let dir = self.dir(&format!("original-{port}"))?;
+        let mut cmd = Command::new("node");
+        cmd.arg(&server)
+            .current_dir(&dir)
+            .env("PORT", port.to_string())
+            .env("REDIS_URL", &self.redis.url)
+            .env("NODE_ENV", "production");
+        let mut proc = Proc::spawn("original", &mut cmd, &dir.join("original.log"))
+            .context("node is needed for the original design's API (apt-get install nodejs)")?;
+        procs::wait_http(&mut proc, &self.http, port).await?;
+        Ok((proc, port))
+    }
+
+    pub async fn llen(&mut self, key: &str) -> anyhow::Result<u64> {
+        Ok(redis::cmd("LLEN")
+            .arg(key)
+            .query_async(&mut self.redis_conn)
+            .await?)
     }
 
     /// The MongoDB stand-in, started on first use.

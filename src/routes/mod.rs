@@ -54,9 +54,29 @@ use crate::ratelimit::ClientLimit;
 use crate::store::Store;
 use crate::worker::Liveness;
 
-/// What every handler can reach.
+/// What every handler can reach: one shared [`StateParts`] behind an `Arc`.
+///
+/// axum clones the state for every request, several times (the handler
+/// service, each middleware); one reference count instead of a dozen was
+/// measurable on the ingest path (profile in `bench/README.md`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<StateParts>);
+
+impl AppState {
+    pub fn new(parts: StateParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = StateParts;
+    fn deref(&self) -> &StateParts {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct StateParts {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn Store>,
     /// Site settings and run-time read tokens ([`crate::sites`]).
