@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark suite (see bench/README.md):
-#   scripts/bench.sh           full run (about 25 minutes on 2 cores)
+#   scripts/bench.sh           full run (well over half an hour on 2 cores; --large adds hours)
 #   scripts/bench.sh --tiny    seconds, small sizes: checks the suite still works
 # Installs what it needs when missing: wrk and redis-server (Debian packages,
 # when run as root), SecantusDB in ./.venv-test and the original design's

@@ -186,7 +186,7 @@ async fn original(ctx: &mut Ctx, script: &Path, dir: &Path) -> anyhow::Result<In
         result,
     );
     c.processes
-        .push(procs::usage(&proc, "node (original design)"));
+        .push(procs::usage(&proc, "original design: node"));
     proc.stop(Duration::from_secs(5)).await;
     c.stored = Some(ctx.llen(crate::run::ORIGINAL_LIST).await?);
     ctx.flush_redis().await?;

@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Run only these sections (default: all), e.g. `--only ingest,stats`.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Section>,
+    /// Also the 30-day query case (30 × 1,000,000 events): hours of
+    /// seeding on a 2-core machine, so not part of a default full run.
+    #[arg(long, conflicts_with = "tiny")]
+    pub large: bool,
 }
 
 /// Sizes and durations of one run.
@@ -66,7 +70,7 @@ pub struct Params {
     pub seed_batch: usize,
     pub baseline_batch: usize,
     /// Query cases: (days, events per day) for SQLite beside PostgreSQL, the
-    /// larger SQLite case (none in tiny runs), and MongoDB.
+    /// larger SQLite case (only with `--large`), and MongoDB.
     pub query_small: (usize, usize),
     pub query_large: Option<(usize, usize)>,
     pub query_mongo: (usize, usize),
@@ -297,7 +301,10 @@ fn secantusd_path() -> PathBuf {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let started = chrono::Utc::now();
     let clock = Instant::now();
-    let p = Params::new(args.tiny);
+    let mut p = Params::new(args.tiny);
+    if !args.large {
+        p.query_large = None;
+    }
     let build_hint = "build first: cargo build --release --workspace \
                       (scripts/bench.sh does), and run from the workspace root";
     let evtrack_bin = require_file(&args.bin_dir.join("evtrack"), build_hint)?;
