@@ -86,11 +86,18 @@ ensure_secantusdb() {
 # (playwright-core drives the browser; no browser is downloaded).
 ensure_browser() {
     [ -x /usr/bin/chromium ] || apt_install chromium
+    ensure_npm_packages tests/browser
+}
+
+# ensure_npm_packages DIR: Node.js, and DIR's npm packages at the versions of
+# its package-lock.json (installed again only when the lock changed).
+ensure_npm_packages() {
+    local dir=$1
     command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
-    local lock=tests/browser/package-lock.json stamp=tests/browser/node_modules/.installed-lock.json
+    local lock=$dir/package-lock.json stamp=$dir/node_modules/.installed-lock.json
     if ! cmp -s "$lock" "$stamp"; then
-        echo "==> npm ci in tests/browser"
-        (cd tests/browser && npm ci --no-audit --no-fund --silent)
+        echo "==> npm ci in $dir"
+        (cd "$dir" && npm ci --no-audit --no-fund --silent)
         cp "$lock" "$stamp"
     fi
 }
@@ -99,13 +106,7 @@ ensure_browser() {
 # of its package-lock.json: the original design's API, a reference of the
 # benchmark's ingest section.
 ensure_original() {
-    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
-    local lock=bench/original/package-lock.json stamp=bench/original/node_modules/.installed-lock.json
-    if ! cmp -s "$lock" "$stamp"; then
-        echo "==> npm ci in bench/original"
-        (cd bench/original && npm ci --no-audit --no-fund --silent)
-        cp "$lock" "$stamp"
-    fi
+    ensure_npm_packages bench/original
 }
 
 # ensure_schemathesis: schemathesis (API fuzzing against the OpenAPI document)
