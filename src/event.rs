@@ -478,7 +478,8 @@ pub fn parse_event(value: Value, now_ms: i64) -> Result<Event, FieldError> {
     };
     // One pass over the fields into slots, rather than a lookup per known
     // field: the map hashes every key it is asked for, present or not, and
-    // twenty-one lookups per event were a tenth of the API's time on batches.
+    // twenty-one removals per event (`swap_remove` and its hashing) were
+    // about 8 % of the API's time on batches.
     let mut known: [Option<Value>; KNOWN_FIELDS.len()] = Default::default();
     let mut context: [Option<Value>; Context::FIELDS.len()] = Default::default();
     for (key, value) in obj {
